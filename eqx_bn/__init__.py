@@ -1,0 +1,17 @@
+"""eqx_bn: Flax's BatchNorm, exactly, as an Equinox module with explicit State."""
+
+import importlib.metadata
+
+from equinox.nn import (
+    inference_mode as inference_mode,
+    make_with_state as make_with_state,
+    State as State,
+    StateIndex as StateIndex,
+)
+
+from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
+
+try:
+    __version__ = importlib.metadata.version("eqx_bn")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = "0.0.0"

@@ -1,0 +1,340 @@
+"""`eqx_bn.BatchNorm`: Flax's `nn.BatchNorm` numerics as an Equinox stateful layer."""
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped
+
+from ._fused import TrainConfig, normalize, train_normalize
+from ._stats import Reduction
+from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
+
+
+class RunningStats(NamedTuple):
+    """The running averages that a `BatchNorm` keeps in its `eqx.nn.State`.
+
+    Flax keeps the same two arrays in `variables["batch_stats"]` as `mean` and `var`.
+    """
+
+    mean: Float[Array, " input_size"]
+    var: Float[Array, " input_size"]
+
+
+def _canonical_axis_name(axis_name: AxisName | None) -> AxisName | None:
+    if isinstance(axis_name, list):
+        return tuple(axis_name)
+    return axis_name
+
+
+def _canonical_groups(
+    groups: AxisIndexGroups | None,
+) -> tuple[tuple[int, ...], ...] | None:
+    if groups is None:
+        return None
+    return tuple(tuple(int(i) for i in group) for group in groups)
+
+
+def _unbound_axes(axis_name: AxisName) -> list[Hashable]:
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    unbound = []
+    for name in names:
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            unbound.append(name)
+    return unbound
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    r"""Batch normalisation with the numerics of `flax.linen.BatchNorm`.
+
+    $$y = \frac{x - \mathbb{E}[x]}{\sqrt{\operatorname{Var}[x] + \varepsilon}}
+    \gamma + \beta$$
+
+    In training the mean and (biased) variance are those of the current batch, per
+    channel, and the running averages are updated as Flax does:
+    $r \leftarrow \text{momentum} \cdot r + (1 - \text{momentum}) \cdot s$.
+    In inference the running averages are used and the state is returned unchanged.
+    The running `mean` (initially 0) and `var` (initially 1) live in an
+    `eqx.nn.State`, under `state_index`.
+
+    Two ways to call it:
+
+    - `axis_name="batch"` (the default, Equinox's convention): `x` is one example,
+      channels first, `(input_size, *spatial)`, and the layer runs under
+      `jax.vmap(..., axis_name="batch")` (or `pmap` / `shard_map` axis names, or a
+      tuple of names). Statistics cover the spatial axes and every named axis.
+    - `axis_name=None`: `x` is a whole batch `(batch, input_size, *spatial)` and the
+      statistics reduce over the batch and spatial axes. Under `jax.jit` with a
+      sharded batch, XLA makes these the global batch's statistics.
+
+    Compared with `eqx.nn.BatchNorm`: its default `mode="ema"` normalises training
+    batches with the running averages, and its running variance starts differently;
+    this layer normalises with the batch's own statistics, as Flax and PyTorch do.
+
+    !!! Example
+
+        ```python
+        bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(16)
+        batched = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+        y, state = batched(x, state)                 # training: batch statistics
+        y, _ = jax.vmap(eqx.nn.inference_mode(bn), in_axes=(0, None),
+                        out_axes=(0, None))(x, state)  # inference: running statistics
+        ```
+    """
+
+    scale: Float[Array, " input_size"] | None
+    bias: Float[Array, " input_size"] | None
+    state_index: eqx.nn.StateIndex[RunningStats]
+    inference: bool
+    input_size: int = eqx.field(static=True)
+    axis_name: AxisName | None = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    dtype: np.dtype | None = eqx.field(static=True)
+    param_dtype: np.dtype = eqx.field(static=True)
+    use_fast_variance: bool = eqx.field(static=True)
+    force_float32_reductions: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: AxisName | None = "batch",
+        *,
+        momentum: float = 0.99,
+        eps: float = 1e-5,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        inference: bool = False,
+        dtype: jnp.dtype | type | str | None = None,
+        param_dtype: jnp.dtype | type | str = jnp.float32,
+        use_fast_variance: bool = True,
+        force_float32_reductions: bool = True,
+        axis_index_groups: AxisIndexGroups | None = None,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        key: PRNGKeyArray | None = None,
+    ):
+        """**Arguments:**
+
+        - `input_size`: the number of channels, `C` in `x`'s `(C, *spatial)`.
+        - `axis_name`: the named axis (or tuple of names) the batch is spread over,
+            as bound by `jax.vmap`/`pmap`/`shard_map`; `None` to pass whole batches.
+        - `momentum`: decay of the running averages (Flax's meaning: PyTorch's
+            `momentum=0.1` is `momentum=0.9` here).
+        - `eps`: added to the variance before the square root.
+        - `use_bias`, `use_scale`: whether to learn $\beta$ and $\gamma$.
+        - `inference`: use the running averages (Flax's `use_running_average`).
+            Flip it with `eqx.nn.inference_mode`, or per call with `inference=`.
+        - `dtype`: dtype of the output (default: promoted from `x` and the
+            parameters, as Flax).
+        - `param_dtype`: dtype of `scale` and `bias`.
+        - `use_fast_variance`: one pass over `x` (with a shift, accurate even when
+            |mean| >> std) instead of Flax's two-pass variance.
+        - `force_float32_reductions`: compute statistics in at least float32 and
+            keep the running averages in float32.
+        - `axis_index_groups`: groups of indices along `axis_name` that are
+            normalised separately (pmap / shard_map only), as in `jax.lax.psum`.
+        - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
+        - `key`: passed to the initialisers; only needed when they are random.
+
+        **Raises:**
+
+        - `ValueError`: for a non-positive `input_size`, a `momentum` outside
+            [0, 1], a negative `eps`, or groups given without an `axis_name`.
+        """
+        if isinstance(input_size, bool) or input_size <= 0:
+            raise ValueError(
+                f"BatchNorm: input_size must be a positive int, got {input_size!r}."
+            )
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum}.")
+        if eps < 0:
+            raise ValueError(f"BatchNorm: eps must be >= 0, got {eps}.")
+        if axis_index_groups is not None and axis_name is None:
+            raise ValueError(
+                "BatchNorm: axis_index_groups needs an axis_name to group along."
+            )
+        param_dtype = np.dtype(param_dtype)
+        shape = (input_size,)
+        self.scale = scale_init(key, shape, param_dtype) if use_scale else None
+        self.bias = bias_init(key, shape, param_dtype) if use_bias else None
+        stat_dtype = jnp.float32 if force_float32_reductions else param_dtype
+        self.state_index = eqx.nn.StateIndex(
+            RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
+        )
+        self.inference = inference
+        self.input_size = input_size
+        self.axis_name = _canonical_axis_name(axis_name)
+        self.axis_index_groups = _canonical_groups(axis_index_groups)
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.param_dtype = param_dtype
+        self.use_fast_variance = use_fast_variance
+        self.force_float32_reductions = force_float32_reductions
+
+    @property
+    def use_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def use_scale(self) -> bool:
+        return self.scale is not None
+
+    @jax.named_scope("eqx_bn.BatchNorm")
+    @typecheck
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        mask: Bool[Array, "*mask_shape"] | None = None,
+    ) -> tuple[Shaped[Array, "*shape"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: `(input_size, *spatial)` for one example under a named axis, or
+            `(batch, input_size, *spatial)` when the layer has `axis_name=None`.
+            Any floating dtype; statistics are reduced in float32 (or wider).
+        - `state`: the `eqx.nn.State` holding the running averages.
+        - `key`: unused; accepted so the layer fits `eqx.nn.Sequential`.
+        - `inference`: overrides the layer's `inference` flag for this call.
+        - `mask`: boolean, broadcastable to `x`'s shape: which elements count in
+            the batch statistics (padding excluded). Under `vmap`, a scalar mask
+            per example. The output is still computed for every element.
+
+        **Returns:**
+
+        `(y, state)`: `y` has `x`'s shape; the state has the updated running
+        averages in training, and is returned unchanged in inference.
+
+        **Raises:**
+
+        - `ValueError`: if the channel axis is not `input_size` long, the mask
+            does not broadcast to `x`, or training needs a named axis that is not
+            bound.
+        - `beartype`/`jaxtyping` `TypeCheckError`: if `x` is not floating point or
+            `mask` not boolean.
+        """
+        del key
+        inference = self.inference if inference is None else inference
+        channel_axis = self._check_input(x, mask)
+        axes = tuple(i for i in range(x.ndim) if i != channel_axis)
+        out_dtype = self._out_dtype(x)
+        running = state.get(self.state_index)
+
+        if inference:
+            mean, var = running
+            if not self.force_float32_reductions:
+                mean = mean.astype(self.param_dtype)
+                var = var.astype(self.param_dtype)
+            y = normalize(x, mean, var, self.scale, self.bias, self.eps, out_dtype, axes)
+            return y, state
+
+        self._check_axes_bound()
+        cfg = TrainConfig(
+            reduction=Reduction(axes, self.axis_name, self.axis_index_groups),
+            eps=self.eps,
+            use_fast_variance=self.use_fast_variance,
+            stat_dtype=self._stat_dtype(x),
+            out_dtype=out_dtype,
+        )
+        y, stats = train_normalize(cfg, x, mask, self.scale, self.bias)
+        state = state.set(self.state_index, self._update(running, stats))
+        return y, state
+
+    def _update(self, running: RunningStats, stats) -> RunningStats:
+        """Flax's exponential moving average, except for channels with no element.
+
+        Flax turns the running averages into NaN when the mask excludes everything;
+        here those channels keep their previous values.
+        """
+        has_data = stats.count > 0
+        new = []
+        for old, batch in ((running.mean, stats.mean), (running.var, stats.var)):
+            decayed = self.momentum * old
+            # Standard promotion happens at the sum, as in Flax's expression.
+            avg = decayed + ((1 - self.momentum) * batch).astype(decayed.dtype)
+            new.append(jnp.where(has_data, avg, old).astype(old.dtype))
+        return RunningStats(*new)
+
+    def _stat_dtype(self, x: Array) -> np.dtype:
+        dtype = x.dtype if self.dtype is None else self.dtype
+        if self.force_float32_reductions:
+            dtype = jnp.promote_types(dtype, jnp.float32)
+        return np.dtype(dtype)
+
+    def _out_dtype(self, x: Array) -> np.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        dtypes = [x.dtype] + [p.dtype for p in (self.scale, self.bias) if p is not None]
+        return np.dtype(jnp.result_type(*dtypes))
+
+    def _check_input(self, x: Array, mask: Array | None) -> int:
+        """Returns the channel axis of `x`, or raises a ValueError saying what to fix."""
+        if self.axis_name is None:
+            channel_axis, layout = 1, "(batch, input_size, *spatial)"
+            if x.ndim < 2:
+                raise ValueError(
+                    f"BatchNorm(axis_name=None): x must be a whole batch {layout}, got "
+                    f"shape {x.shape}. For one example at a time, build the layer "
+                    "with axis_name='batch' and call it under "
+                    "jax.vmap(..., axis_name='batch')."
+                )
+        else:
+            channel_axis, layout = 0, "(input_size, *spatial)"
+            if x.ndim < 1:
+                raise ValueError(
+                    f"BatchNorm: x must be one example {layout}, got a scalar."
+                )
+        channels = x.shape[channel_axis]
+        if channels != self.input_size:
+            hint = ""
+            if (
+                self.axis_name is not None
+                and x.ndim >= 2
+                and x.shape[1] == self.input_size
+            ):
+                hint = (
+                    " It looks like a whole batch: call the layer under "
+                    f"jax.vmap(..., axis_name={self.axis_name!r}), or build it with "
+                    "axis_name=None."
+                )
+            raise ValueError(
+                f"BatchNorm: x has {channels} channels on axis {channel_axis} (shape "
+                f"{x.shape}), expected input_size={self.input_size} as in {layout}."
+                + hint
+            )
+        if mask is not None:
+            try:
+                np.broadcast_shapes(mask.shape, x.shape)
+                fits = np.broadcast_shapes(mask.shape, x.shape) == x.shape
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"BatchNorm: mask of shape {mask.shape} does not broadcast to x's "
+                    f"shape {x.shape}. Expected a boolean mask broadcastable to x "
+                    "(under vmap, one scalar per example)."
+                )
+        return channel_axis
+
+    def _check_axes_bound(self) -> None:
+        if self.axis_name is None:
+            return
+        unbound = _unbound_axes(self.axis_name)
+        if unbound:
+            raise ValueError(
+                f"BatchNorm: training needs the named axis {self.axis_name!r}, but "
+                f"{', '.join(map(repr, unbound))} is not bound here. Call the layer "
+                f"under jax.vmap(..., axis_name={unbound[0]!r}) (or pmap/shard_map "
+                "with that name), build it with axis_name=None to pass whole "
+                "batches, or use inference mode, which needs no axis."
+            )

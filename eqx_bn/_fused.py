@@ -1,0 +1,128 @@
+"""The numerics of one BatchNorm call: normalisation, and the fused training path.
+
+The training path is a `jax.custom_jvp` whose tangent is the closed-form BatchNorm
+derivative. Reverse mode transposes it, which gives the familiar analytic gradient
+(two per-channel reductions over `g` and `g * x_hat`) instead of the long chain that
+autodiff builds through the mean, the variance and the `rsqrt`. Being a JVP rule, it
+stays differentiable: `jax.hessian` and `jax.jvp` work through it. Only numbers
+live here; the layer's configuration is interpreted in `_batch_norm.py`.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array
+
+from ._stats import Moments, Reduction, expand_channels, global_sums, moments
+
+
+class TrainConfig(NamedTuple):
+    """Static configuration of the training path (hashable, part of the jit key)."""
+
+    reduction: Reduction
+    eps: float
+    use_fast_variance: bool
+    stat_dtype: np.dtype
+    out_dtype: np.dtype
+
+
+def _promote(a: Array, b: Array) -> tuple[Array, Array]:
+    # Explicit standard promotion, so that the code runs under
+    # `jax_numpy_dtype_promotion="strict"` and rounds exactly as Flax does.
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    return a.astype(dtype), b.astype(dtype)
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    scale: Array | None,
+    bias: Array | None,
+    eps: float,
+    out_dtype: np.dtype,
+    axes: tuple[int, ...],
+) -> Array:
+    """`(x - mean) * (rsqrt(var + eps) * scale) + bias`, in Flax's order and dtypes."""
+    y, m = _promote(x, expand_channels(mean, axes))
+    y = y - m
+    mul = lax.rsqrt(var + eps)
+    if scale is not None:
+        mul, s = _promote(mul, scale)
+        mul = mul * s
+    y, mul = _promote(y, expand_channels(mul, axes))
+    y = y * mul
+    if bias is not None:
+        y, b = _promote(y, expand_channels(bias, axes))
+        y = y + b
+    return y.astype(out_dtype)
+
+
+def _forward(cfg: TrainConfig, x, mask, scale, bias) -> tuple[Array, Moments]:
+    stats = moments(
+        x.astype(cfg.stat_dtype),
+        mask,
+        cfg.reduction,
+        use_fast_variance=cfg.use_fast_variance,
+    )
+    y = normalize(
+        x, stats.mean, stats.var, scale, bias, cfg.eps, cfg.out_dtype, cfg.reduction.axes
+    )
+    return y, stats
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def train_normalize(
+    cfg: TrainConfig,
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+) -> tuple[Array, Moments]:
+    """Normalises `x` with its own batch statistics; returns the output and the stats.
+
+    The statistics are differentiable outputs too (their tangents are exact), so a
+    loss that reads the updated running statistics is differentiated correctly.
+    """
+    return _forward(cfg, x, mask, scale, bias)
+
+
+@train_normalize.defjvp
+def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
+    x, mask, scale, bias = primals
+    dx, _, dscale, dbias = tangents
+    y, stats = _forward(cfg, x, mask, scale, bias)
+
+    red = cfg.reduction
+    axes = red.axes
+    xs = x.astype(cfg.stat_dtype)
+    dxs = dx.astype(cfg.stat_dtype)
+    where = None if mask is None else jnp.broadcast_to(mask, x.shape)
+    denom = jnp.maximum(stats.count, jnp.ones_like(stats.count))
+    centred = xs - expand_channels(stats.mean, axes)
+
+    sum_dx, sum_centred_dx = global_sums((dxs, centred * dxs), where, red)
+    dmean = sum_dx / denom
+    dvar = 2 * sum_centred_dx / denom
+
+    inv = lax.rsqrt(stats.var + cfg.eps)
+    dinv = -0.5 * inv * inv * inv * dvar
+    if scale is None:
+        mul, dmul = inv, dinv
+    else:
+        inv_s, s = _promote(inv, scale)
+        dinv_s, ds = _promote(dinv, dscale)
+        mul, dmul = inv_s * s, dinv_s * s + inv_s * ds
+    dy, mul = _promote(dxs - expand_channels(dmean, axes), expand_channels(mul, axes))
+    dy = dy * mul
+    dy, dmul_b = _promote(dy, expand_channels(dmul, axes))
+    dy = dy + centred.astype(dy.dtype) * dmul_b
+    if bias is not None:
+        dy, db = _promote(dy, expand_channels(dbias, axes))
+        dy = dy + db
+    dstats = Moments(dmean, dvar, jnp.zeros_like(stats.count))
+    return (y, stats), (dy.astype(y.dtype), dstats)
