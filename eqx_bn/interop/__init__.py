@@ -1,0 +1,14 @@
+"""Flax checkpoints for Equinox models: read/write Flax's msgpack and Orbax formats,
+and convert between Flax variables and an `eqx_bn` model with its `eqx.nn.State`.
+
+Nothing here imports Flax.
+"""
+
+from .checkpoint import read_checkpoint as read_checkpoint
+from .errors import CheckpointError as CheckpointError
+from .msgpack import (
+    read_msgpack as read_msgpack,
+    to_msgpack_bytes as to_msgpack_bytes,
+    write_msgpack as write_msgpack,
+)
+from .orbax import read_orbax as read_orbax, write_orbax as write_orbax
