@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped
 
+from ._dtypes import promote
 from ._fused import TrainConfig, normalize, train_normalize
 from ._stats import Reduction
 from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
@@ -120,7 +121,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         scale_init: Initializer = jax.nn.initializers.ones,
         key: PRNGKeyArray | None = None,
     ):
-        """**Arguments:**
+        r"""**Arguments:**
 
         - `input_size`: the number of channels, `C` in `x`'s `(C, *spatial)`.
         - `axis_name`: the named axis (or tuple of names) the batch is spread over,
@@ -268,14 +269,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def _stat_dtype(self, x: Array) -> np.dtype:
         dtype = x.dtype if self.dtype is None else self.dtype
         if self.force_float32_reductions:
-            dtype = jnp.promote_types(dtype, jnp.float32)
+            dtype = promote(dtype, jnp.float32)
         return np.dtype(dtype)
 
     def _out_dtype(self, x: Array) -> np.dtype:
         if self.dtype is not None:
             return self.dtype
         dtypes = [x.dtype] + [p.dtype for p in (self.scale, self.bias) if p is not None]
-        return np.dtype(jnp.result_type(*dtypes))
+        return promote(*dtypes)
 
     def _check_input(self, x: Array, mask: Array | None) -> int:
         """Returns the channel axis of `x`, or raises a ValueError saying what to fix."""

@@ -17,6 +17,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array
 
+from ._dtypes import promote_arrays
 from ._stats import Moments, Reduction, expand_channels, global_sums, moments
 
 
@@ -30,13 +31,6 @@ class TrainConfig(NamedTuple):
     out_dtype: np.dtype
 
 
-def _promote(a: Array, b: Array) -> tuple[Array, Array]:
-    # Explicit standard promotion, so that the code runs under
-    # `jax_numpy_dtype_promotion="strict"` and rounds exactly as Flax does.
-    dtype = jnp.promote_types(a.dtype, b.dtype)
-    return a.astype(dtype), b.astype(dtype)
-
-
 def normalize(
     x: Array,
     mean: Array,
@@ -48,16 +42,16 @@ def normalize(
     axes: tuple[int, ...],
 ) -> Array:
     """`(x - mean) * (rsqrt(var + eps) * scale) + bias`, in Flax's order and dtypes."""
-    y, m = _promote(x, expand_channels(mean, axes))
+    y, m = promote_arrays(x, expand_channels(mean, axes))
     y = y - m
     mul = lax.rsqrt(var + eps)
     if scale is not None:
-        mul, s = _promote(mul, scale)
+        mul, s = promote_arrays(mul, scale)
         mul = mul * s
-    y, mul = _promote(y, expand_channels(mul, axes))
+    y, mul = promote_arrays(y, expand_channels(mul, axes))
     y = y * mul
     if bias is not None:
-        y, b = _promote(y, expand_channels(bias, axes))
+        y, b = promote_arrays(y, expand_channels(bias, axes))
         y = y + b
     return y.astype(out_dtype)
 
@@ -114,15 +108,15 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     if scale is None:
         mul, dmul = inv, dinv
     else:
-        inv_s, s = _promote(inv, scale)
-        dinv_s, ds = _promote(dinv, dscale)
+        inv_s, s = promote_arrays(inv, scale)
+        dinv_s, ds = promote_arrays(dinv, dscale)
         mul, dmul = inv_s * s, dinv_s * s + inv_s * ds
-    dy, mul = _promote(dxs - expand_channels(dmean, axes), expand_channels(mul, axes))
+    dy, mul = promote_arrays(dxs - expand_channels(dmean, axes), expand_channels(mul, axes))
     dy = dy * mul
-    dy, dmul_b = _promote(dy, expand_channels(dmul, axes))
+    dy, dmul_b = promote_arrays(dy, expand_channels(dmul, axes))
     dy = dy + centred.astype(dy.dtype) * dmul_b
     if bias is not None:
-        dy, db = _promote(dy, expand_channels(dbias, axes))
+        dy, db = promote_arrays(dy, expand_channels(dbias, axes))
         dy = dy + db
     dstats = Moments(dmean, dvar, jnp.zeros_like(stats.count))
     return (y, stats), (dy.astype(y.dtype), dstats)
