@@ -247,9 +247,50 @@ class BatchNorm(eqx.nn.StatefulLayer):
             stat_dtype=self._stat_dtype(x),
             out_dtype=out_dtype,
         )
-        y, stats = train_normalize(cfg, x, mask, self.scale, self.bias)
+        try:
+            y, stats = train_normalize(cfg, x, mask, self.scale, self.bias)
+        except (NotImplementedError, AssertionError, ValueError) as err:
+            ours = self._collective_error(err)
+            if ours is None:
+                raise
+            raise ours from err
         state = state.set(self.state_index, self._update(running, stats))
         return y, state
+
+    def _collective_error(self, err: Exception) -> ValueError | None:
+        """Our error for a collective that JAX does not support; None for others."""
+        if self.axis_name is None:
+            return None
+        names = self.axis_name
+        names = names if isinstance(names, tuple) else (names,)
+        manual = jax.sharding.get_abstract_mesh().manual_axes
+        vmapped = [n for n in names if n not in manual]
+        if self.axis_index_groups is not None and isinstance(err, NotImplementedError):
+            where = (
+                f"over the jax.vmap axes {vmapped}"
+                if vmapped
+                else "under jax.shard_map(check_vma=True)"
+            )
+            return ValueError(
+                f"BatchNorm: axis_index_groups over axis_name={self.axis_name!r} "
+                f"is not supported {where}: JAX implements grouped collectives "
+                "only over jax.pmap axes and jax.shard_map(..., check_vma=False) "
+                "mesh axes. Bind the grouped axes with pmap or "
+                "shard_map(check_vma=False), or leave axis_index_groups out."
+            )
+        if manual and vmapped and isinstance(err, (AssertionError, ValueError)):
+            # jax 0.10: collectives over a vmap axis inside shard_map(check_vma=True)
+            # fail in JAX's own varying-axes bookkeeping.
+            return ValueError(
+                f"BatchNorm: the statistics over the vmap axis {vmapped[0]!r} cannot "
+                f"be collected inside jax.shard_map over mesh axes {manual}: JAX "
+                "does not support collectives over vmap axes under "
+                "shard_map(check_vma=True), the default. Pass check_vma=False to "
+                "shard_map (and psum the gradients over the mesh axes yourself, as "
+                "under pmap), or use jax.jit with a NamedSharding batch and an "
+                f"axis_name=None layer. JAX's error: {type(err).__name__}: {err}"
+            )
+        return None
 
     def _update(self, running: RunningStats, stats) -> RunningStats:
         """Flax's exponential moving average, except for channels with no element.
