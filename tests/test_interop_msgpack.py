@@ -13,12 +13,12 @@ import pytest
 
 from eqx_bn.interop import (
     CheckpointError,
+    msgpack as ours,
     read_checkpoint,
     read_msgpack,
     to_msgpack_bytes,
     write_msgpack,
 )
-from eqx_bn.interop import msgpack as ours
 
 
 def assert_identical(got, want, path="root"):
@@ -42,7 +42,7 @@ def assert_identical(got, want, path="root"):
 
 
 def sample_tree():
-    """Every kind of leaf Flax's format has, NaN/-0.0/inf included for bitwise checks."""
+    """Every kind of leaf Flax's format has; NaN, -0.0 and inf for bitwise checks."""
     special = np.array([np.nan, -0.0, np.inf, 1e-40, 3.5], np.float32)
     return {
         "params": {
@@ -146,7 +146,8 @@ def test_flax_from_bytes_restores_our_sequences_into_its_target():
 
 def test_flax_reads_our_chunked_arrays(monkeypatch):
     monkeypatch.setattr(ours, "_MAX_CHUNK_BYTES", 40)
-    big = np.arange(60, dtype=np.float16).reshape(6, 10)  # 120 bytes: 3 chunks of 20 elements
+    # 120 bytes: 3 chunks of 20 elements.
+    big = np.arange(60, dtype=np.float16).reshape(6, 10)
     data = to_msgpack_bytes({"params": {"emb": big}, "small": np.ones(2, np.int8)})
     stored = msgpack.unpackb(data)["params"]["emb"]
     assert stored["__msgpack_chunked_array__"] is True and len(stored["chunks"]) == 3
@@ -156,7 +157,9 @@ def test_flax_reads_our_chunked_arrays(monkeypatch):
 
 def test_writes_native_byte_order_and_jax_arrays():
     be = np.array([1.0, -2.5], dtype=">f4")
-    got = read_msgpack(to_msgpack_bytes({"be": be, "jx": jnp.arange(3, dtype=jnp.int32)}))
+    got = read_msgpack(
+        to_msgpack_bytes({"be": be, "jx": jnp.arange(3, dtype=jnp.int32)})
+    )
     assert got["be"].dtype == np.dtype("<f4")
     np.testing.assert_array_equal(got["be"], [1.0, -2.5])
     assert_identical(got["jx"], np.arange(3, dtype=np.int32))
@@ -166,7 +169,9 @@ def test_file_round_trip_and_progress(tmp_path):
     path = tmp_path / "ckpt.msgpack"
     write_msgpack(path, sample_tree())
     calls = []
-    got = read_msgpack(str(path), progress=lambda done, total: calls.append((done, total)))
+    got = read_msgpack(
+        str(path), progress=lambda done, total: calls.append((done, total))
+    )
     assert_identical(got, fser.msgpack_restore(fser.to_bytes(sample_tree())))
     size = path.stat().st_size
     assert calls and calls[-1] == (size, size)
@@ -227,7 +232,10 @@ def _file(tree):
         (_file(3), "single int at the top level"),
         (fser.msgpack_serialize(np.ones(2, np.float32)), "single array at the top"),
         (_file({"__msgpack_chunked_array__": True}), "single array at the top"),
-        (_file({"p": {"w": _ext([2], "object", b"\0" * 16)}}), "at 'p/w'.*dtype b'object'"),
+        (
+            _file({"p": {"w": _ext([2], "object", b"\0" * 16)}}),
+            "at 'p/w'.*dtype b'object'",
+        ),
         (_file({"w": _ext([1], "[('a', '<f4')]", b"\0" * 4)}), "at 'w'.*unsupported"),
         (_file({"w": _ext([1], "V4", b"\0" * 4)}), "at 'w'.*unsupported array dtype"),
         (
@@ -236,7 +244,10 @@ def _file(tree):
             r"\(4000000000000000000 bytes\) but holds 4 bytes",
         ),
         (_file({"w": _ext([-1], "float32", b"")}), "at 'w'.*non-negative ints"),
-        (_file({"w": _ext([2], "float32", b"\0" * 8, code=3)}), "at 'w'.*shape \\(2,\\)"),
+        (
+            _file({"w": _ext([2], "float32", b"\0" * 8, code=3)}),
+            "at 'w'.*shape \\(2,\\)",
+        ),
         (_file({"w": msgpack.ExtType(1, b"\xc1")}), "at 'w'.*not valid msgpack"),
         (_file({"w": msgpack.ExtType(1, msgpack.packb([1, 2]))}), "at 'w'.*triple"),
         (_file({"w": msgpack.ExtType(2, msgpack.packb("x"))}), "at 'w'.*real, imag"),

@@ -63,7 +63,9 @@ def _dtype_table() -> dict[str, np.dtype]:
         "int2", "int4", "uint2", "uint4",
     ]  # fmt: skip
     dtypes = [np.dtype(t) for t in numeric]
-    dtypes += [np.dtype(getattr(ml_dtypes, n)) for n in low_precision if hasattr(ml_dtypes, n)]
+    dtypes += [
+        np.dtype(getattr(ml_dtypes, n)) for n in low_precision if hasattr(ml_dtypes, n)
+    ]
     return {d.name: d for d in dtypes}
 
 
@@ -187,7 +189,9 @@ def _unchunk(node: dict, path: tuple[str, ...]) -> np.ndarray:
         )
     shape = _sequence(node["shape"], (*path, "shape"))
     if not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{_where(path)}: chunked array shape {shape!r} is invalid")
+        raise CheckpointError(
+            f"{_where(path)}: chunked array shape {shape!r} is invalid"
+        )
     chunks = []
     for i, chunk in enumerate(_sequence(node["chunks"], (*path, "chunks"))):
         chunk = _restore(chunk, (*path, "chunks", str(i)))
@@ -223,7 +227,9 @@ def _read_file(path: str, progress: ProgressCallback | None) -> memoryview:
                 if progress is not None:
                     progress(done, total)
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r}: {e.strerror or e}"
+        ) from e
     return view[:done]
 
 
@@ -331,7 +337,9 @@ def _encode_array(array: np.ndarray, path: tuple[str, ...]) -> Any:
     return {
         _CHUNKED: True,
         "shape": {str(i): int(d) for i, d in enumerate(array.shape)},
-        "chunks": {str(i): _array_ext(_EXT_NDARRAY, p, path) for i, p in enumerate(pieces)},
+        "chunks": {
+            str(i): _array_ext(_EXT_NDARRAY, p, path) for i, p in enumerate(pieces)
+        },
     }
 
 
@@ -339,7 +347,11 @@ def _encode(node: Any, path: tuple[str, ...]) -> Any:
     if len(path) > _MAX_DEPTH:
         raise ValueError(f"{_where(path[:3])}...: nested deeper than {_MAX_DEPTH}")
     # Containers as Flax's `to_state_dict` stores them: every key a string.
-    if isinstance(node, Mapping) or _named_tuple(node) or isinstance(node, (list, tuple)):
+    if (
+        isinstance(node, Mapping)
+        or _named_tuple(node)
+        or isinstance(node, (list, tuple))
+    ):
         if isinstance(node, Mapping):
             items = list(node.items())
         elif _named_tuple(node):
@@ -362,7 +374,9 @@ def _encode(node: Any, path: tuple[str, ...]) -> Any:
     if isinstance(node, np.generic):
         return _array_ext(_EXT_NPSCALAR, np.asarray(node), path)
     if type(node) is complex:
-        return msgpack.ExtType(_EXT_NATIVE_COMPLEX, msgpack.packb([node.real, node.imag]))
+        return msgpack.ExtType(
+            _EXT_NATIVE_COMPLEX, msgpack.packb([node.real, node.imag])
+        )
     if type(node) is int and not -(2**63) <= node < 2**64:
         raise ValueError(f"{_where(path)}: the int {node} does not fit in 64 bits")
     if type(node) in _PLAIN_LEAVES:

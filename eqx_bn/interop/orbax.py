@@ -62,13 +62,14 @@ def _checkpoint_dir(directory: str) -> str:
         return inner[0]
     if inner:
         names = ", ".join(os.path.basename(p) for p in inner[:5])
+        more = ", ..." if len(inner) > 5 else ""
         raise CheckpointError(
-            f"{directory!r} holds several checkpoints ({names}{', ...' if len(inner) > 5 else ''}); "
-            "pass one of them"
+            f"{directory!r} holds several checkpoints ({names}{more}); pass one of them"
         )
     raise CheckpointError(
-        f"{directory!r} is not an Orbax PyTree checkpoint: it has no _METADATA file. "
-        "Pass the directory of one step, e.g. 'ckpts/checkpoint_10' or 'ckpts/10/default'"
+        f"{directory!r} is not an Orbax PyTree checkpoint: it has no _METADATA "
+        "file. Pass the directory of one step, e.g. 'ckpts/checkpoint_10' or "
+        "'ckpts/10/default'"
     )
 
 
@@ -76,6 +77,17 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, (np.ndarray, np.generic)) and value.shape == ():
         return value.item()
     return value
+
+
+def _state_dict(node: Any) -> Any:
+    # Orbax gives back lists where Flax saved tuples as {"0": ...} (an optimiser
+    # state); store them as Flax's own `restore_checkpoint` returns them, and as the
+    # msgpack format holds them, so that both formats read the same.
+    if isinstance(node, dict):
+        return {key: _state_dict(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return {str(i): _state_dict(value) for i, value in enumerate(node)}
+    return node
 
 
 @typecheck
@@ -95,8 +107,10 @@ def read_orbax(directory: str | os.PathLike) -> dict[str, Any]:
 
     **Returns:**
 
-    The tree as saved: dicts (and lists), numpy arrays of the stored dtype, and
-    Python scalars for scalars saved as such (e.g. `step`).
+    The tree as `flax.training.checkpoints.restore_checkpoint(directory, None)`
+    gives it, but with numpy arrays (of the stored dtype) for all arrays: nested
+    dicts with string keys, lists and tuples as `{"0": ..., "1": ...}` (as in the
+    msgpack format), Python scalars for scalars saved as such (e.g. `step`).
 
     **Raises:**
 
@@ -142,6 +156,7 @@ def read_orbax(directory: str | os.PathLike) -> dict[str, Any]:
         restored,
         is_leaf=lambda x: x is None,
     )
+    restored = _state_dict(restored)
     if not isinstance(restored, dict):
         raise CheckpointError(
             f"the Orbax checkpoint {path!r} holds a {type(restored).__name__} at the "
@@ -173,7 +188,5 @@ def write_orbax(
     ocp = _import_orbax()
     path = os.path.abspath(os.fspath(directory))
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"{path!r} exists; pass `overwrite=True` to replace it"
-        )
+        raise FileExistsError(f"{path!r} exists; pass `overwrite=True` to replace it")
     ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(tree), force=overwrite)
