@@ -1,0 +1,307 @@
+"""Parity of eqx_bn.BatchNorm with flax.linen.BatchNorm and flax.nnx.BatchNorm."""
+
+import dataclasses
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from helpers import channels_first, channels_last, flax_promotion
+from hypothesis import given, settings, strategies as st
+
+import eqx_bn
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    features: int
+    spatial: tuple[int, ...]
+    momentum: float
+    eps: float
+    use_bias: bool
+    use_scale: bool
+    x_dtype: str
+    out_dtype: str | None
+    mask: str  # "none" | "example" | "element"
+    use_fast_variance: bool
+    steps: int = 3
+
+
+cases = st.builds(
+    Case,
+    batch=st.integers(2, 6),
+    features=st.integers(1, 5),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple),
+    momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+    use_bias=st.booleans(),
+    use_scale=st.booleans(),
+    x_dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+    out_dtype=st.sampled_from([None, None, "float32", "bfloat16"]),
+    mask=st.sampled_from(["none", "example", "element"]),
+    use_fast_variance=st.booleans(),
+)
+
+
+def make_inputs(case: Case, seed: int):
+    """`steps` training batches (channels first) with offset, scaled channels, masks."""
+    rng = np.random.default_rng(seed)
+    shape = (case.batch, case.features, *case.spatial)
+    offset = rng.uniform(-2, 2, size=(1, case.features) + (1,) * len(case.spatial))
+    spread = rng.uniform(0.5, 2, size=offset.shape)
+    xs, masks = [], []
+    for _ in range(case.steps + 1):
+        x = offset + spread * rng.standard_normal(shape)
+        xs.append(jnp.asarray(x, dtype=case.x_dtype))
+        if case.mask == "none":
+            masks.append(None)
+        elif case.mask == "example":
+            m = rng.random(case.batch) < 0.7
+            m[0] = True
+            masks.append(
+                jnp.asarray(m).reshape((case.batch,) + (1,) * (len(shape) - 1))
+            )
+        else:
+            m = rng.random(shape) < 0.7
+            m[0] = True  # every channel keeps at least one element
+            masks.append(jnp.asarray(m))
+    return xs, masks
+
+
+def flax_linen_bn(case: Case) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        momentum=case.momentum,
+        epsilon=case.eps,
+        use_bias=case.use_bias,
+        use_scale=case.use_scale,
+        dtype=case.out_dtype,
+        use_fast_variance=case.use_fast_variance,
+    )
+
+
+def flax_reference(case: Case, xs, masks):
+    """Train `steps` steps with flax.linen.BatchNorm, then evaluate on the last batch.
+
+    Returns `[(y, mean, var) per step], y_eval`, channels first.
+    """
+    bn = flax_linen_bn(case)
+
+    @jax.jit
+    def run(xs, masks):
+        with flax_promotion():
+            variables = bn.init(jax.random.key(0), channels_last(xs[0]), False)
+            outs = []
+            for x, m in zip(xs[:-1], masks[:-1]):
+                y, updates = bn.apply(
+                    variables,
+                    channels_last(x),
+                    False,
+                    mask=None if m is None else channels_last(m),
+                    mutable=["batch_stats"],
+                )
+                variables = {**variables, **updates}
+                stats = variables["batch_stats"]
+                outs.append((channels_first(y), stats["mean"], stats["var"]))
+            y_eval = bn.apply(variables, channels_last(xs[-1]), True)
+        return outs, channels_first(y_eval)
+
+    return run(xs, masks)
+
+
+def ours(case: Case, xs, masks, *, batched_call: bool):
+    """The same with eqx_bn: per example under vmap, or on the whole batch."""
+    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
+        case.features,
+        axis_name=None if batched_call else "batch",
+        momentum=case.momentum,
+        eps=case.eps,
+        use_bias=case.use_bias,
+        use_scale=case.use_scale,
+        dtype=case.out_dtype,
+        use_fast_variance=case.use_fast_variance,
+    )
+
+    def call(layer, x, state, mask):
+        if batched_call:
+            return layer(x, state, mask=mask)
+        # vmap hands each example its own slice of the mask.
+        return jax.vmap(
+            lambda xi, s, mi: layer(xi, s, mask=mi),
+            axis_name="batch",
+            in_axes=(0, None, None if mask is None else 0),
+            out_axes=(0, None),
+        )(x, state, mask)
+
+    @eqx.filter_jit
+    def run(bn, state, xs, masks):
+        outs = []
+        for x, m in zip(xs[:-1], masks[:-1]):
+            y, state = call(bn, x, state, m)
+            stats = state.get(bn.state_index)
+            outs.append((y, stats.mean, stats.var))
+        y_eval, state_after = call(eqx.nn.inference_mode(bn), xs[-1], state, None)
+        return outs, y_eval, state, state_after
+
+    outs, y_eval, state, state_after = run(bn, state, xs, masks)
+    unchanged = jax.tree.map(lambda a, b: bool((a == b).all()), state_after, state)
+    assert jax.tree.all(unchanged), "inference mode changed the state"
+    return outs, y_eval
+
+
+def conditioning(case: Case, xs, masks) -> float:
+    """How much Flax's one-pass variance `E[x^2] - E[x]^2` amplifies rounding.
+
+    Its absolute error is about `eps * E[x^2]`, so relative to `var + eps` the
+    amplification is `E[x^2] / (var + eps)`; the two-pass variance has none. eqx_bn
+    shifts before the one-pass sums and is not affected, so Flax's error is the
+    one that sets how close the two can be expected to agree.
+    """
+    if not case.use_fast_variance:
+        return 1.0
+    worst = 1.0
+    for x, m in zip(xs[:-1], masks[:-1]):
+        x = np.asarray(x, np.float64)
+        w = np.ones_like(x) if m is None else np.broadcast_to(np.asarray(m), x.shape)
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        n = w.sum(axes)
+        mean = (w * x).sum(axes) / n
+        second = (w * x * x).sum(axes) / n
+        var = second - mean**2
+        worst = max(worst, float(np.max(second / (var + case.eps))))
+    return worst
+
+
+def assert_close(actual, expected, kappa=1.0):
+    """Equal up to float32 rounding (times `kappa`) or one ulp of a narrower dtype."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    # Statistics are accumulated in another order than Flax's: a few ulps of float32.
+    tol = 16 * float(jnp.finfo(jnp.float32).eps) * kappa
+    if actual.dtype != jnp.float32:
+        tol = max(tol, float(jnp.finfo(actual.dtype).eps))
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64),
+        np.asarray(expected, np.float64),
+        rtol=tol,
+        atol=tol,
+    )
+
+
+def check_case(case: Case, seed: int, batched_call: bool):
+    xs, masks = make_inputs(case, seed)
+    expected, expected_eval = flax_reference(case, xs, masks)
+    actual, actual_eval = ours(case, xs, masks, batched_call=batched_call)
+    kappa = conditioning(case, xs, masks)
+    for (y, mean, var), (fy, fmean, fvar) in zip(actual, expected):
+        assert_close(mean, fmean)
+        assert_close(var, fvar, kappa)
+        assert_close(y, fy, kappa)
+    assert_close(actual_eval, expected_eval, kappa)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=cases, seed=st.integers(0, 2**16), batched_call=st.booleans())
+def test_matches_flax_linen(case, seed, batched_call):
+    check_case(case, seed, batched_call)
+
+
+def flax_nnx_reference(case: Case, xs, masks):
+    """The same training run with flax.nnx.BatchNorm (matches linen with dtype=None)."""
+    bn = nnx.BatchNorm(
+        case.features,
+        momentum=case.momentum,
+        epsilon=case.eps,
+        use_bias=case.use_bias,
+        use_scale=case.use_scale,
+        use_fast_variance=case.use_fast_variance,
+        rngs=nnx.Rngs(0),
+    )
+    outs = []
+    with flax_promotion():
+        for x, m in zip(xs[:-1], masks[:-1]):
+            y = bn(channels_last(x), mask=None if m is None else channels_last(m))
+            outs.append((channels_first(y), bn.mean[...], bn.var[...]))
+        bn.eval()
+        y_eval = bn(channels_last(xs[-1]))
+    return outs, channels_first(y_eval)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    case=cases.filter(lambda c: c.out_dtype is None),
+    seed=st.integers(0, 2**16),
+    batched_call=st.booleans(),
+)
+def test_matches_flax_nnx(case, seed, batched_call):
+    xs, masks = make_inputs(case, seed)
+    expected, expected_eval = flax_nnx_reference(case, xs, masks)
+    actual, actual_eval = ours(case, xs, masks, batched_call=batched_call)
+    kappa = conditioning(case, xs, masks)
+    for (y, mean, var), (fy, fmean, fvar) in zip(actual, expected):
+        assert_close(mean, fmean)
+        assert_close(var, fvar, kappa)
+        assert_close(y, fy, kappa)
+    assert_close(actual_eval, expected_eval, kappa)
+
+
+class TestAgainstEquinoxBatchNorm:
+    """Where `eqx.nn.BatchNorm`'s numbers differ from Flax's, and eqx_bn's do not.
+
+    - `mode="ema"` (Equinox's default) normalises training batches with a blend of
+      the running and batch statistics (after the first step), not with the batch's
+      own statistics: training outputs differ from the second step on.
+    - `mode="batch"` trains like Flax, but evaluates with running averages divided by
+      `1 - momentum**steps` (zero-debiasing), so eval outputs differ.
+    """
+
+    case = Case(
+        batch=8,
+        features=3,
+        spatial=(4, 4),
+        momentum=0.9,
+        eps=1e-5,
+        use_bias=True,
+        use_scale=True,
+        x_dtype="float32",
+        out_dtype=None,
+        mask="none",
+        use_fast_variance=False,
+    )
+
+    def equinox_run(self, mode, xs):
+        bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            self.case.features, "batch", momentum=self.case.momentum, mode=mode
+        )
+        call = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+        ys = []
+        for x in xs[:-1]:
+            y, state = call(x, state)
+            ys.append(y)
+        infer = eqx.nn.inference_mode(bn)
+        y_eval, _ = jax.vmap(
+            infer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+        )(xs[-1], state)
+        return ys, y_eval
+
+    def test_ema_mode_normalises_training_batches_differently(self):
+        xs, masks = make_inputs(self.case, 0)
+        expected, _ = flax_reference(self.case, xs, masks)
+        actual, _ = ours(self.case, xs, masks, batched_call=False)
+        ema, _ = self.equinox_run("ema", xs)
+        # Step 2: Flax and eqx_bn use the batch's own statistics, "ema" does not.
+        assert_close(actual[1][0], expected[1][0])
+        assert not np.allclose(ema[1], expected[1][0], atol=1e-3)
+
+    def test_batch_mode_trains_alike_but_evaluates_debiased(self):
+        xs, masks = make_inputs(self.case, 0)
+        expected, expected_eval = flax_reference(self.case, xs, masks)
+        actual, actual_eval = ours(self.case, xs, masks, batched_call=False)
+        batch, batch_eval = self.equinox_run("batch", xs)
+        for y_eqx, (fy, _, _) in zip(batch, expected):
+            # Equinox divides by sqrt(var + eps) instead of multiplying by rsqrt:
+            # the same value up to a few float32 ulps.
+            np.testing.assert_allclose(y_eqx, fy, rtol=1e-5, atol=1e-5)
+        assert_close(actual_eval, expected_eval)
+        assert not np.allclose(batch_eval, expected_eval, atol=1e-3)
