@@ -18,7 +18,14 @@ from jax import lax
 from jaxtyping import Array
 
 from ._dtypes import promote_arrays
-from ._stats import Moments, Reduction, expand_channels, global_sums, moments
+from ._stats import (
+    Moments,
+    Reduction,
+    expand_channels,
+    global_sums,
+    moments,
+    private_copies,
+)
 
 
 class TrainConfig(NamedTuple):
@@ -87,6 +94,20 @@ def train_normalize(
 
 @train_normalize.defjvp
 def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
+    """The closed-form tangent, shaped so that its transpose is three fused passes.
+
+    With `c = x - mean`, `mul = rsqrt(var + eps) * scale` and the masked sums
+    `S1 = sum(dx)`, `S2 = sum(c * dx)`:
+
+        dy = dx * mul + (dbias - dmean * mul) + c * dmul
+        dmean = S1 / n,  dvar = 2 S2 / n,  dmul = d(rsqrt(var + eps)) * scale + ...
+
+    Reverse mode transposes this into `sum(g)`, `sum(g * c)` and one elementwise
+    pass for the input gradient. The per-channel broadcast term carries
+    `dbias - dmean * mul` together, so its transpose is a reduction of `g` alone, and
+    each use of `mean` has its own copy (`private_copies`), so no full-size
+    intermediate is written between the passes.
+    """
     x, mask, scale, bias = primals
     dx, _, dscale, dbias = tangents
     y, stats = _forward(cfg, x, mask, scale, bias)
@@ -95,11 +116,11 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     axes = red.axes
     xs = x.astype(cfg.stat_dtype)
     dxs = dx.astype(cfg.stat_dtype)
-    where = None if mask is None else jnp.broadcast_to(mask, x.shape)
     denom = jnp.maximum(stats.count, jnp.ones_like(stats.count))
-    centred = xs - expand_channels(stats.mean, axes)
+    mean_sums, mean_out = private_copies(stats.mean, 2)
 
-    sum_dx, sum_centred_dx = global_sums((dxs, centred * dxs), where, red)
+    centred = xs - expand_channels(mean_sums, axes)
+    sum_dx, sum_centred_dx = global_sums((dxs, centred * dxs), mask, red)
     dmean = sum_dx / denom
     dvar = 2 * sum_centred_dx / denom
 
@@ -111,12 +132,17 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
         inv_s, s = promote_arrays(inv, scale)
         dinv_s, ds = promote_arrays(dinv, dscale)
         mul, dmul = inv_s * s, dinv_s * s + inv_s * ds
-    dy, mul = promote_arrays(dxs - expand_channels(dmean, axes), expand_channels(mul, axes))
-    dy = dy * mul
-    dy, dmul_b = promote_arrays(dy, expand_channels(dmul, axes))
-    dy = dy + centred.astype(dy.dtype) * dmul_b
+    shift, mul = promote_arrays(-dmean, mul)
+    shift = shift * mul
     if bias is not None:
-        dy, db = promote_arrays(dy, expand_channels(dbias, axes))
-        dy = dy + db
+        shift, db = promote_arrays(shift, dbias)
+        shift = shift + db
+    dy, mul_b = promote_arrays(dxs, expand_channels(mul, axes))
+    dy = dy * mul_b
+    dy, shift_b = promote_arrays(dy, expand_channels(shift, axes))
+    dy = dy + shift_b
+    dy, dmul_b = promote_arrays(dy, expand_channels(dmul, axes))
+    centred_out = (xs - expand_channels(mean_out, axes)).astype(dy.dtype)
+    dy = dy + centred_out * dmul_b
     dstats = Moments(dmean, dvar, jnp.zeros_like(stats.count))
     return (y, stats), (dy.astype(y.dtype), dstats)

@@ -4,11 +4,16 @@ Flax averages per-device means (`lax.pmean` of local means). Here every member o
 reduction contributes *sums and counts*, so the result is the statistics of the global
 batch even when masks or shards leave members with different numbers of elements.
 With equal, unmasked shards the two agree up to float rounding.
+
+BatchNorm is memory-bound, so these functions are written for the fusions that XLA
+makes: every full-size expression feeds exactly one reduction (see `private_copies`),
+so that each reduction reads its inputs once and nothing full-size is written.
 """
 
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
@@ -36,14 +41,33 @@ class Moments(NamedTuple):
     count: Float[Array, " channels"]
 
 
+def private_copies(v: Array, n: int) -> tuple[Array, ...]:
+    """`n` copies of the small array `v` that XLA cannot merge back into one.
+
+    When one broadcast per-channel vector feeds several full-size consumers, XLA's
+    CPU backend writes the broadcast (or the expression around it) out in full and
+    reads it back, because a reduction fusion cannot share a producer. Giving each
+    consumer its own copy keeps every pass fused: the barrier costs nothing at run
+    time, and it is differentiable, so higher-order derivatives still work.
+    """
+    if n == 1:
+        return (v,)
+    return tuple(lax.optimization_barrier((v,) * n))
+
+
 def global_sums(
-    values: tuple[Array, ...], where: Array | None, red: Reduction
+    values: tuple[Array, ...], mask: Array | None, red: Reduction
 ) -> tuple[Array, ...]:
     """Sums each of `values` over the local axes, then all of them over the named axes.
 
-    The per-channel partial sums are stacked so that they travel in one `psum`.
+    `mask` (broadcastable to the values) selects the elements that count. The
+    per-channel partial sums are stacked so that they travel in one `psum`.
     """
-    local = tuple(jnp.sum(v, axis=red.axes, where=where) for v in values)
+    masks = (None,) * len(values) if mask is None else private_copies(mask, len(values))
+    local = tuple(
+        jnp.sum(v, axis=red.axes, where=None if m is None else jnp.broadcast_to(m, v.shape))
+        for v, m in zip(values, masks)
+    )
     if red.axis_name is None:
         return local
     total = lax.psum(
@@ -82,18 +106,25 @@ def _shift(x: Array, mask: Array | None, red: Reduction) -> Array:
 
 
 def element_count(x: Array, mask: Array | None, red: Reduction) -> Array:
-    """Number of elements per channel that the statistics are taken over."""
+    """Number of elements per channel that the statistics are taken over.
+
+    Along the axes where the mask does not vary, the count is a product of sizes
+    rather than a sum over the broadcast mask, which would cost a pass over `x`.
+    """
     channel_axis = next(i for i in range(x.ndim) if i not in red.axes)
+    channels = x.shape[channel_axis]
     if mask is None:
-        local = 1
-        for a in red.axes:
-            local *= x.shape[a]
-        count = jnp.full((x.shape[channel_axis],), float(local), dtype=x.dtype)
-        if red.axis_name is None:
-            return count
-        return lax.psum(count, red.axis_name, axis_index_groups=red.axis_index_groups)
-    (count,) = global_sums((jnp.broadcast_to(mask, x.shape).astype(x.dtype),), None, red)
-    return count
+        local = float(np.prod([x.shape[a] for a in red.axes]))
+        count = jnp.full((channels,), local, dtype=x.dtype)
+    else:
+        m = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+        varying = tuple(a for a in red.axes if m.shape[a] != 1)
+        repeats = float(np.prod([x.shape[a] for a in red.axes if m.shape[a] == 1]))
+        count = jnp.sum(m.astype(x.dtype), axis=varying, keepdims=True) * repeats
+        count = jnp.broadcast_to(jnp.reshape(count, (-1,)), (channels,))
+    if red.axis_name is None:
+        return count
+    return lax.psum(count, red.axis_name, axis_index_groups=red.axis_index_groups)
 
 
 def moments(
@@ -105,26 +136,29 @@ def moments(
 ) -> Moments:
     """Mean and biased variance per channel of `x` (already in the reduction dtype).
 
-    With `use_fast_variance`, one pass over `x` gives shifted first and second sums;
-    otherwise the variance is a second pass over `x - mean`, as Flax's two-pass mode.
-    The variance is clipped at zero. Channels with no element (everything masked)
-    get mean 0 and variance 0 instead of Flax's NaN; the caller sees `count == 0`.
+    With `use_fast_variance`, the shifted first and second sums are two independent
+    reductions of `x` that XLA runs without writing anything full-size; otherwise
+    the variance is a second pass over `x - mean`, as Flax's two-pass mode. Both
+    read `x` twice. The variance is clipped at zero. Channels with no element
+    (everything masked) get mean 0 and variance 0 instead of Flax's NaN; the caller
+    sees `count == 0`.
     """
-    where = None if mask is None else jnp.broadcast_to(mask, x.shape)
     count = element_count(x, mask, red)
     denom = jnp.maximum(count, jnp.ones_like(count))
     if use_fast_variance:
         shift = _shift(x, mask, red)
-        centred = x - expand_channels(shift, red.axes)
-        first, second = global_sums((centred, centred * centred), where, red)
+        shift_a, shift_b = private_copies(shift, 2)
+        centred_a = x - expand_channels(shift_a, red.axes)
+        centred_b = x - expand_channels(shift_b, red.axes)
+        first, second = global_sums((centred_a, centred_b * centred_b), mask, red)
         delta = first / denom
         mean = shift + delta
         var = jnp.maximum(jnp.zeros_like(delta), second / denom - delta * delta)
     else:
-        (total,) = global_sums((x,), where, red)
+        (total,) = global_sums((x,), mask, red)
         mean = total / denom
         centred = x - expand_channels(mean, red.axes)
-        (squares,) = global_sums((centred * centred,), where, red)
+        (squares,) = global_sums((centred * centred,), mask, red)
         var = squares / denom
     return Moments(mean, var, count)
 
