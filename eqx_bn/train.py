@@ -34,8 +34,23 @@ the `eqx.nn.State` returned by the model's stateful layers, `aux` any PyTree of
 arrays (logits, metrics) or `None`."""
 
 
-def _copy(x: Any) -> Any:
-    return jnp.array(x, copy=True) if eqx.is_array(x) else x
+def _shape_of(out: Any) -> str:
+    """A short description of a loss function's output, for error messages."""
+    if isinstance(out, tuple):
+        return "(" + ", ".join(_shape_of(o) for o in out) + ")"
+    return type(out).__name__
+
+
+@eqx.filter_jit
+def _init(
+    params: PyTree, state: eqx.nn.State, optimizer: optax.GradientTransformation
+) -> tuple[PyTree, eqx.nn.State, optax.OptState, Array]:
+    # One compiled call instead of one eager op (and one compilation) per array.
+    # The copies are fresh buffers: jit would hand an unchanged input straight back.
+    params, state = jax.tree.map(lambda x: jnp.array(x, copy=True), (params, state))
+    with jax.numpy_dtype_promotion("standard"):  # Optax's code, as in apply_gradients
+        opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
+    return params, state, opt_state, jnp.zeros((), jnp.int32)
 
 
 class TrainState(eqx.Module):
@@ -114,14 +129,12 @@ class TrainState(eqx.Module):
         A `TrainState` at step 0.
         """
         params, static = eqx.partition(model, eqx.is_array)
-        params = jax.tree.map(_copy, params)
-        state = jax.tree.map(_copy, state)
-        opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
+        params, state, opt_state, step = _init(params, state, optimizer)
         return cls(
             params=params,
             state=state,
             opt_state=opt_state,
-            step=jnp.zeros((), jnp.int32),
+            step=step,
             static=static,
             tx=optimizer,
         )
@@ -171,7 +184,12 @@ def apply_gradients(
     """
     grads = eqx.filter(grads, eqx.is_inexact_array)
     trainable = eqx.filter(train_state.params, eqx.is_inexact_array)
-    updates, opt_state = train_state.tx.update(grads, train_state.opt_state, trainable)
+    # Optax relies on standard promotion (Adam's bias correction mixes float and
+    # int32); run it as designed even when the caller's config is strict.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = train_state.tx.update(
+            grads, train_state.opt_state, trainable
+        )
     params = eqx.apply_updates(train_state.params, updates)
     return dataclasses.replace(
         train_state,
@@ -189,9 +207,11 @@ def make_train_step(
     """Builds a jitted training step from a loss function.
 
     `loss_fn(model, state, batch) -> (loss, (state, aux))` is called with the model
-    in training mode; its gradient with respect to the model's floating-point arrays
-    updates the model through the optimiser, and the `state` it returns (the new
-    BatchNorm running averages) becomes the `TrainState`'s state.
+    as it is held (in training mode, unless some layers were put in inference mode
+    on purpose, e.g. a frozen BatchNorm for fine-tuning); its gradient with respect
+    to the model's floating-point arrays updates the model through the optimiser,
+    and the `state` it returns (the new BatchNorm running averages) becomes the
+    `TrainState`'s state.
 
     The step is `jax.jit`-compiled once per structure of `TrainState` and batch.
 
@@ -229,8 +249,26 @@ def make_train_step(
     `train_step(train_state, batch) -> (train_state, loss, aux)`.
     """
 
+    def checked_loss(model: PyTree, state: eqx.nn.State, batch: Any) -> Any:
+        out = loss_fn(model, state, batch)
+        if not (
+            isinstance(out, tuple)
+            and len(out) == 2
+            and isinstance(out[1], tuple)
+            and len(out[1]) == 2
+            and isinstance(out[1][0], eqx.nn.State)
+        ):
+            raise TypeError(
+                "make_train_step: loss_fn(model, state, batch) must return "
+                "(loss, (state, aux)) with state an eqx.nn.State, got "
+                f"{_shape_of(out)}. Return the State that the model gave back, and "
+                "None as aux when there is nothing else: "
+                "`return loss, (state, None)`."
+            )
+        return out
+
     def step(ts: TrainState, batch: Any) -> tuple[TrainState, Array, Any]:
-        grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+        grad_fn = eqx.filter_value_and_grad(checked_loss, has_aux=True)
         (loss, (state, aux)), grads = grad_fn(ts.model, ts.state, batch)
         return apply_gradients(ts, grads, state), loss, aux
 

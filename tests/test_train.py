@@ -1,0 +1,392 @@
+"""`eqx_bn.train` against Flax's own training loop (the BatchNorm guide's TrainState).
+
+The seed MLP (`Dense(4) -> BatchNorm -> relu -> Dense(1)`) is trained for 100 steps in
+Flax (`TrainState` with a `batch_stats` field, `mutable=["batch_stats"]`) and with
+`eqx_bn.train` from the same initial values and the same Optax optimiser; losses,
+running statistics and parameters must agree at every step to float32 rounding.
+"""
+
+import functools
+import io
+import re
+import textwrap
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+from helpers import flax_promotion
+
+import eqx_bn
+import eqx_bn.train as train
+from eqx_bn.train import TrainState, make_eval_step, make_train_step
+
+STEPS = 100
+BATCH = 32
+# Measured differences over 100 steps are <= 2.4e-7 for O(0.1..1) values: a few ulps.
+RTOL = 1e-6
+ATOL = 1e-6
+
+
+class FlaxMLP(nn.Module):
+    """The Flax BatchNorm guide's MLP."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(4)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x)
+        return nn.Dense(1)(x)
+
+
+class FlaxTrainState(train_state.TrainState):
+    batch_stats: dict
+
+
+class SeedMLP(eqx.Module):
+    """The same MLP in Equinox: one example at a time, the batch a named vmap axis."""
+
+    linear1: eqx.nn.Linear
+    bn: eqx_bn.BatchNorm
+    linear2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.linear1 = eqx.nn.Linear(3, 4, key=k1)
+        self.bn = eqx_bn.BatchNorm(4)
+        self.linear2 = eqx.nn.Linear(4, 1, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.bn(self.linear1(x), state)
+        return self.linear2(jax.nn.relu(h)), state
+
+
+def loss_fn(model, state, batch):
+    x, y = batch
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    pred, state = batched(x, state)
+    return jnp.mean((pred - y) ** 2), (state, pred)
+
+
+def flax_loss(params, batch_stats, apply_fn, batch):
+    x, y = batch
+    pred, updates = apply_fn(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    return jnp.mean((pred - y) ** 2), (updates["batch_stats"], pred)
+
+
+@jax.jit
+def flax_train_step(state: FlaxTrainState, batch):
+    grad_fn = jax.value_and_grad(flax_loss, has_aux=True)
+    (loss, (batch_stats, _)), grads = grad_fn(
+        state.params, state.batch_stats, state.apply_fn, batch
+    )
+    state = state.apply_gradients(grads=grads)
+    return state.replace(batch_stats=batch_stats), loss, grads
+
+
+@jax.jit
+def flax_eval_step(state: FlaxTrainState, x):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return state.apply_fn(variables, x, train=False)
+
+
+def from_flax(variables) -> tuple[SeedMLP, eqx.nn.State]:
+    """The Flax initial values in the Equinox model (Dense kernels are (in, out))."""
+    model, state = eqx.nn.make_with_state(SeedMLP)(jax.random.key(1))
+    # Re-laid out in NumPy: eager jnp ops would each cost a compilation.
+    p = jax.tree.map(lambda a: jnp.asarray(np.asarray(a).T), variables["params"])
+    model = eqx.tree_at(
+        lambda m: (
+            m.linear1.weight,
+            m.linear1.bias,
+            m.bn.scale,
+            m.bn.bias,
+            m.linear2.weight,
+            m.linear2.bias,
+        ),
+        model,
+        (
+            p["Dense_0"]["kernel"],
+            p["Dense_0"]["bias"],
+            p["BatchNorm_0"]["scale"],
+            p["BatchNorm_0"]["bias"],
+            p["Dense_1"]["kernel"],
+            p["Dense_1"]["bias"],
+        ),
+    )
+    stats = variables["batch_stats"]["BatchNorm_0"]
+    state = state.set(model.bn.state_index, eqx_bn.RunningStats(**stats))
+    return model, state
+
+
+def data(steps=STEPS):
+    x = jax.random.normal(jax.random.key(1), (steps, BATCH, 3))
+    y = jnp.sin(jnp.sum(x, axis=-1, keepdims=True))
+    return x, y
+
+
+def running_stats(ts: TrainState):
+    return ts.state.get(ts.model.bn.state_index)
+
+
+def as_flax(ts: TrainState) -> dict:
+    """The Equinox parameters in Flax's layout, as NumPy copies."""
+    m = jax.tree.map(np.array, ts.params)
+    return {
+        "Dense_0": {"kernel": m.linear1.weight.T, "bias": m.linear1.bias},
+        "BatchNorm_0": {"scale": m.bn.scale, "bias": m.bn.bias},
+        "Dense_1": {"kernel": m.linear2.weight.T, "bias": m.linear2.bias},
+    }
+
+
+# One optimiser object of each kind: it is static in `TrainState`'s PyTree structure,
+# so sharing it (and the step functions) lets the tests reuse each compilation.
+OPTIMIZERS = {"sgd": optax.sgd(0.1), "adam": optax.adam(1e-2)}
+TRAIN_STEP = make_train_step(loss_fn)
+EVAL_STEP = make_eval_step(loss_fn)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Both trainings, once per optimiser, recorded step by step."""
+    xs, ys = data()
+    with flax_promotion():
+        init = jax.jit(FlaxMLP().init, static_argnames="train")
+        variables = init(jax.random.key(0), xs[0], train=False)
+    out = {}
+    for name, opt in OPTIMIZERS.items():
+        fts = FlaxTrainState.create(
+            apply_fn=FlaxMLP().apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=opt,
+        )
+        ts = TrainState.create(*from_flax(variables), opt)
+        record = []
+        with flax_promotion():
+            for i in range(STEPS):
+                fts, floss, fgrads = flax_train_step(fts, (xs[i], ys[i]))
+                ts, loss, _ = TRAIN_STEP(ts, (xs[i], ys[i]))
+                # Copied to NumPy now: the next step donates the holder's buffers.
+                record.append(
+                    numpy_copy(
+                        dict(
+                            flax_loss=floss,
+                            loss=loss,
+                            flax_stats=fts.batch_stats["BatchNorm_0"],
+                            stats=running_stats(ts)._asdict(),
+                            flax_params=fts.params,
+                            params=as_flax(ts),
+                            flax_bias_grad=fgrads["Dense_0"]["bias"],
+                        )
+                    )
+                )
+            flax_eval = flax_eval_step(fts, xs[0])
+        out[name] = dict(record=record, ts=ts, fts=fts, flax_eval=flax_eval)
+    return out
+
+
+def numpy_copy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def assert_close(a, b, **kw):
+    kw = dict(rtol=RTOL, atol=ATOL) | kw
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
+
+
+@pytest.mark.parametrize("name", ["sgd"])
+def test_matches_flax_every_step(runs, name):
+    for i, r in enumerate(runs[name]["record"]):
+        np.testing.assert_allclose(r["loss"], r["flax_loss"], rtol=RTOL, err_msg=f"{i}")
+        assert_close(r["stats"], r["flax_stats"], err_msg=f"step {i}")
+        assert_close(r["params"], r["flax_params"], err_msg=f"step {i}")
+    assert int(runs[name]["ts"].step) == STEPS == int(runs[name]["fts"].step)
+
+
+def test_matches_flax_adam_except_the_bias_before_batchnorm(runs):
+    """With Adam all agrees except the first Dense bias and the running mean.
+
+    Cause: BatchNorm subtracts the batch mean, so the loss does not depend on the
+    bias of the Dense layer before it and its exact gradient is 0. Both libraries
+    compute it as float32 rounding noise (~1e-9), different noise since Flax
+    differentiates through the mean and variance and eqx_bn uses the closed form.
+    Adam divides by the gradient's RMS, turning that noise into steps of ~lr in
+    random directions: the two biases wander apart (harmlessly, the loss is blind to
+    them). The running mean, an average of `W x + b`, inherits exactly that
+    difference, which the test reconstructs; every other quantity agrees.
+    """
+    momentum = 0.99  # BatchNorm's default, as in the guide
+    mean_gap = np.zeros(4, np.float32)
+    for i, r in enumerate(runs["adam"]["record"]):
+        msg = f"step {i}"
+        np.testing.assert_allclose(r["loss"], r["flax_loss"], rtol=RTOL, err_msg=msg)
+        assert float(jnp.max(jnp.abs(r["flax_bias_grad"]))) < 1e-6
+        np.testing.assert_allclose(
+            r["stats"]["var"], r["flax_stats"]["var"], rtol=RTOL, atol=ATOL
+        )
+        for layer in ("BatchNorm_0", "Dense_1"):
+            assert_close(r["params"][layer], r["flax_params"][layer], err_msg=msg)
+        assert_close(
+            r["params"]["Dense_0"]["kernel"], r["flax_params"]["Dense_0"]["kernel"]
+        )
+        # Each step's batch mean is taken after the update of the previous step.
+        bias_gap = (
+            runs["adam"]["record"][i - 1]["params"]["Dense_0"]["bias"]
+            - runs["adam"]["record"][i - 1]["flax_params"]["Dense_0"]["bias"]
+            if i
+            else np.zeros(4, np.float32)
+        )
+        mean_gap = momentum * mean_gap + (1 - momentum) * bias_gap
+        np.testing.assert_allclose(
+            r["stats"]["mean"] - r["flax_stats"]["mean"], mean_gap, atol=ATOL
+        )
+    # The biases did wander apart: the explanation above is not vacuous.
+    last = runs["adam"]["record"][-1]
+    gap = last["params"]["Dense_0"]["bias"] - last["flax_params"]["Dense_0"]["bias"]
+    assert float(jnp.max(jnp.abs(gap))) > 1e-3
+
+
+def test_eval_uses_running_stats_like_flax(runs):
+    ts = runs["sgd"]["ts"]
+    xs, ys = data(1)
+    batch = (xs[0], ys[0])
+    loss, (state, pred) = EVAL_STEP(ts, batch)
+    # Flax's eval (use_running_average=True) of the Flax-trained model. (With Adam
+    # the running means differ, see the test above, so only SGD is compared.)
+    np.testing.assert_allclose(pred, runs["sgd"]["flax_eval"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, jnp.mean((pred - ys[0]) ** 2), rtol=1e-6)
+    # The state is returned unchanged, and the holder is still usable (no donation).
+    assert eqx.tree_equal(state, ts.state)
+    assert int(ts.step) == STEPS
+    # The running averages are far from this batch's own statistics, so the match
+    # above would fail if eval normalised with batch statistics.
+    params = jax.tree.map(np.asarray, ts.params)
+    h = np.asarray(xs[0]) @ params.linear1.weight.T + params.linear1.bias
+    running = running_stats(ts)
+    assert np.max(np.abs(h.mean(0) - np.asarray(running.mean))) > 0.05
+    assert np.max(np.abs(h.var(0) - np.asarray(running.var))) > 0.05
+
+
+class Counter:
+    def __init__(self, fn):
+        self.fn = fn
+        self.traces = 0
+
+    def __call__(self, *args):
+        self.traces += 1
+        return self.fn(*args)
+
+
+@functools.cache
+def initial_model():
+    return eqx.nn.make_with_state(SeedMLP)(jax.random.key(0))
+
+
+def fresh_state(opt=OPTIMIZERS["sgd"]):
+    model, state = initial_model()
+    return model, state, TrainState.create(model, state, opt)
+
+
+def test_steps_compile_once():
+    counted = Counter(loss_fn)
+    train_step, eval_step = make_train_step(counted), make_eval_step(counted)
+    _, _, ts = fresh_state()
+    xs, ys = data(5)
+    for i in range(5):
+        ts, _, _ = train_step(ts, (xs[i], ys[i]))
+    assert counted.traces == 1
+    for i in range(3):
+        eval_step(ts, (xs[i], ys[i]))
+    assert counted.traces == 2
+    assert int(ts.step) == 5
+
+
+def test_donation_consumes_the_holder_but_not_the_inputs_of_create():
+    model, state, ts = fresh_state()
+    xs, ys = data(2)
+    new, _, _ = TRAIN_STEP(ts, (xs[0], ys[0]))
+    # The step reused the holder's buffers in place ...
+    assert all(x.is_deleted() for x in jax.tree.leaves(ts.params))
+    # ... but `create` copied them: the model and state given to it are intact.
+    inputs = jax.tree.leaves(eqx.filter((model, state), eqx.is_array))
+    assert inputs and not any(x.is_deleted() for x in inputs)
+    assert not eqx.tree_equal(new.params, eqx.filter(model, eqx.is_array))
+    # Without donation the old holder stays valid.
+    keep = make_train_step(loss_fn, donate=False)
+    again, _, _ = keep(new, (xs[1], ys[1]))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new))
+    assert int(new.step) == 1 and int(again.step) == 2
+
+
+def test_train_state_is_a_pytree_that_serialises():
+    adam = OPTIMIZERS["adam"]
+    _, _, ts = fresh_state(adam)
+    xs, ys = data(4)
+    for i in range(2):
+        ts, _, _ = TRAIN_STEP(ts, (xs[i], ys[i]))
+    leaves = jax.tree.leaves(ts)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, ts)
+    buffer.seek(0)
+    _, _, template = fresh_state(adam)
+    restored = eqx.tree_deserialise_leaves(buffer, template)
+    assert jax.tree.structure(restored) == jax.tree.structure(ts)
+    assert eqx.tree_equal(restored, ts)
+    assert int(restored.step) == 2
+    # Training goes on identically from the restored holder.
+    for i in (2, 3):
+        ts, loss, _ = TRAIN_STEP(ts, (xs[i], ys[i]))
+        restored, restored_loss, _ = TRAIN_STEP(restored, (xs[i], ys[i]))
+        assert float(loss) == float(restored_loss)
+    assert eqx.tree_equal(restored, ts)
+
+
+def test_frozen_batchnorm_is_respected():
+    """A BatchNorm put in inference mode on purpose (fine-tuning) keeps its stats."""
+    model, state = initial_model()
+    model = eqx.tree_at(lambda m: m.bn, model, eqx.nn.inference_mode(model.bn))
+    ts = TrainState.create(model, state, OPTIMIZERS["sgd"])
+    xs, ys = data(1)
+    ts, _, _ = TRAIN_STEP(ts, (xs[0], ys[0]))
+    assert eqx.tree_equal(running_stats(ts), state.get(model.bn.state_index))
+
+
+def test_bad_loss_output_names_the_contract():
+    _, _, ts = fresh_state()
+    xs, ys = data(1)
+
+    def no_state(model, state, batch):
+        loss, (_, pred) = loss_fn(model, state, batch)
+        return loss, pred
+
+    with pytest.raises(TypeError, match=r"must return \(loss, \(state, aux\)\)"):
+        make_train_step(no_state)(ts, (xs[0], ys[0]))
+
+
+def test_docstring_examples_run():
+    namespace: dict = {}
+    documented = [
+        train.TrainState,
+        train.TrainState.create,
+        train.make_train_step,
+        train.make_eval_step,
+        train.apply_gradients,
+    ]
+    for obj in documented:
+        blocks = re.findall(r"```python\n(.*?)```", obj.__doc__, re.S)
+        assert blocks, obj
+        for block in blocks:
+            exec(textwrap.dedent(block), namespace)
+    assert int(namespace["ts"].step) == 2
