@@ -283,6 +283,7 @@ def _file(tree):
             "at 'c/chunks'.*keys '0', '1'",
         ),
         (b"\xc1\x00", "not valid msgpack: FormatError"),
+        (b"import os\n", "not a Flax msgpack checkpoint: it starts with a int"),
         (_file({"a": 1}) + b"\x00", "1 unexpected bytes after its data"),
     ],
 )

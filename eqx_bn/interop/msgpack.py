@@ -241,6 +241,12 @@ def _decode(data: bytes | bytearray | memoryview, origin: str) -> dict[str, Any]
             data, raw=False, use_list=True, strict_map_key=False, ext_hook=_ext_hook
         )
     except msgpack.ExtraData as e:
+        if not isinstance(e.unpacked, dict):
+            raise CheckpointError(
+                f"{origin} is not a Flax msgpack checkpoint: it starts with a "
+                f"{type(e.unpacked).__name__}, not a map, and goes on for "
+                f"{len(e.extra)} more bytes"
+            ) from None
         raise CheckpointError(
             f"{origin} has {len(e.extra)} unexpected bytes after its data "
             "(two files concatenated, or a corrupt length?)"
