@@ -5,6 +5,12 @@ Nothing here imports Flax.
 """
 
 from .checkpoint import read_checkpoint as read_checkpoint
+from .convert import (
+    ConversionError as ConversionError,
+    export_flax as export_flax,
+    flax_paths as flax_paths,
+    load_flax as load_flax,
+)
 from .errors import CheckpointError as CheckpointError
 from .msgpack import (
     read_msgpack as read_msgpack,

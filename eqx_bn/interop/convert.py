@@ -1,0 +1,430 @@
+"""Flax variables <-> an Equinox model and its State: `load_flax`, `export_flax`.
+
+The data path: nested dicts of arrays -> `paths.pair` pairs each Flax variable with a
+leaf of the model (or a `RunningStats` field in the State) -> every pair is checked ->
+`layers` re-lays each array -> one `eqx.tree_at` for the model and one for the State.
+Nothing of Flax is imported here.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._typing import typecheck
+from .paths import Entry, Pairing, get_at, natural_key, pair
+
+COLLECTIONS = ("params", "batch_stats")
+"""The Flax collections a model and its State correspond to."""
+
+FlaxMapping = Mapping[str, Callable[[Any], Any] | None]
+
+
+class ConversionError(ValueError):
+    """Flax variables and an Equinox model do not correspond.
+
+    Raised once, listing every problem with its Flax path, the Equinox leaf it is
+    paired with, and the expected and actual shape and dtype. Nothing is loaded when
+    it is raised. It subclasses `ValueError`, so `except ValueError` catches it too.
+
+    **Attributes** (tuples of strings, one line per problem):
+
+    - `missing`: variables the model needs that the Flax variables lack.
+    - `unexpected`: Flax variables that nothing in the model pairs with.
+    - `mismatched`: pairs whose shape or dtype differ.
+    - `extra`: top-level entries that are not `params`/`batch_stats` (`step`,
+        `opt_state` of a saved TrainState...).
+    - `unsupported`: layers of the model that have no conversion rule.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: tuple[str, ...] = (),
+        unexpected: tuple[str, ...] = (),
+        mismatched: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        unsupported: tuple[str, ...] = (),
+    ):
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+        self.extra = extra
+        self.unsupported = unsupported
+
+
+def _describe(shape, dtype) -> str:
+    return f"{np.dtype(dtype).name}[{', '.join(map(str, shape))}]"
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...]) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for k, v in tree.items():
+        path = (*prefix, str(k))
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, path))
+        else:
+            flat[path] = v
+    return flat
+
+
+def _is_wrapped(variables: Mapping, pairing: Pairing) -> bool:
+    """`{'params': {'params': ..., 'batch_stats': ...}}`: a whole `variables` dict
+    given to `TrainState.create(params=variables)`, which Flax users do.
+
+    Not when the model itself has a top-level scope called `params`.
+    """
+    inner = variables.get("params")
+    if not isinstance(inner, Mapping) or "params" not in inner:
+        return False
+    if not set(inner) <= set(COLLECTIONS):
+        return False
+    if "batch_stats" in inner and "batch_stats" in variables:
+        return False
+    return not any(e.flax_path[1] == "params" for e in pairing.entries)
+
+
+def _split_variables(
+    variables: Mapping, pairing: Pairing
+) -> tuple[dict[tuple[str, ...], Any], list[str]]:
+    """The Flax leaves of `params`/`batch_stats`, and the names of other entries."""
+    if _is_wrapped(variables, pairing):
+        outer = {k: v for k, v in variables.items() if k != "params"}
+        variables = {**outer, **variables["params"]}
+    flat: dict[tuple[str, ...], Any] = {}
+    extra = []
+    for name, tree in variables.items():
+        if name not in COLLECTIONS:
+            extra.append(str(name))
+        elif isinstance(tree, Mapping):
+            flat.update(_flatten(tree, (name,)))
+        else:
+            flat[(name,)] = tree
+    return flat, sorted(extra, key=natural_key)
+
+
+def _under(path: tuple[str, ...], scopes: tuple[tuple[str, ...], ...]) -> bool:
+    # path is (collection, *scopes, name); an ignored scope excludes its whole subtree.
+    return any(path[1 : 1 + len(s)] == s for s in scopes)
+
+
+def _target(entry: Entry, model: eqx.Module, state: eqx.nn.State) -> Any:
+    """The Equinox leaf an entry fills (a model array or a RunningStats field)."""
+    node = get_at(model, entry.model_path)
+    if entry.state_field is None:
+        return node
+    try:
+        stats = state.get(node)
+    except KeyError:
+        raise ConversionError(
+            f"The State has no entry for {entry.eqx_name.split('].')[0]}]: it was not "
+            "made for this model. Build the two together with "
+            "`eqx.nn.make_with_state(Model)(...)`."
+        ) from None
+    return getattr(stats, entry.state_field)
+
+
+def _as_numpy(value: Any) -> np.ndarray | None:
+    try:
+        return np.asarray(value)
+    except Exception:
+        return None
+
+
+def _fix_hint(strict: bool) -> str:
+    hint = (
+        "See the pairing with `eqx_bn.interop.flax_paths(model)`; change it with "
+        "`mapping=`"
+    )
+    return hint + (
+        ", or pass strict=False to load only what matches." if strict else "."
+    )
+
+
+@typecheck
+def load_flax(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    variables: Mapping,
+    *,
+    mapping: FlaxMapping | None = None,
+    strict: bool = True,
+    ignore_extra: bool = False,
+    cast: bool = False,
+) -> tuple[eqx.Module, eqx.nn.State]:
+    """Loads Flax variables into an Equinox model and its State.
+
+    The model gives the structure, shapes and dtypes; the Flax variables give the
+    values. Layers pair up by Flax's automatic names (see `flax_paths`): `Dense` <->
+    `eqx.nn.Linear` (kernel transposed), `Conv` <-> `eqx.nn.Conv*` (`HWIO` -> `OIHW`,
+    bias `(out,)` -> `(out, 1, 1)`), `BatchNorm` <-> `eqx_bn.BatchNorm` (the running
+    `mean`/`var` go into the State), `LayerNorm`, `GroupNorm`, `Embed` <->
+    `eqx.nn.Embedding`, and a plain array field of a custom module <->
+    `self.param(field_name)`.
+
+    !!! Example
+
+        ```python
+        variables = eqx_bn.interop.read_msgpack("flax_checkpoint.msgpack")
+        model, state = eqx.nn.make_with_state(ResNet18)(num_classes=10, key=key)
+        model, state = eqx_bn.interop.load_flax(model, state, variables)
+        ```
+
+    **Arguments:**
+
+    - `model`: the Equinox model; it is not modified.
+    - `state`: its `eqx.nn.State` (from `eqx.nn.make_with_state`); not modified.
+    - `variables`: `{"params": ..., "batch_stats": ...}` as nested dicts of numpy or
+        JAX arrays (from `flax.serialization.msgpack_restore`, `read_msgpack`, or
+        `Module.init`), or a saved TrainState (`params`, `batch_stats`, `step`,
+        `opt_state`, ...; also with the whole variables dict passed as `params`).
+    - `mapping`: overrides of the automatic pairing, `{flax_scope: selector}`:
+        `{"head": lambda m: m.classifier}` pairs the Flax scope `head` (no
+        collection prefix) with that module or array; `None` as selector leaves the
+        scope out on both sides. See `eqx_bn.interop.paths.pair`.
+    - `strict`: require every paired model leaf to be in `variables` and every
+        Flax variable to be used. With `strict=False` model leaves without a Flax
+        value keep their current value and unused Flax variables are skipped;
+        shapes and dtypes are still checked.
+    - `ignore_extra`: skip top-level entries other than `params`/`batch_stats`
+        (the rest of a TrainState) instead of raising.
+    - `cast`: convert values whose dtype differs from the model's (e.g. a float64
+        or bfloat16 checkpoint into a float32 model) instead of raising.
+        Shapes must still agree.
+
+    **Returns:**
+
+    `(model, state)`: new objects with exactly the original structure, shapes and
+    dtypes, holding the Flax values.
+
+    **Raises:**
+
+    - `ConversionError`: listing every missing, unexpected, mis-shaped or mistyped
+        variable (with Flax path, Equinox leaf, expected and actual shape/dtype),
+        unknown top-level entries, and layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    pairing = pair(model, mapping)
+    flat, extra = _split_variables(variables, pairing)
+    entries = [e for e in pairing.entries if not _under(e.flax_path, pairing.ignored)]
+    wanted = {e.flax_path for e in entries}
+
+    missing, mismatched, loaded = [], [], []
+    for entry in entries:
+        target = _target(entry, model, state)
+        want_shape = entry.layout.flax_shape(tuple(target.shape))
+        want = _describe(want_shape, target.dtype)
+        if entry.flax_path not in flat:
+            if strict:
+                missing.append(
+                    f"{entry.flax_name} -> {entry.eqx_name}: expected {want}"
+                )
+            continue
+        value = _as_numpy(flat[entry.flax_path])
+        if value is None or value.dtype == object:
+            got = type(flat[entry.flax_path]).__name__
+            mismatched.append(
+                f"{entry.flax_name} -> {entry.eqx_name}: expected {want}, got a {got}"
+            )
+            continue
+        bad_shape = tuple(value.shape) != tuple(want_shape)
+        bad_dtype = value.dtype != np.dtype(target.dtype) and not cast
+        if bad_shape or bad_dtype:
+            note = " (in Flax's layout)" if entry.layout.name != "identity" else ""
+            mismatched.append(
+                f"{entry.flax_name} -> {entry.eqx_name}: expected {want}{note}, got "
+                f"{_describe(value.shape, value.dtype)}"
+                + ("" if bad_shape else "; pass cast=True to convert")
+            )
+            continue
+        loaded.append((entry, value, target))
+
+    unexpected = []
+    if strict:
+        for path, value in flat.items():
+            if path not in wanted and not _under(path, pairing.ignored):
+                arr = _as_numpy(value)
+                got = (
+                    type(value).__name__
+                    if arr is None
+                    else _describe(arr.shape, arr.dtype)
+                )
+                unexpected.append(f"{'/'.join(path)}: {got}")
+        unexpected.sort(key=natural_key)
+    extras = [] if ignore_extra else extra
+    unsupported = list(pairing.problems) if strict else []
+
+    if missing or unexpected or mismatched or extras or unsupported:
+        raise _error(
+            type(model).__name__,
+            strict,
+            missing,
+            unexpected,
+            mismatched,
+            extras,
+            unsupported,
+        )
+    return _build(model, state, loaded)
+
+
+def _error(name, strict, missing, unexpected, mismatched, extras, unsupported):
+    sections = [
+        ("Missing from the Flax variables (the model needs them)", missing),
+        (
+            "Unexpected in the Flax variables (nothing in the model pairs with them)",
+            unexpected,
+        ),
+        ("Mismatched shape or dtype", mismatched),
+        ("Layers with no conversion rule", unsupported),
+    ]
+    count = len(missing) + len(unexpected) + len(mismatched) + len(unsupported)
+    lines = [f"Cannot load the Flax variables into {name}:"]
+    for title, items in sections:
+        if items:
+            lines.append(f"{title}:")
+            lines += [f"  {item}" for item in items]
+    if extras:
+        count += len(extras)
+        lines.append(
+            "Entries other than params/batch_stats (a saved TrainState?): "
+            f"{', '.join(extras)}; pass ignore_extra=True to skip them."
+        )
+    lines.insert(1, f"{count} problem{'s' if count != 1 else ''}.")
+    lines.append(_fix_hint(strict))
+    return ConversionError(
+        "\n".join(lines),
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=tuple(mismatched),
+        extra=tuple(extras),
+        unsupported=tuple(unsupported),
+    )
+
+
+def _build(model, state, loaded):
+    """One `eqx.tree_at` for the model's leaves and one for the State's."""
+    in_model = [(e, v, t) for e, v, t in loaded if e.state_field is None]
+    in_state = [(e, v, t) for e, v, t in loaded if e.state_field is not None]
+
+    def value(entry, array, target):
+        array = entry.layout.to_eqx(array, tuple(target.shape))
+        return jnp.asarray(np.asarray(array).astype(np.dtype(target.dtype), copy=False))
+
+    if in_model:
+        model = eqx.tree_at(
+            lambda m: [get_at(m, e.model_path) for e, _, _ in in_model],
+            model,
+            replace=[value(*item) for item in in_model],
+        )
+    else:
+        model = _copy(model)
+    indices = [get_at(model, e.model_path) for e, _, _ in in_state]
+    if in_state:
+        state = eqx.tree_at(
+            lambda s: [
+                getattr(s.get(i), e.state_field)
+                for i, (e, _, _) in zip(indices, in_state)
+            ],
+            state,
+            replace=[value(*item) for item in in_state],
+        )
+    else:
+        state = _copy(state)
+    return model, state
+
+
+def _copy(tree):
+    # A fresh object even when nothing changed: the caller may `State.set` on the
+    # result, which invalidates the object it is called on, not the input.
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@typecheck
+def export_flax(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    *,
+    mapping: FlaxMapping | None = None,
+) -> dict[str, dict]:
+    """Writes an Equinox model and its State as Flax variables.
+
+    The inverse of `load_flax`: `load_flax(model, state, export_flax(model, state))`
+    gives back the same arrays, and exporting a loaded model gives back the Flax
+    variables bit for bit.
+
+    **Arguments:**
+
+    - `model`, `state`: as for `load_flax`.
+    - `mapping`: the same overrides as for `load_flax`.
+
+    **Returns:**
+
+    `{"params": ..., "batch_stats": ...}` as nested dicts of numpy arrays in Flax's
+    layout (`batch_stats` only when the model has a `BatchNorm`), which
+    `flax.linen.Module.apply` and `flax.serialization.to_bytes` accept.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    pairing = pair(model, mapping)
+    if pairing.problems:
+        raise _error(type(model).__name__, True, [], [], [], [], pairing.problems)
+    variables: dict[str, dict] = {}
+    for entry in pairing.entries:
+        if _under(entry.flax_path, pairing.ignored):
+            continue
+        leaf = np.asarray(_target(entry, model, state))
+        node = variables
+        for key in entry.flax_path[:-1]:
+            node = node.setdefault(key, {})
+        node[entry.flax_path[-1]] = np.ascontiguousarray(entry.layout.to_flax(leaf))
+    return variables
+
+
+@typecheck
+def flax_paths(
+    model: eqx.Module, *, mapping: FlaxMapping | None = None
+) -> dict[str, str]:
+    """The pairing `load_flax` and `export_flax` use, to read and debug it.
+
+    !!! Example
+
+        ```python
+        >>> eqx_bn.interop.flax_paths(model)
+        {'params/conv_init/kernel': 'model.conv_init.weight',
+         'params/bn_init/scale': 'model.bn_init.scale', ...
+         'batch_stats/bn_init/mean': 'state[model.bn_init.state_index].mean', ...}
+        ```
+
+    **Arguments:**
+
+    - `model`: the Equinox model.
+    - `mapping`: overrides, as for `load_flax`.
+
+    **Returns:**
+
+    A dict from each Flax variable path (`collection/scope/.../name`) to the
+    Equinox leaf it pairs with, in the model's order. Scopes mapped to `None` are
+    left out.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    pairing = pair(model, mapping)
+    if pairing.problems:
+        raise _error(type(model).__name__, True, [], [], [], [], pairing.problems)
+    return {
+        e.flax_name: e.eqx_name
+        for e in pairing.entries
+        if not _under(e.flax_path, pairing.ignored)
+    }

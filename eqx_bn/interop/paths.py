@@ -1,0 +1,281 @@
+"""Flax scope paths <-> Equinox leaves: the automatic pairing and explicit overrides.
+
+The Equinox model is walked in field order (and list order). Each layer of a known kind
+gets the name Flax's `@nn.compact` would give it in the current scope, `<Kind>_<n>`
+counted per kind (`Dense_0`, `Conv_1`, `BatchNorm_0`); any other module becomes a scope
+`<ClassName>_<n>` whose fields are named afresh, as a Flax submodule is. So a model with
+`blocks: list[ResNetBlock]` pairs with Flax's `ResNetBlock_0 ... ResNetBlock_N`.
+`eqx.nn.Sequential` is transparent, as `flax.linen.Sequential` is when its layers are
+built in the parent. A field can declare its Flax name with
+`eqx.field(metadata={"flax_name": "conv_proj"})` (on a list field: `conv_proj_0`, ...),
+and `mapping` overrides any of it from the outside.
+"""
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+from jax.tree_util import DictKey, GetAttrKey, SequenceKey, keystr
+
+from .layers import IDENTITY, UNSUPPORTED_HINTS, Layout, is_unsupported_layer, rule_for
+
+FLAX_NAME = "flax_name"
+"""The `eqx.field` metadata key with which a field declares its Flax name."""
+
+Key = GetAttrKey | SequenceKey | DictKey
+Mapping_ = Mapping[str, Callable[[Any], Any] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Flax variable paired with one Equinox leaf.
+
+    - `flax_path`: `(collection, *scopes, name)`, e.g.
+        `("params", "ResNetBlock_0", "Conv_0", "kernel")`.
+    - `model_path`: the path in the model of the leaf or, when `state_field` is
+        set, of the layer's `state_index`.
+    - `state_field`: `"mean"`/`"var"` for a leaf of a `RunningStats` in the State.
+    - `layout`: how the array is re-laid between Flax and Equinox.
+    """
+
+    flax_path: tuple[str, ...]
+    model_path: tuple[Key, ...]
+    layout: Layout
+    state_field: str | None = None
+
+    @property
+    def flax_name(self) -> str:
+        return "/".join(self.flax_path)
+
+    @property
+    def eqx_name(self) -> str:
+        if self.state_field is None:
+            return "model" + keystr(self.model_path)
+        return f"state[model{keystr(self.model_path)}].{self.state_field}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+    """The outcome of walking a model.
+
+    - `entries`: the paired variables, in the model's order.
+    - `ignored`: Flax scopes that `mapping` sends to `None`.
+    - `problems`: layers that cannot be paired automatically, with the reason.
+    """
+
+    entries: tuple[Entry, ...]
+    ignored: tuple[tuple[str, ...], ...]
+    problems: tuple[str, ...]
+
+
+def is_arraylike(x: Any) -> bool:
+    """An array, or the `jax.ShapeDtypeStruct` standing for one in an abstract model
+    (from `eqx.filter_eval_shape`), which `load_flax` fills without initialising."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def natural_key(path: str) -> list:
+    """Sort key that puts `ResNetBlock_2` before `ResNetBlock_10`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def get_at(tree: Any, path: tuple[Key, ...]) -> Any:
+    """The node of `tree` at `path` (attributes, sequence indices, dict keys)."""
+    for key in path:
+        if isinstance(key, GetAttrKey):
+            tree = getattr(tree, key.name)
+        elif isinstance(key, SequenceKey):
+            tree = tree[key.idx]
+        else:
+            tree = tree[key.key]
+    return tree
+
+
+def _split(scope: str) -> tuple[str, ...]:
+    parts = tuple(p for p in scope.strip("/").split("/") if p)
+    if not parts:
+        raise ValueError(
+            f"mapping: empty Flax scope {scope!r}; expected e.g. 'Dense_0'."
+        )
+    return parts
+
+
+class _Walker:
+    def __init__(self, selected: dict[int, tuple[str, ...]]):
+        self.selected = selected
+        self.found: Counter[int] = Counter()
+        self.entries: list[Entry] = []
+        self.problems: list[str] = []
+
+    def module(self, module: eqx.Module, path: tuple[Key, ...], scope: tuple[str, ...]):
+        """Walks the fields of `module`, naming them in a fresh Flax scope."""
+        counter: Counter[str] = Counter()
+        for field in dataclasses.fields(module):
+            if field.metadata.get("static", False):
+                continue
+            value = getattr(module, field.name, None)
+            declared = field.metadata.get(FLAX_NAME)
+            self.visit(
+                value,
+                path + (GetAttrKey(field.name),),
+                scope,
+                counter,
+                declared,
+                field.name,
+            )
+
+    def visit(self, node, path, scope, counter, declared, field_name):
+        if node is None or isinstance(node, eqx.nn.StateIndex):
+            return
+        override = self.selected.get(id(node))
+        if override is not None:
+            self.found[id(node)] += 1
+        if is_arraylike(node):
+            flax_path = override or (*scope, declared or field_name)
+            self.entries.append(Entry(("params", *flax_path), path, IDENTITY))
+        elif isinstance(node, (list, tuple)) and not isinstance(node, eqx.Module):
+            for i, item in enumerate(node):
+                name = None if declared is None else f"{declared}_{i}"
+                self.visit(
+                    item,
+                    path + (SequenceKey(i),),
+                    scope,
+                    counter,
+                    name,
+                    f"{field_name}_{i}",
+                )
+        elif isinstance(node, dict):
+            for k, item in node.items():
+                name = None if declared is None else f"{declared}_{k}"
+                self.visit(
+                    item,
+                    path + (DictKey(k),),
+                    scope,
+                    counter,
+                    name,
+                    f"{field_name}_{k}",
+                )
+        elif isinstance(node, eqx.Module):
+            if (
+                isinstance(node, eqx.nn.Sequential)
+                and override is None
+                and declared is None
+            ):
+                self.visit(
+                    node.layers,
+                    path + (GetAttrKey("layers"),),
+                    scope,
+                    counter,
+                    None,
+                    "layers",
+                )
+                return
+            rule = rule_for(node)
+            kind = rule.flax_name if rule is not None else type(node).__name__
+            if override is not None:
+                own = override
+            elif declared is not None:
+                own = (*scope, declared)
+            else:
+                own = (*scope, f"{kind}_{counter[kind]}")
+                counter[kind] += 1
+            if rule is not None:
+                self.layer(node, rule.slots(node), path, own)
+            elif is_unsupported_layer(node):
+                hint = UNSUPPORTED_HINTS.get(
+                    type(node), "pair its arrays through `mapping` one by one"
+                )
+                self.problems.append(
+                    f"model{keystr(path)}: {type(node).__name__} has no conversion "
+                    f"rule (Flax scope {'/'.join(own)}); {hint}."
+                )
+            else:
+                self.module(node, path, own)
+
+    def layer(self, layer, slots, path, scope):
+        for slot in slots:
+            flax_path = (slot.collection, *scope, slot.name)
+            if slot.in_state:
+                self.entries.append(
+                    Entry(
+                        flax_path,
+                        path + (GetAttrKey("state_index"),),
+                        slot.layout,
+                        slot.field,
+                    )
+                )
+            else:
+                self.entries.append(
+                    Entry(flax_path, path + (GetAttrKey(slot.field),), slot.layout)
+                )
+
+
+def pair(model: eqx.Module, mapping: Mapping_ | None = None) -> Pairing:
+    """Pairs every Flax variable the model corresponds to with its Equinox leaf.
+
+    `mapping` maps a Flax scope, relative to the collections
+    (`"ResNetBlock_0/conv_proj"`, no `params/` prefix), to a function selecting part
+    of the model:
+
+    - a layer of a known kind, or any module: it and its contents take that scope
+        (its own children are named automatically inside it);
+    - an array: it is the Flax parameter at that path (`"my_scope/w"`), unchanged;
+    - `None` instead of a function: nothing is paired under that scope: its Flax
+        variables are not read, and the model's leaves named there are left as they
+        are (e.g. a new classifier head).
+
+    Overridden parts do not take an automatic name, as an explicitly named Flax
+    module does not advance the counter of its class.
+
+    **Raises:**
+
+    - `ValueError`: for an empty scope, a selector that fails or returns
+        something that is not a module or array of `model`, or appears twice.
+    """
+    selected: dict[int, tuple[str, ...]] = {}
+    ignored: list[tuple[str, ...]] = []
+    names: dict[int, str] = {}
+    for scope, select in (mapping or {}).items():
+        parts = _split(scope)
+        if select is None:
+            ignored.append(parts)
+            continue
+        try:
+            target = select(model)
+        except Exception as e:
+            raise ValueError(
+                f"mapping[{scope!r}]: the selector raised {type(e).__name__}: {e}. "
+                "Expected a function like `lambda m: m.head` returning part of the "
+                "model."
+            ) from e
+        if not (is_arraylike(target) or isinstance(target, eqx.Module)):
+            raise ValueError(
+                f"mapping[{scope!r}]: the selector returned a {type(target).__name__}; "
+                "expected a module or an array of the model."
+            )
+        if id(target) in selected:
+            raise ValueError(
+                f"mapping: {scope!r} and {names[id(target)]!r} select the same part of "
+                "the model; each part can have one Flax scope."
+            )
+        selected[id(target)] = parts
+        names[id(target)] = scope
+    walker = _Walker(selected)
+    walker.module(model, (), ())
+    for ident, scope in names.items():
+        if walker.found[ident] != 1:
+            where = (
+                "appears more than once in the model"
+                if walker.found[ident]
+                else "is not part of the model (or lies inside a layer that is "
+                "converted as a whole)"
+            )
+            raise ValueError(
+                f"mapping[{scope!r}]: the selected object {where}; select a field of "
+                "the model passed in, e.g. `lambda m: m.blocks[0].conv`."
+            )
+    return Pairing(tuple(walker.entries), tuple(ignored), tuple(walker.problems))

@@ -1,0 +1,9 @@
+"""Equinox models that mirror common Flax models, for conversion and examples."""
+
+from .mlp import SeedMLP as SeedMLP
+from .resnet import (
+    ResNet as ResNet,
+    ResNet18 as ResNet18,
+    ResNet34 as ResNet34,
+    ResNetBlock as ResNetBlock,
+)

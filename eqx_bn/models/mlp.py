@@ -1,0 +1,87 @@
+"""The seed MLP, `Dense(4) -> BatchNorm -> relu -> Dense(1)`, as an Equinox module."""
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._batch_norm import BatchNorm
+from .._typing import typecheck
+
+
+class SeedMLP(eqx.Module):
+    """`Dense(4) -> BatchNorm -> relu -> Dense(1)` on one example, under `jax.vmap`.
+
+    It pairs with the Flax module
+
+    ```python
+    class SeedMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dense(4)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.99)(x)
+            return nn.Dense(1)(nn.relu(x))
+    ```
+
+    as `Dense_0`, `BatchNorm_0`, `Dense_1`.
+
+    !!! Example
+
+        ```python
+        model, state = eqx.nn.make_with_state(SeedMLP)(2, key=key)
+        batched = jax.vmap(model, axis_name="batch", in_axes=(0, None),
+                           out_axes=(0, None))
+        y, state = batched(x, state)  # x: (batch, 2), y: (batch, 1)
+        ```
+    """
+
+    dense_0: eqx.nn.Linear
+    norm: BatchNorm
+    dense_1: eqx.nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        hidden: int = 4,
+        momentum: float = 0.99,
+        eps: float = 1e-5,
+        axis_name: str | None = "batch",
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_features`: the size of one example.
+        - `hidden`: the width of the hidden layer (4 in the seed model).
+        - `momentum`, `eps`: of the `BatchNorm`, with Flax's meaning.
+        - `axis_name`: the vmap axis the batch statistics are taken over.
+        - `key`: for the initial weights.
+        """
+        k0, k1 = jax.random.split(key)
+        self.dense_0 = eqx.nn.Linear(in_features, hidden, key=k0)
+        self.norm = BatchNorm(hidden, axis_name, momentum=momentum, eps=eps)
+        self.dense_1 = eqx.nn.Linear(hidden, 1, key=k1)
+
+    @typecheck
+    def __call__(
+        self,
+        x: Float[Array, " in_features"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> tuple[Float[Array, " 1"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one example of `in_features` values.
+        - `state`: holds the BatchNorm's running statistics.
+        - `key`: unused.
+        - `inference`: use the running statistics (default: the layer's flag).
+
+        **Returns:**
+
+        `(y, state)` with `y` of shape `(1,)` and the updated state.
+        """
+        del key
+        h = self.dense_0(x)
+        h, state = self.norm(h, state, inference=inference)
+        return self.dense_1(jax.nn.relu(h)), state

@@ -1,0 +1,212 @@
+"""An Equinox ResNet (v1) that mirrors `examples/imagenet/models.py` of Flax.
+
+Channels first, one example at a time under `jax.vmap(..., axis_name="batch")`. The
+module tree pairs with the Flax example's variables by the automatic naming of
+`eqx_bn.interop`: `conv_init`, `bn_init`, `ResNetBlock_0 ... ResNetBlock_N` (each with
+`Conv_0`, `BatchNorm_0`, `Conv_1`, `BatchNorm_1` and, where the shape changes,
+`conv_proj`, `norm_proj`), and the head `Dense_0`.
+"""
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._batch_norm import BatchNorm
+from .._typing import typecheck
+
+
+def _norm(features: int, axis_name: str | None, **kwargs) -> BatchNorm:
+    # The Flax example's `norm`: momentum 0.9, epsilon 1e-5.
+    return BatchNorm(features, axis_name, momentum=0.9, eps=1e-5, **kwargs)
+
+
+def _max_pool(x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
+    """`nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")` on one example.
+
+    XLA's "SAME" puts the odd padding element at the end, as Flax does; an explicit
+    symmetric `padding=1` would shift the windows on even inputs.
+    """
+    init = jnp.array(-jnp.inf, dtype=x.dtype)
+    return lax.reduce_window(x, init, lax.max, (1, 3, 3), (1, 2, 2), "SAME")
+
+
+class ResNetBlock(eqx.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection.
+
+    When the stride or the number of channels changes, the residual goes through a
+    1x1 convolution and a BatchNorm, named `conv_proj` and `norm_proj` as in Flax.
+    """
+
+    conv_0: eqx.nn.Conv2d
+    norm_0: BatchNorm
+    conv_1: eqx.nn.Conv2d
+    norm_1: BatchNorm
+    conv_proj: eqx.nn.Conv2d | None = eqx.field(metadata={"flax_name": "conv_proj"})
+    norm_proj: BatchNorm | None = eqx.field(metadata={"flax_name": "norm_proj"})
+
+    def __init__(
+        self,
+        in_channels: int,
+        filters: int,
+        stride: int = 1,
+        *,
+        axis_name: str | None = "batch",
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `in_channels`, `filters`: channels in and out.
+        - `stride`: of the first convolution (and the projection).
+        - `axis_name`: the vmap axis the BatchNorm statistics are taken over.
+        - `key`: for the initial weights.
+        """
+        k0, k1, k2 = jax.random.split(key, 3)
+        self.conv_0 = eqx.nn.Conv2d(
+            in_channels, filters, 3, stride, padding="SAME", use_bias=False, key=k0
+        )
+        self.norm_0 = _norm(filters, axis_name)
+        self.conv_1 = eqx.nn.Conv2d(
+            filters, filters, 3, padding="SAME", use_bias=False, key=k1
+        )
+        # Flax initialises the last scale of a block to zero.
+        self.norm_1 = _norm(filters, axis_name, scale_init=jax.nn.initializers.zeros)
+        if stride != 1 or in_channels != filters:
+            self.conv_proj = eqx.nn.Conv2d(
+                in_channels, filters, 1, stride, padding="SAME", use_bias=False, key=k2
+            )
+            self.norm_proj = _norm(filters, axis_name)
+        else:
+            self.conv_proj = None
+            self.norm_proj = None
+
+    def __call__(
+        self, x: Float[Array, "c h w"], state: eqx.nn.State, *, inference: bool | None
+    ) -> tuple[Float[Array, "f h2 w2"], eqx.nn.State]:
+        y, state = self.norm_0(self.conv_0(x), state, inference=inference)
+        y, state = self.norm_1(self.conv_1(jax.nn.relu(y)), state, inference=inference)
+        residual = x
+        if self.conv_proj is not None and self.norm_proj is not None:
+            residual, state = self.norm_proj(
+                self.conv_proj(x), state, inference=inference
+            )
+        return jax.nn.relu(residual + y), state
+
+
+class ResNet(eqx.Module):
+    """ResNet v1 with basic blocks, as Flax's ImageNet example (`ResNet18`, ...).
+
+    `conv_init` (7x7, stride 2, padding 3) -> `bn_init` -> relu -> 3x3 max pool
+    (stride 2, "SAME") -> blocks -> mean over space -> `Dense` head.
+
+    !!! Example
+
+        ```python
+        model, state = eqx.nn.make_with_state(ResNet18)(num_classes=10,
+                                                        num_filters=16, key=key)
+        batched = jax.vmap(model, axis_name="batch", in_axes=(0, None),
+                           out_axes=(0, None))
+        logits, state = batched(images, state)  # images: (batch, 3, H, W)
+        ```
+    """
+
+    conv_init: eqx.nn.Conv2d = eqx.field(metadata={"flax_name": "conv_init"})
+    bn_init: BatchNorm = eqx.field(metadata={"flax_name": "bn_init"})
+    blocks: tuple[ResNetBlock, ...]
+    head: eqx.nn.Linear
+    stage_sizes: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        stage_sizes: Sequence[int],
+        num_classes: int,
+        *,
+        num_filters: int = 64,
+        in_channels: int = 3,
+        axis_name: str | None = "batch",
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `stage_sizes`: blocks per stage, e.g. `(2, 2, 2, 2)` for ResNet-18. Stage
+            `i` has `num_filters * 2**i` channels; its first block has stride 2
+            (except in the first stage).
+        - `num_classes`: outputs of the head.
+        - `num_filters`: channels of the stem and the first stage (64 in the
+            ImageNet model; e.g. 16 for a small CIFAR-sized model).
+        - `in_channels`: channels of the images.
+        - `axis_name`: the vmap axis the BatchNorm statistics are taken over.
+        - `key`: for the initial weights.
+        """
+        if not stage_sizes or any(n <= 0 for n in stage_sizes):
+            raise ValueError(
+                f"ResNet: stage_sizes must be positive block counts, got {stage_sizes}."
+            )
+        keys = iter(jax.random.split(key, 2 + sum(stage_sizes)))
+        self.conv_init = eqx.nn.Conv2d(
+            in_channels, num_filters, 7, 2, padding=3, use_bias=False, key=next(keys)
+        )
+        self.bn_init = _norm(num_filters, axis_name)
+        blocks = []
+        channels = num_filters
+        for i, size in enumerate(stage_sizes):
+            for j in range(size):
+                stride = 2 if i > 0 and j == 0 else 1
+                filters = num_filters * 2**i
+                blocks.append(
+                    ResNetBlock(
+                        channels, filters, stride, axis_name=axis_name, key=next(keys)
+                    )
+                )
+                channels = filters
+        self.blocks = tuple(blocks)
+        self.head = eqx.nn.Linear(channels, num_classes, key=next(keys))
+        self.stage_sizes = tuple(stage_sizes)
+
+    @typecheck
+    def __call__(
+        self,
+        x: Float[Array, "channels height width"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
+        """**Arguments:**
+
+        - `x`: one image, channels first.
+        - `state`: the running statistics of every BatchNorm.
+        - `key`: unused.
+        - `inference`: use the running statistics (default: the layers' flags,
+            set with `eqx.nn.inference_mode`).
+
+        **Returns:**
+
+        `(logits, state)`.
+        """
+        del key
+        x, state = self.bn_init(self.conv_init(x), state, inference=inference)
+        x = _max_pool(jax.nn.relu(x))
+        for block in self.blocks:
+            x, state = block(x, state, inference=inference)
+        return self.head(jnp.mean(x, axis=(1, 2))), state
+
+
+def ResNet18(
+    num_classes: int, *, num_filters: int = 64, key: PRNGKeyArray, **kwargs
+) -> ResNet:
+    """ResNet-18: `ResNet((2, 2, 2, 2), num_classes, ...)`, as Flax's `ResNet18`.
+
+    `ResNet18(10, num_filters=16, key=key)` is a small CIFAR-sized variant.
+    """
+    return ResNet((2, 2, 2, 2), num_classes, num_filters=num_filters, key=key, **kwargs)
+
+
+def ResNet34(
+    num_classes: int, *, num_filters: int = 64, key: PRNGKeyArray, **kwargs
+) -> ResNet:
+    """ResNet-34: `ResNet((3, 4, 6, 3), num_classes, ...)`, as Flax's `ResNet34`."""
+    return ResNet((3, 4, 6, 3), num_classes, num_filters=num_filters, key=key, **kwargs)

@@ -1,0 +1,194 @@
+"""Flax-trained models loaded into eqx_bn: the seed MLP and a (small) ResNet-18.
+
+Each model is initialised and trained for a few SGD steps in Flax (`mutable=
+['batch_stats']`), saved with `flax.serialization.to_bytes`, read back with
+`eqx_bn.interop.read_msgpack`, loaded with `load_flax`, and compared with Flax in
+eval and in train mode; exporting gives back Flax's variables bit for bit.
+"""
+
+import equinox as eqx
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax_reference import ResNet18 as FlaxResNet18, SeedMLP as FlaxSeedMLP
+from helpers import channels_first, flax_promotion
+
+from eqx_bn.interop import export_flax, load_flax, read_msgpack
+from eqx_bn.models import ResNet18, SeedMLP
+
+RTOL = ATOL = 1e-5
+
+
+def _numpy_init(shapes, seed):
+    """Flax-shaped variables filled by numpy: no JAX RNG to compile, which costs more
+    on a CPU than everything else here. Kernels are scaled by fan-in so that
+    activations stay O(1) through a deep network."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            std = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+            value = rng.normal(0.0, std, leaf.shape)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            value = rng.normal(0.0, 0.1, leaf.shape)
+        return value.astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+class Case:
+    """A Flax model trained a few SGD steps, and the Equinox model loaded from it.
+
+    The jitted Flax step also returns the train-mode outputs and updated statistics
+    of the variables it starts from, so one extra step gives the train-mode reference
+    for the checkpoint without compiling another function.
+    """
+
+    def __init__(self, flax_module, make_eqx, x, out_features, steps):
+        self.module = flax_module
+        self.x = x  # Flax layout
+        labels = jax.random.normal(jax.random.key(7), (x.shape[0], out_features))
+        with flax_promotion():
+            shapes = jax.eval_shape(
+                lambda: flax_module.init(jax.random.key(0), x, train=False)
+            )
+        variables = _numpy_init(shapes, seed=0)
+        tx = optax.sgd(0.1)
+
+        @jax.jit
+        def step(variables, opt_state):
+            def loss(params):
+                out, updates = flax_module.apply(
+                    {"params": params, "batch_stats": variables["batch_stats"]},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                return jnp.mean((out - labels) ** 2), (out, updates["batch_stats"])
+
+            grads, (out, stats) = jax.grad(loss, has_aux=True)(variables["params"])
+            updates, opt_state = tx.update(grads, opt_state)
+            params = optax.apply_updates(variables["params"], updates)
+            return {"params": params, "batch_stats": stats}, opt_state, out
+
+        opt_state = tx.init(variables["params"])
+        with flax_promotion():
+            for _ in range(steps):
+                variables, opt_state, _ = step(variables, opt_state)
+            after, _, self.train_out = step(variables, opt_state)
+            self.eval_out = jax.jit(flax_module.apply, static_argnames="train")(
+                variables, x, train=False
+            )
+        self.trained = variables
+        self.train_stats = after["batch_stats"]
+        self.data = flax.serialization.to_bytes(self.trained)
+        self.restored = read_msgpack(self.data)
+        # An abstract model: the loader needs only shapes and dtypes, and skipping
+        # Equinox's random initialisation saves most of the time of this fixture.
+        self.eqx_model, self.eqx_state = eqx.filter_eval_shape(make_eqx)
+        self.model, self.state = load_flax(
+            self.eqx_model, self.eqx_state, self.restored
+        )
+
+    @property
+    def x_eqx(self):
+        return channels_first(self.x) if self.x.ndim > 2 else self.x
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    make = lambda: eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(2))  # noqa: E731
+    return Case(FlaxSeedMLP(), make, x, 1, steps=3)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    flax_module = FlaxResNet18(num_classes=10, num_filters=8)
+    make = lambda: eqx.nn.make_with_state(ResNet18)(  # noqa: E731
+        10, num_filters=8, key=jax.random.key(2)
+    )
+    return Case(flax_module, make, x, 10, steps=2)
+
+
+CASES = ["mlp", pytest.param("resnet", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    return request.getfixturevalue(request.param)
+
+
+@eqx.filter_jit
+def _eval(model, state, x):
+    model = eqx.nn.inference_mode(model)
+    out, _ = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
+    return out
+
+
+@eqx.filter_jit
+def _train(model, state, x):
+    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        x, state
+    )
+
+
+def test_training_moved_the_statistics(case):
+    # Otherwise the comparisons below would not see batch_stats being loaded.
+    for leaf in jax.tree_util.tree_leaves(case.trained["batch_stats"]):
+        assert not np.allclose(leaf, 0.0) and not np.allclose(leaf, 1.0)
+
+
+def test_eval_logits_match_flax(case):
+    got = _eval(case.model, case.state, case.x_eqx)
+    np.testing.assert_allclose(got, case.eval_out, rtol=RTOL, atol=ATOL)
+
+
+def test_train_mode_outputs_and_statistics_match_flax(case):
+    got, state = _train(case.model, case.state, case.x_eqx)
+    np.testing.assert_allclose(got, case.train_out, rtol=RTOL, atol=ATOL)
+    new_stats = export_flax(case.model, state)["batch_stats"]
+    assert jax.tree_util.tree_structure(new_stats) == jax.tree_util.tree_structure(
+        case.train_stats
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
+        new_stats,
+        case.train_stats,
+    )
+
+
+def test_round_trip_is_bitwise(case):
+    exported = export_flax(case.model, case.state)
+    assert jax.tree_util.tree_structure(exported) == jax.tree_util.tree_structure(
+        case.restored
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(case.restored)
+    ):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+    # And Flax reads the exported variables back from its own bytes format.
+    again = flax.serialization.from_bytes(
+        case.trained, flax.serialization.to_bytes(exported)
+    )
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, case.trained)
+
+
+def test_loaded_leaves_keep_structure_and_dtypes(case):
+    before = jax.tree_util.tree_structure((case.eqx_model, case.eqx_state))
+    assert jax.tree_util.tree_structure((case.model, case.state)) == before
+    for a, b in zip(
+        jax.tree_util.tree_leaves((case.model, case.state)),
+        jax.tree_util.tree_leaves((case.eqx_model, case.eqx_state)),
+    ):
+        if isinstance(b, jax.ShapeDtypeStruct):  # not flags such as `inference`
+            assert isinstance(a, jax.Array)
+            assert a.shape == b.shape and a.dtype == b.dtype
