@@ -2,7 +2,8 @@
 
 The seed MLP (`Dense(4) -> BatchNorm -> relu -> Dense(1)`) is trained for 100 steps in
 Flax (`TrainState` with a `batch_stats` field, `mutable=["batch_stats"]`) and with
-`eqx_bn.train` from the same initial values and the same Optax optimiser; losses,
+`eqx_bn.train` (`eqx_bn.models.SeedMLP`, converted by `eqx_bn.interop.load_flax`)
+from the same initial values and the same Optax optimiser; losses,
 running statistics and parameters must agree at every step to float32 rounding.
 """
 
@@ -21,8 +22,9 @@ import pytest
 from flax.training import train_state
 from helpers import flax_promotion
 
-import eqx_bn
 import eqx_bn.train as train
+from eqx_bn.interop import load_flax
+from eqx_bn.models import SeedMLP
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
 
 STEPS = 100
@@ -45,24 +47,6 @@ class FlaxMLP(nn.Module):
 
 class FlaxTrainState(train_state.TrainState):
     batch_stats: dict
-
-
-class SeedMLP(eqx.Module):
-    """The same MLP in Equinox: one example at a time, the batch a named vmap axis."""
-
-    linear1: eqx.nn.Linear
-    bn: eqx_bn.BatchNorm
-    linear2: eqx.nn.Linear
-
-    def __init__(self, key):
-        k1, k2 = jax.random.split(key)
-        self.linear1 = eqx.nn.Linear(3, 4, key=k1)
-        self.bn = eqx_bn.BatchNorm(4)
-        self.linear2 = eqx.nn.Linear(4, 1, key=k2)
-
-    def __call__(self, x, state):
-        h, state = self.bn(self.linear1(x), state)
-        return self.linear2(jax.nn.relu(h)), state
 
 
 def loss_fn(model, state, batch):
@@ -100,51 +84,42 @@ def flax_eval_step(state: FlaxTrainState, x):
 
 
 def from_flax(variables) -> tuple[SeedMLP, eqx.nn.State]:
-    """The Flax initial values in the Equinox model (Dense kernels are (in, out))."""
-    model, state = eqx.nn.make_with_state(SeedMLP)(jax.random.key(1))
-    # Re-laid out in NumPy: eager jnp ops would each cost a compilation.
-    p = jax.tree.map(lambda a: jnp.asarray(np.asarray(a).T), variables["params"])
-    model = eqx.tree_at(
-        lambda m: (
-            m.linear1.weight,
-            m.linear1.bias,
-            m.bn.scale,
-            m.bn.bias,
-            m.linear2.weight,
-            m.linear2.bias,
-        ),
-        model,
-        (
-            p["Dense_0"]["kernel"],
-            p["Dense_0"]["bias"],
-            p["BatchNorm_0"]["scale"],
-            p["BatchNorm_0"]["bias"],
-            p["Dense_1"]["kernel"],
-            p["Dense_1"]["bias"],
-        ),
-    )
-    stats = variables["batch_stats"]["BatchNorm_0"]
-    state = state.set(model.bn.state_index, eqx_bn.RunningStats(**stats))
-    return model, state
+    """The Flax initial values in the Equinox model, by `eqx_bn.interop.load_flax`."""
+    return load_flax(*initial_model(), variables)
+
+
+@functools.cache
+def _initial():
+    # Built under one jit rather than as many eager (each compiled) initialiser ops.
+    model, state = eqx.filter_jit(
+        lambda: eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
+    )()
+    return model, jax.tree.flatten(state)
+
+
+def initial_model() -> tuple[SeedMLP, eqx.nn.State]:
+    """The same initial model each time, with a State of its own (`set` consumes it)."""
+    model, (leaves, treedef) = _initial()
+    return model, jax.tree.unflatten(treedef, leaves)
 
 
 def data(steps=STEPS):
-    x = jax.random.normal(jax.random.key(1), (steps, BATCH, 3))
-    y = jnp.sin(jnp.sum(x, axis=-1, keepdims=True))
-    return x, y
+    # NumPy: eager jax.random calls would compile once per shape.
+    x = np.random.default_rng(1).standard_normal((steps, BATCH, 3), np.float32)
+    return x, np.sin(x.sum(axis=-1, keepdims=True))
 
 
 def running_stats(ts: TrainState):
-    return ts.state.get(ts.model.bn.state_index)
+    return ts.state.get(ts.model.norm.state_index)
 
 
 def as_flax(ts: TrainState) -> dict:
     """The Equinox parameters in Flax's layout, as NumPy copies."""
     m = jax.tree.map(np.array, ts.params)
     return {
-        "Dense_0": {"kernel": m.linear1.weight.T, "bias": m.linear1.bias},
-        "BatchNorm_0": {"scale": m.bn.scale, "bias": m.bn.bias},
-        "Dense_1": {"kernel": m.linear2.weight.T, "bias": m.linear2.bias},
+        "Dense_0": {"kernel": m.dense_0.weight.T, "bias": m.dense_0.bias},
+        "BatchNorm_0": {"scale": m.norm.scale, "bias": m.norm.bias},
+        "Dense_1": {"kernel": m.dense_1.weight.T, "bias": m.dense_1.bias},
     }
 
 
@@ -271,7 +246,7 @@ def test_eval_uses_running_stats_like_flax(runs):
     # The running averages are far from this batch's own statistics, so the match
     # above would fail if eval normalised with batch statistics.
     params = jax.tree.map(np.asarray, ts.params)
-    h = np.asarray(xs[0]) @ params.linear1.weight.T + params.linear1.bias
+    h = np.asarray(xs[0]) @ params.dense_0.weight.T + params.dense_0.bias
     running = running_stats(ts)
     assert np.max(np.abs(h.mean(0) - np.asarray(running.mean))) > 0.05
     assert np.max(np.abs(h.var(0) - np.asarray(running.var))) > 0.05
@@ -285,11 +260,6 @@ class Counter:
     def __call__(self, *args):
         self.traces += 1
         return self.fn(*args)
-
-
-@functools.cache
-def initial_model():
-    return eqx.nn.make_with_state(SeedMLP)(jax.random.key(0))
 
 
 def fresh_state(opt=OPTIMIZERS["sgd"]):
@@ -356,11 +326,11 @@ def test_train_state_is_a_pytree_that_serialises():
 def test_frozen_batchnorm_is_respected():
     """A BatchNorm put in inference mode on purpose (fine-tuning) keeps its stats."""
     model, state = initial_model()
-    model = eqx.tree_at(lambda m: m.bn, model, eqx.nn.inference_mode(model.bn))
+    model = eqx.tree_at(lambda m: m.norm, model, eqx.nn.inference_mode(model.norm))
     ts = TrainState.create(model, state, OPTIMIZERS["sgd"])
     xs, ys = data(1)
     ts, _, _ = TRAIN_STEP(ts, (xs[0], ys[0]))
-    assert eqx.tree_equal(running_stats(ts), state.get(model.bn.state_index))
+    assert eqx.tree_equal(running_stats(ts), state.get(model.norm.state_index))
 
 
 def test_bad_loss_output_names_the_contract():
