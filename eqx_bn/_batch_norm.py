@@ -192,12 +192,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     @typecheck
     def __call__(
         self,
-        x: Float[Array, "*shape"],
+        x: Float[Array | np.ndarray, "*shape"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-        mask: Bool[Array, "*mask_shape"] | None = None,
+        mask: Bool[Array | np.ndarray, "*mask_shape"] | None = None,
     ) -> tuple[Shaped[Array, "*shape"], eqx.nn.State]:
         """**Arguments:**
 
@@ -225,6 +225,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             `mask` not boolean.
         """
         del key
+        x = jnp.asarray(x)
+        mask = None if mask is None else jnp.asarray(mask)
         inference = self.inference if inference is None else inference
         channel_axis = self._check_input(x, mask)
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
@@ -236,7 +238,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             if not self.force_float32_reductions:
                 mean = mean.astype(self.param_dtype)
                 var = var.astype(self.param_dtype)
-            y = normalize(x, mean, var, self.scale, self.bias, self.eps, out_dtype, axes)
+            y = normalize(
+                x, mean, var, self.scale, self.bias, self.eps, out_dtype, axes
+            )
             return y, state
 
         self._check_axes_bound()
@@ -320,7 +324,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return promote(*dtypes)
 
     def _check_input(self, x: Array, mask: Array | None) -> int:
-        """Returns the channel axis of `x`, or raises a ValueError saying what to fix."""
+        """Returns the channel axis of `x`; raises a ValueError saying what to fix."""
         if self.axis_name is None:
             channel_axis, layout = 1, "(batch, input_size, *spatial)"
             if x.ndim < 2:
