@@ -12,6 +12,7 @@ so that each reduction reads its inputs once and nothing full-size is written.
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -77,8 +78,25 @@ def global_sums(
 
 
 def _first_position(v: Array, axes: tuple[int, ...]) -> Array:
-    index = tuple(0 if i in axes else slice(None) for i in range(v.ndim))
-    return v[index]
+    """`v` at index 0 along `axes`.
+
+    With a batch sharded over an explicit-sharding mesh (`jax.make_mesh`'s default),
+    JAX cannot slice one element out of a sharded dimension. Along such dimensions
+    a one-hot sum picks it instead, after slicing the others, so it is a tiny
+    reduction (an all-reduce of one value per channel).
+    """
+    spec = tuple(jax.typeof(v).sharding.spec)
+    spec += (None,) * (v.ndim - len(spec))
+    sliced = [a for a in axes if spec[a] is None]
+    kept = [i for i in range(v.ndim) if i not in sliced]
+    v = v[tuple(0 if i in sliced else slice(None) for i in range(v.ndim))]
+    sharded = tuple(kept.index(a) for a in axes if a not in sliced)
+    if not sharded:
+        return v
+    first = lax.broadcasted_iota(jnp.int32, v.shape, sharded[0]) == 0
+    for a in sharded[1:]:
+        first = first & (lax.broadcasted_iota(jnp.int32, v.shape, a) == 0)
+    return jnp.sum(jnp.where(first, v, jnp.zeros_like(v)), axis=sharded)
 
 
 def _shift(x: Array, mask: Array | None, red: Reduction) -> Array:
