@@ -50,6 +50,23 @@ def _unbound_axes(axis_name: AxisName) -> list[Hashable]:
     return unbound
 
 
+def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
+    def describe(v: Array) -> str:
+        return f"{jax.typeof(v)} on {jax.typeof(v).sharding}"
+
+    return ValueError(
+        "BatchNorm: the running statistics in `state` "
+        f"({describe(old.mean)}) and the new ones ({describe(new.mean)}) differ in "
+        "placement, so eqx.nn.State refuses them. Under jax.jit with a batch sharded "
+        "over a mesh, put the state (and model) on that mesh first, e.g. "
+        "`state = jax.device_put(state, NamedSharding(mesh, P()))`. Under "
+        "pmap/shard_map the new statistics differ between devices when "
+        "axis_index_groups is set or when x is split over mesh axes that axis_name "
+        "does not name: pass the state per device (pmap in_axes=0), or name those "
+        "axes in axis_name."
+    )
+
+
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Batch normalisation with the numerics of `flax.linen.BatchNorm`.
 
@@ -258,7 +275,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
             if ours is None:
                 raise
             raise ours from err
-        state = state.set(self.state_index, self._update(running, stats))
+        new_running = self._update(running, stats)
+        try:
+            state = state.set(self.state_index, new_running)
+        except ValueError as err:
+            # Same shapes and dtypes by construction: only the placement differs.
+            raise _placement_error(running, new_running) from err
         return y, state
 
     def _collective_error(self, err: Exception) -> ValueError | None:
@@ -297,12 +319,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return None
 
     def _update(self, running: RunningStats, stats) -> RunningStats:
-        """Flax's exponential moving average, except for channels with no element.
+        """Flax's exponential moving average, except where the batch has no valid stats.
 
-        Flax turns the running averages into NaN when the mask excludes everything;
-        here those channels keep their previous values.
+        Flax turns the running averages into NaN, for good, when the mask excludes
+        every element of a channel or the batch holds a NaN/Inf. Here those channels
+        keep their previous running averages; the NaN still shows in this step's
+        output (and so in the loss), so the bad batch does not go unnoticed.
         """
-        has_data = stats.count > 0
+        finite = jnp.isfinite(stats.mean) & jnp.isfinite(stats.var)
+        has_data = (stats.count > 0) & finite
         new = []
         for old, batch in ((running.mean, stats.mean), (running.var, stats.var)):
             decayed = self.momentum * old
