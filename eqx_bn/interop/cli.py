@@ -29,6 +29,7 @@ import jax
 
 from .atomic import atomic_write
 from .checkpoint import read_checkpoint
+from .convert import ConversionError, load_flax
 from .errors import CheckpointError
 
 # Files smaller than this are read without a progress bar: it would only flash.
@@ -195,8 +196,6 @@ def _size(n: float) -> str:
 
 
 def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
-    from .convert import load_flax
-
     # Fail before the (possibly long) read if the output cannot be written.
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
@@ -248,8 +247,6 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     `ConversionError`) or in `--model` are printed as `PROG: error: ...` on stderr,
     without a traceback, and give exit status 2, as argparse does for bad usage.
     """
-    from .convert import ConversionError
-
     parser = _parser(prog)
     args = parser.parse_args(argv)
 
