@@ -9,6 +9,7 @@ from equinox.nn import (
     StateIndex as StateIndex,
 )
 
+from . import interop as interop, models as models, train as train
 from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
 
 try:

@@ -1,0 +1,56 @@
+"""The package's public face, and that Flax is never needed to use it."""
+
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+
+import eqx_bn
+
+
+def test_reexports_are_equinox_objects_not_copies():
+    assert eqx_bn.State is eqx.nn.State
+    assert eqx_bn.StateIndex is eqx.nn.StateIndex
+    assert eqx_bn.make_with_state is eqx.nn.make_with_state
+    assert eqx_bn.inference_mode is eqx.nn.inference_mode
+    assert issubclass(eqx_bn.BatchNorm, eqx.nn.StatefulLayer)
+    assert isinstance(eqx_bn.__version__, str) and eqx_bn.__version__
+
+
+def test_reading_and_converting_a_flax_checkpoint_without_flax(tmp_path):
+    """Flax is a test extra only: with `import flax` made to fail, eqx_bn imports,
+    reads a Flax msgpack checkpoint and loads it into an Equinox model."""
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
+            return nn.Dense(1)(nn.relu(x))
+
+    variables = MLP().init(jax.random.key(0), jnp.ones((1, 3)))
+    path = tmp_path / "ckpt.msgpack"
+    path.write_bytes(flax.serialization.to_bytes(variables))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["flax"] = None  # any `import flax` now raises ImportError
+        import equinox as eqx, jax, eqx_bn
+        from eqx_bn.models import SeedMLP
+        variables = eqx_bn.interop.read_msgpack({str(path)!r})
+        model, state = eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(1))
+        model, state = eqx_bn.interop.load_flax(model, state, variables)
+        assert not any(m == "flax" or m.startswith("flax.") for m in sys.modules
+                       if sys.modules[m] is not None)
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
