@@ -9,7 +9,38 @@ from functools import partial
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def numpy_init(shapes, seed=0):
+    """Flax-shaped variables (from `jax.eval_shape(module.init, ...)`) filled by numpy.
+
+    No JAX RNG to compile, which on a CPU costs more than the rest of a small test.
+    Kernels are scaled by fan-in so that activations stay O(1) through a deep network;
+    scales and variances are in [0.5, 1.5], the rest small normals.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            std = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
+            value = rng.normal(0.0, std, leaf.shape)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            value = rng.normal(0.0, 0.1, leaf.shape)
+        return value.astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def init(module, *args, seed=0, **kwargs):
+    """`module.init(key, *args, **kwargs)`'s variables, filled by `numpy_init`."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+    return numpy_init(shapes, seed)
 
 
 class SeedMLP(nn.Module):
@@ -22,6 +53,26 @@ class SeedMLP(nn.Module):
         x = nn.Dense(4)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
         return nn.Dense(1)(nn.relu(x))
+
+
+class Block(nn.Module):
+    """One Dense layer in its own scope, `Block_<n>`."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(x.shape[-1])(x)
+
+
+class Blocks(nn.Module):
+    """`n` Blocks in a row: scopes `Block_0 ... Block_<n-1>`."""
+
+    n: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.n):
+            x = Block()(x)
+        return x
 
 
 class ResNetBlock(nn.Module):

@@ -13,33 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax_reference import ResNet18 as FlaxResNet18, SeedMLP as FlaxSeedMLP
+from flax_reference import ResNet18 as FlaxResNet18, SeedMLP as FlaxSeedMLP, init
 from helpers import channels_first, flax_promotion
 
 from eqx_bn.interop import export_flax, load_flax, read_msgpack
 from eqx_bn.models import ResNet18, SeedMLP
 
 RTOL = ATOL = 1e-5
-
-
-def _numpy_init(shapes, seed):
-    """Flax-shaped variables filled by numpy: no JAX RNG to compile, which costs more
-    on a CPU than everything else here. Kernels are scaled by fan-in so that
-    activations stay O(1) through a deep network."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            std = 1.0 / np.sqrt(np.prod(leaf.shape[:-1]))
-            value = rng.normal(0.0, std, leaf.shape)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        else:
-            value = rng.normal(0.0, 0.1, leaf.shape)
-        return value.astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 class Case:
@@ -55,10 +35,7 @@ class Case:
         self.x = x  # Flax layout
         labels = jax.random.normal(jax.random.key(7), (x.shape[0], out_features))
         with flax_promotion():
-            shapes = jax.eval_shape(
-                lambda: flax_module.init(jax.random.key(0), x, train=False)
-            )
-        variables = _numpy_init(shapes, seed=0)
+            variables = init(flax_module, x, train=False)
         tx = optax.sgd(0.1)
 
         @jax.jit

@@ -235,7 +235,8 @@ def load_flax(
         bad_shape = tuple(value.shape) != tuple(want_shape)
         bad_dtype = value.dtype != np.dtype(target.dtype) and not cast
         if bad_shape or bad_dtype:
-            note = " (in Flax's layout)" if entry.layout.name != "identity" else ""
+            relaid = bad_shape and entry.layout.name != "identity"
+            note = " (in Flax's layout)" if relaid else ""
             mismatched.append(
                 f"{entry.flax_name} -> {entry.eqx_name}: expected {want}{note}, got "
                 f"{_describe(value.shape, value.dtype)}"

@@ -6,9 +6,10 @@ counted per kind (`Dense_0`, `Conv_1`, `BatchNorm_0`); any other module becomes 
 `<ClassName>_<n>` whose fields are named afresh, as a Flax submodule is. So a model with
 `blocks: list[ResNetBlock]` pairs with Flax's `ResNetBlock_0 ... ResNetBlock_N`.
 `eqx.nn.Sequential` is transparent, as `flax.linen.Sequential` is when its layers are
-built in the parent. A field can declare its Flax name with
-`eqx.field(metadata={"flax_name": "conv_proj"})` (on a list field: `conv_proj_0`, ...),
-and `mapping` overrides any of it from the outside.
+built in the parent; at the top level its layers are `layers_0`, `layers_1`, ... by
+position, as in Flax. A bare layer as the model is the root scope. A field can
+declare its Flax name with `eqx.field(metadata={"flax_name": "conv_proj"})` (on a list
+field: `conv_proj_0`, ...), and `mapping` overrides any of it from the outside.
 """
 
 import dataclasses
@@ -265,7 +266,17 @@ def pair(model: eqx.Module, mapping: Mapping_ | None = None) -> Pairing:
         selected[id(target)] = parts
         names[id(target)] = scope
     walker = _Walker(selected)
-    walker.module(model, (), ())
+    rule = rule_for(model)
+    if rule is not None:
+        # A bare layer is the root scope, as a bare `nn.Dense` is in Flax.
+        walker.layer(model, rule.slots(model), (), ())
+    elif isinstance(model, eqx.nn.Sequential):
+        # A top-level `nn.Sequential` names its layers by position: `layers_0`, ...
+        walker.visit(
+            model.layers, (GetAttrKey("layers"),), (), Counter(), "layers", "layers"
+        )
+    else:
+        walker.module(model, (), ())
     for ident, scope in names.items():
         if walker.found[ident] != 1:
             where = (
