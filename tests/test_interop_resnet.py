@@ -22,6 +22,11 @@ from eqx_bn.models import ResNet18, SeedMLP
 RTOL = ATOL = 1e-5
 
 
+def _normal(shape, seed=1):
+    # numpy, not jax.random: no RNG kernel to compile.
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 class Case:
     """A Flax model trained a few SGD steps, and the Equinox model loaded from it.
 
@@ -33,7 +38,7 @@ class Case:
     def __init__(self, flax_module, make_eqx, x, out_features, steps):
         self.module = flax_module
         self.x = x  # Flax layout
-        labels = jax.random.normal(jax.random.key(7), (x.shape[0], out_features))
+        labels = _normal((x.shape[0], out_features), seed=7)
         with flax_promotion():
             variables = init(flax_module, x, train=False)
         tx = optax.sgd(0.1)
@@ -80,14 +85,14 @@ class Case:
 
 @pytest.fixture(scope="module")
 def mlp():
-    x = jax.random.normal(jax.random.key(1), (8, 3))
+    x = _normal((8, 3))
     make = lambda: eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(2))  # noqa: E731
     return Case(FlaxSeedMLP(), make, x, 1, steps=3)
 
 
 @pytest.fixture(scope="module")
 def resnet():
-    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    x = _normal((4, 32, 32, 3))
     flax_module = FlaxResNet18(num_classes=10, num_filters=8)
     make = lambda: eqx.nn.make_with_state(ResNet18)(  # noqa: E731
         10, num_filters=8, key=jax.random.key(2)

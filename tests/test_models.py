@@ -1,0 +1,110 @@
+"""`eqx_bn.models`: the seed MLP and the ResNet mirror Flax's module trees."""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax_reference import ResNet as FlaxResNet, numpy_init
+from helpers import channels_first, channels_last, flax_promotion
+
+from eqx_bn.interop import flax_paths, load_flax
+from eqx_bn.models import ResNet, ResNet18, ResNet34, ResNetBlock, SeedMLP
+from eqx_bn.models.resnet import _max_pool
+
+
+def _flat(variables):
+    return {
+        "/".join(k.key for k in path): leaf.shape
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
+    }
+
+
+@pytest.mark.parametrize(
+    "make, stage_sizes", [(ResNet18, (2, 2, 2, 2)), (ResNet34, (3, 4, 6, 3))]
+)
+def test_resnet_tree_is_flaxs(make, stage_sizes):
+    # Abstract on both sides: only names, shapes and dtypes are compared.
+    x = jnp.ones((1, 32, 32, 3))
+    flax_module = FlaxResNet(stage_sizes=stage_sizes, num_classes=10, num_filters=4)
+    with flax_promotion():
+        shapes = jax.eval_shape(lambda: flax_module.init(jax.random.key(0), x, False))
+    model, state = eqx.filter_eval_shape(
+        lambda: eqx.nn.make_with_state(make)(10, num_filters=4, key=jax.random.key(0))
+    )
+    assert set(flax_paths(model)) == set(_flat(shapes))
+    # Every shape agrees too, or this strict load raises.
+    loaded, _ = load_flax(model, state, numpy_init(shapes))
+    assert len(loaded.blocks) == sum(stage_sizes)
+    paths = flax_paths(model)
+    first_proj = stage_sizes[0]  # the first block of the second stage
+    assert paths[f"params/ResNetBlock_{first_proj}/conv_proj/kernel"] == (
+        f"model.blocks[{first_proj}].conv_proj.weight"
+    )
+    last = sum(stage_sizes) - 1
+    assert paths[f"batch_stats/ResNetBlock_{last}/BatchNorm_1/mean"] == (
+        f"state[model.blocks[{last}].norm_1.state_index].mean"
+    )
+    assert paths["params/conv_init/kernel"] == "model.conv_init.weight"
+    assert paths["batch_stats/bn_init/var"] == "state[model.bn_init.state_index].var"
+    assert paths["params/Dense_0/kernel"] == "model.head.weight"
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_max_pool_pads_as_flax(size):
+    # Negative inputs: the padding must be -inf, and on even sizes only at the end.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(-np.abs(rng.normal(size=(2, 3, size, size))) - 1.0, jnp.float32)
+    expected = nn.max_pool(channels_last(x), (3, 3), strides=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(jax.vmap(_max_pool)(x), channels_first(expected))
+
+
+def test_resnet_blocks_follow_flax():
+    model = eqx.filter_eval_shape(
+        ResNet, (1, 1), 3, num_filters=2, key=jax.random.key(0)
+    )
+    first, second = model.blocks
+    assert first.conv_proj is None and first.norm_proj is None
+    assert second.conv_proj is not None and second.conv_proj.stride == (2, 2)
+    assert second.conv_0.stride == (2, 2) and second.conv_0.padding == "SAME"
+    assert model.conv_init.padding == ((3, 3), (3, 3))
+    assert model.conv_init.use_bias is False
+    assert model.bn_init.momentum == 0.9 and model.bn_init.eps == 1e-5
+    assert model.head.in_features == 4 and model.head.out_features == 3
+
+
+def test_last_scale_of_a_block_starts_at_zero():
+    block = ResNetBlock(1, 1, key=jax.random.key(0))
+    np.testing.assert_array_equal(block.norm_1.scale, jnp.zeros(1))
+    np.testing.assert_array_equal(block.norm_0.scale, jnp.ones(1))
+
+
+def test_resnet_rejects_empty_stages():
+    with pytest.raises(ValueError, match="stage_sizes"):
+        ResNet((), 10, key=jax.random.key(0))
+
+
+@eqx.filter_jit
+def _train_and_eval(model, state, x):
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    y, new_state = batched(x, state)
+    inference = jax.vmap(
+        eqx.nn.inference_mode(model), in_axes=(0, None), out_axes=(0, None)
+    )
+    y_eval, same = inference(x, new_state)
+    return y, new_state, y_eval, same
+
+
+def test_seed_mlp_under_vmap():
+    model, state = eqx.nn.make_with_state(SeedMLP)(
+        3, momentum=0.9, key=jax.random.key(0)
+    )
+    assert model.norm.momentum == 0.9 and model.norm.axis_name == "batch"
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)), jnp.float32)
+    y, new_state, y_eval, same = _train_and_eval(model, state, x)
+    assert y.shape == y_eval.shape == (5, 1)
+    stats = new_state.get(model.norm.state_index)
+    assert not np.allclose(stats.mean, 0.0)
+    # Inference leaves the state alone.
+    np.testing.assert_array_equal(same.get(model.norm.state_index).var, stats.var)
