@@ -1,0 +1,89 @@
+"""Synchronised BatchNorm on 8 simulated CPU devices, each scenario in a subprocess.
+
+JAX fixes the number of CPU devices when it starts, so the checks live in scripts
+under `tests/multidevice/` that set `--xla_force_host_platform_device_count=8`
+before importing JAX; this process keeps its single device. Each script runs all of
+its checks (one start-up for many) and reports them as one JSON line, and each
+test below fails with the tracebacks of the checks that failed.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+TESTS = pathlib.Path(__file__).parent
+ROOT = TESTS.parent
+PREFIX = "MULTIDEVICE-RESULTS "
+
+# Every check each script must report, so that none is skipped silently.
+CHECKS = {
+    "sync_checks.py": [
+        "shard_map_vmap_inside",
+        "shard_map_mesh_axis_check_vma",
+        "shard_map_two_mesh_axes",
+        "pmap_vmap_inside",
+        "pmap_one_example_per_device",
+        "vmap_inside_shard_map_check_vma",
+        "masks_uneven_counts_exact",
+        "flax_matches_without_mask",
+        "flax_averages_device_means_with_mask",
+        "groups_pmap",
+        "groups_shard_map",
+        "groups_errors",
+        "unbound_axis_errors",
+    ],
+    "sharding_checks.py": [
+        "explicit_mesh",
+        "auto_mesh",
+        "masks_uneven_over_shards",
+        "two_steps_running_stats",
+        "state_off_the_mesh_error",
+    ],
+}
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-W", "error", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_this_process_keeps_one_device():
+    assert jax.device_count() == 1
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+@pytest.mark.parametrize("script", sorted(CHECKS))
+def test_multidevice_checks(script):
+    proc = run_python(str(TESTS / "multidevice" / script))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(PREFIX)]
+    assert lines, (
+        f"{script} stopped before reporting (exit {proc.returncode}):\n"
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    results = json.loads(lines[-1][len(PREFIX) :])
+    assert sorted(results) == sorted(CHECKS[script])
+    failed = {name: tb for name, tb in results.items() if tb is not None}
+    assert not failed, "\n".join(f"--- {name}\n{tb}" for name, tb in failed.items())
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_data_parallel_example():
+    proc = run_python("examples/data_parallel.py", "--smoke")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "8 devices (cpu)" in proc.stdout
+    assert proc.stdout.count("equal to the single-device step: True") == 2, proc.stdout
