@@ -6,7 +6,7 @@ leaf of the model (or a `RunningStats` field in the State) -> every pair is chec
 Nothing of Flax is imported here.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -15,12 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._typing import typecheck
-from .paths import Entry, Pairing, get_at, natural_key, pair
+from .paths import Entry, FlaxMapping, Pairing, get_at, natural_key, pair
 
 COLLECTIONS = ("params", "batch_stats")
 """The Flax collections a model and its State correspond to."""
-
-FlaxMapping = Mapping[str, Callable[[Any], Any] | None]
 
 
 class ConversionError(ValueError):
@@ -201,6 +199,14 @@ def load_flax(
 
     `(model, state)`: new objects with exactly the original structure, shapes and
     dtypes, holding the Flax values.
+
+    !!! Tip
+
+        The model is only read for its structure, shapes and dtypes, so it can be
+        abstract, which skips the random initialisation of a large model:
+        `model, state = eqx.filter_eval_shape(eqx.nn.make_with_state(ResNet18),
+        10, key=key)`. (With `strict=False`, leaves without a Flax value then
+        stay `jax.ShapeDtypeStruct`s.)
 
     **Raises:**
 

@@ -28,7 +28,8 @@ FLAX_NAME = "flax_name"
 """The `eqx.field` metadata key with which a field declares its Flax name."""
 
 Key = GetAttrKey | SequenceKey | DictKey
-Mapping_ = Mapping[str, Callable[[Any], Any] | None]
+FlaxMapping = Mapping[str, Callable[[Any], Any] | None]
+"""Overrides of the automatic pairing: Flax scope -> selector or `None` (see `pair`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ class _Walker:
                 )
 
 
-def pair(model: eqx.Module, mapping: Mapping_ | None = None) -> Pairing:
+def pair(model: eqx.Module, mapping: FlaxMapping | None = None) -> Pairing:
     """Pairs every Flax variable the model corresponds to with its Equinox leaf.
 
     `mapping` maps a Flax scope, relative to the collections
