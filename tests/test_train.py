@@ -22,6 +22,7 @@ import pytest
 from flax.training import train_state
 from helpers import flax_promotion
 
+import eqx_bn
 import eqx_bn.train as train
 from eqx_bn.interop import load_flax
 from eqx_bn.models import SeedMLP
@@ -279,6 +280,38 @@ def test_steps_compile_once():
         eval_step(ts, (xs[i], ys[i]))
     assert counted.traces == 2
     assert int(ts.step) == 5
+    # A holder made afresh the same way is the same jit cache entry: its static
+    # `Structure` compares by value (same model configuration, same optimiser).
+    _, _, other = fresh_state()
+    assert other.structure is not ts.structure
+    other, _, _ = train_step(other, (xs[0], ys[0]))
+    eval_step(other, (xs[0], ys[0]))
+    assert counted.traces == 2
+
+
+def test_a_loss_returning_another_state_is_caught():
+    _, _, ts = fresh_state()
+    xs, ys = data(1)
+    _, foreign = eqx.nn.make_with_state(eqx_bn.BatchNorm)(4)
+
+    def wrong_state(model, state, batch):
+        loss, (_, pred) = loss_fn(model, state, batch)
+        return loss, (foreign, pred)
+
+    with pytest.raises(ValueError, match="State returned by the loss changed"):
+        make_train_step(wrong_state)(ts, (xs[0], ys[0]))
+
+
+def test_state_reads_are_independent():
+    """`ts.state` is rebuilt on every read: consuming one read spoils no other."""
+    _, _, ts = fresh_state()
+    index = ts.model.norm.state_index
+    first = ts.state
+    first.set(index, first.get(index))  # `set` invalidates `first` ...
+    with pytest.raises(ValueError, match="old state"):
+        first.get(index)
+    stats = ts.state.get(index)  # ... but not the holder's State
+    np.testing.assert_array_equal(stats.var, np.ones(4, np.float32))
 
 
 def test_donation_consumes_the_holder_but_not_the_inputs_of_create():
