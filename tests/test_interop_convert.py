@@ -48,6 +48,11 @@ def _flat_paths(variables):
     }
 
 
+@eqx.filter_jit
+def _each(model, x):
+    return jax.vmap(model)(x)
+
+
 def _per_example(layer, x):
     return jax.vmap(layer)(x)
 
@@ -123,12 +128,16 @@ LAYERS = {
 @pytest.mark.parametrize("kind", LAYERS)
 def test_layer_kind_matches_flax(kind):
     module, make, x, run = LAYERS[kind]
+    # Jitted and abstract where possible: one compile per side, no RNG kernels.
     with flax_promotion():
         variables = init(module, x)
-        expected = module.apply(variables, x)
-    layer, state = eqx.nn.make_with_state(make)(jax.random.key(0))
+        expected = jax.jit(module.apply)(variables, x)
+    layer, state = eqx.filter_eval_shape(
+        lambda: eqx.nn.make_with_state(make)(jax.random.key(0))
+    )
     loaded, state = load_flax(layer, state, variables)
-    np.testing.assert_allclose(run(loaded, x), expected, rtol=1e-6, atol=1e-6)
+    got = eqx.filter_jit(run)(loaded, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     _assert_bitwise(export_flax(loaded, state), variables)
 
 
@@ -367,11 +376,13 @@ class _EqxNamed(eqx.Module):
 
 
 def test_mapping_overrides_names(flax_mlp):
-    model, state = eqx.nn.make_with_state(_EqxNamed)(jax.random.key(0))
+    model, state = eqx.filter_eval_shape(
+        lambda: eqx.nn.make_with_state(_EqxNamed)(jax.random.key(0))
+    )
     x = _normal((2, 4))
     with flax_promotion():
         variables = init(_Named(), x)
-        expected = _Named().apply(variables, x)
+        expected = jax.jit(_Named().apply)(variables, x)
     # Automatically `out` would be Dense_1; the array field is `self.param("gain")`.
     assert flax_paths(model)["params/Dense_1/kernel"] == "model.out.weight"
     assert flax_paths(model)["params/gain"] == "model.gain"
@@ -382,7 +393,8 @@ def test_mapping_overrides_names(flax_mlp):
         flax_paths(model, mapping=mapping)["params/head/kernel"] == "model.out.weight"
     )
     loaded, state = load_flax(model, state, variables, mapping=mapping)
-    np.testing.assert_allclose(jax.vmap(loaded)(x), expected, rtol=1e-6, atol=1e-6)
+    got = _each(loaded, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     _assert_bitwise(export_flax(loaded, state, mapping=mapping), variables)
 
 
@@ -458,18 +470,19 @@ def test_top_level_sequential_names_layers_by_position():
     x = _normal((2, 4))
     with flax_promotion():
         variables = init(module, x)
-        expected = module.apply(variables, x)
-    k0, k1 = jax.random.split(jax.random.key(0))
-    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
-        [
-            eqx.nn.Linear(4, 3, key=k0),
-            eqx.nn.Lambda(jax.nn.relu),
-            eqx.nn.Linear(3, 2, key=k1),
-        ]
+        expected = jax.jit(module.apply)(variables, x)
+    model, state = eqx.filter_eval_shape(
+        lambda: eqx.nn.make_with_state(eqx.nn.Sequential)(
+            [
+                eqx.nn.Linear(4, 3, key=jax.random.key(0)),
+                eqx.nn.Lambda(jax.nn.relu),
+                eqx.nn.Linear(3, 2, key=jax.random.key(1)),
+            ]
+        )
     )
     assert set(flax_paths(model)) == _flat_paths(variables)
     loaded, _ = load_flax(model, state, variables)
-    np.testing.assert_allclose(jax.vmap(loaded)(x), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_each(loaded, x), expected, rtol=1e-6, atol=1e-6)
 
 
 class _WithTranspose(eqx.Module):

@@ -187,8 +187,9 @@ def load_flax(
         scope out on both sides. See `eqx_bn.interop.paths.pair`.
     - `strict`: require every paired model leaf to be in `variables` and every
         Flax variable to be used. With `strict=False` model leaves without a Flax
-        value keep their current value and unused Flax variables are skipped;
-        shapes and dtypes are still checked.
+        value keep their current value, unused Flax variables are skipped and
+        layers with no conversion rule are left as they are; shapes and dtypes
+        are still checked.
     - `ignore_extra`: skip top-level entries other than `params`/`batch_stats`
         (the rest of a TrainState) instead of raising.
     - `cast`: convert values whose dtype differs from the model's (e.g. a float64
