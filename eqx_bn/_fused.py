@@ -63,15 +63,23 @@ def normalize(
     return y.astype(out_dtype)
 
 
-def _forward(cfg: TrainConfig, x, mask, scale, bias) -> tuple[Array, Moments]:
+def _forward(cfg: TrainConfig, x, passes, mask, scale, bias) -> tuple[Array, Moments]:
     stats = moments(
-        x.astype(cfg.stat_dtype),
+        passes,
         mask,
         cfg.reduction,
         use_fast_variance=cfg.use_fast_variance,
+        dtype=cfg.stat_dtype,
     )
     y = normalize(
-        x, stats.mean, stats.var, scale, bias, cfg.eps, cfg.out_dtype, cfg.reduction.axes
+        x,
+        stats.mean,
+        stats.var,
+        scale,
+        bias,
+        cfg.eps,
+        cfg.out_dtype,
+        cfg.reduction.axes,
     )
     return y, stats
 
@@ -89,7 +97,7 @@ def train_normalize(
     The statistics are differentiable outputs too (their tangents are exact), so a
     loss that reads the updated running statistics is differentiated correctly.
     """
-    return _forward(cfg, x, mask, scale, bias)
+    return _forward(cfg, x, private_copies(x, 2), mask, scale, bias)
 
 
 @train_normalize.defjvp
@@ -105,21 +113,22 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     Reverse mode transposes this into `sum(g)`, `sum(g * c)` and one elementwise
     pass for the input gradient. The per-channel broadcast term carries
     `dbias - dmean * mul` together, so its transpose is a reduction of `g` alone, and
-    each use of `mean` has its own copy (`private_copies`), so no full-size
+    each use of `x` and `mean` has its own copy (`private_copies`), so no full-size
     intermediate is written between the passes.
     """
     x, mask, scale, bias = primals
     dx, _, dscale, dbias = tangents
-    y, stats = _forward(cfg, x, mask, scale, bias)
+    x_stats_a, x_stats_b, x_sums, x_out = private_copies(x, 4)
+    y, stats = _forward(cfg, x, (x_stats_a, x_stats_b), mask, scale, bias)
 
     red = cfg.reduction
     axes = red.axes
-    xs = x.astype(cfg.stat_dtype)
+    x_sums, x_out = x_sums.astype(cfg.stat_dtype), x_out.astype(cfg.stat_dtype)
     dxs = dx.astype(cfg.stat_dtype)
     denom = jnp.maximum(stats.count, jnp.ones_like(stats.count))
     mean_sums, mean_out = private_copies(stats.mean, 2)
 
-    centred = xs - expand_channels(mean_sums, axes)
+    centred = x_sums - expand_channels(mean_sums, axes)
     sum_dx, sum_centred_dx = global_sums((dxs, centred * dxs), mask, red)
     dmean = sum_dx / denom
     dvar = 2 * sum_centred_dx / denom
@@ -142,7 +151,7 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     dy, shift_b = promote_arrays(dy, expand_channels(shift, axes))
     dy = dy + shift_b
     dy, dmul_b = promote_arrays(dy, expand_channels(dmul, axes))
-    centred_out = (xs - expand_channels(mean_out, axes)).astype(dy.dtype)
+    centred_out = (x_out - expand_channels(mean_out, axes)).astype(dy.dtype)
     dy = dy + centred_out * dmul_b
     dstats = Moments(dmean, dvar, jnp.zeros_like(stats.count))
     return (y, stats), (dy.astype(y.dtype), dstats)

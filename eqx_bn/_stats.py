@@ -56,6 +56,24 @@ def private_copies(v: Array, n: int) -> tuple[Array, ...]:
     return tuple(lax.optimization_barrier((v,) * n))
 
 
+def _masked_sum(v: Array, mask: Array | None, axes: tuple[int, ...]) -> Array:
+    """`jnp.sum(v, axes, where=mask)`, summing first where the mask is constant.
+
+    XLA's CPU reductions cannot fuse a `select`, so a mask applied element by
+    element writes the masked array out in full first. A mask that is constant
+    along some axes (one flag per example, say) is applied to the partial sums over
+    those axes instead, which are small. `select` ignores what it does not pick, so
+    NaN or inf in masked-out elements stay out of the result either way.
+    """
+    if mask is None:
+        return jnp.sum(v, axis=axes)
+    m = jnp.reshape(mask, (1,) * (v.ndim - mask.ndim) + mask.shape)
+    constant = tuple(a for a in axes if m.shape[a] == 1)
+    partial = jnp.sum(v, axis=constant, keepdims=True) if constant else v
+    keep = jnp.broadcast_to(m, partial.shape)
+    return jnp.sum(jnp.where(keep, partial, jnp.zeros_like(partial)), axis=axes)
+
+
 def global_sums(
     values: tuple[Array, ...], mask: Array | None, red: Reduction
 ) -> tuple[Array, ...]:
@@ -65,10 +83,7 @@ def global_sums(
     per-channel partial sums are stacked so that they travel in one `psum`.
     """
     masks = (None,) * len(values) if mask is None else private_copies(mask, len(values))
-    local = tuple(
-        jnp.sum(v, axis=red.axes, where=None if m is None else jnp.broadcast_to(m, v.shape))
-        for v, m in zip(values, masks)
-    )
+    local = tuple(_masked_sum(v, m, red.axes) for v, m in zip(values, masks))
     if red.axis_name is None:
         return local
     total = lax.psum(
@@ -99,18 +114,20 @@ def _first_position(v: Array, axes: tuple[int, ...]) -> Array:
     return jnp.sum(jnp.where(first, v, jnp.zeros_like(v)), axis=sharded)
 
 
-def _shift(x: Array, mask: Array | None, red: Reduction) -> Array:
+def _shift(x: Array, mask: Array | None, red: Reduction, dtype: np.dtype) -> Array:
     """A per-channel value inside the data, the same on every member of the reduction.
 
     Subtracting it before the one-pass sums keeps `E[x^2] - E[x]^2` accurate when
-    |mean| >> std: it is the (masked) average of each member's first element.
+    |mean| >> std: it is the (masked) average of each member's first element, in
+    `dtype`. Only the first elements are converted, so that the conversion of `x`
+    itself stays fused into the reduction that reads it.
     """
-    first = _first_position(x, red.axes)
+    first = _first_position(x, red.axes).astype(dtype)
     if mask is None:
         weight = jnp.ones_like(first)
     else:
         weight = _first_position(jnp.broadcast_to(mask, x.shape), red.axes).astype(
-            x.dtype
+            dtype
         )
     first = jnp.where(weight > 0, first, jnp.zeros_like(first))
     if red.axis_name is not None:
@@ -123,8 +140,10 @@ def _shift(x: Array, mask: Array | None, red: Reduction) -> Array:
     return lax.stop_gradient(first / jnp.maximum(weight, jnp.ones_like(weight)))
 
 
-def element_count(x: Array, mask: Array | None, red: Reduction) -> Array:
-    """Number of elements per channel that the statistics are taken over.
+def element_count(
+    x: Array, mask: Array | None, red: Reduction, dtype: np.dtype
+) -> Array:
+    """Number of elements per channel that the statistics are taken over, in `dtype`.
 
     Along the axes where the mask does not vary, the count is a product of sizes
     rather than a sum over the broadcast mask, which would cost a pass over `x`.
@@ -133,12 +152,12 @@ def element_count(x: Array, mask: Array | None, red: Reduction) -> Array:
     channels = x.shape[channel_axis]
     if mask is None:
         local = float(np.prod([x.shape[a] for a in red.axes]))
-        count = jnp.full((channels,), local, dtype=x.dtype)
+        count = jnp.full((channels,), local, dtype=dtype)
     else:
         m = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
         varying = tuple(a for a in red.axes if m.shape[a] != 1)
         repeats = float(np.prod([x.shape[a] for a in red.axes if m.shape[a] == 1]))
-        count = jnp.sum(m.astype(x.dtype), axis=varying, keepdims=True) * repeats
+        count = jnp.sum(m.astype(dtype), axis=varying, keepdims=True) * repeats
         count = jnp.broadcast_to(jnp.reshape(count, (-1,)), (channels,))
     if red.axis_name is None:
         return count
@@ -146,36 +165,42 @@ def element_count(x: Array, mask: Array | None, red: Reduction) -> Array:
 
 
 def moments(
-    x: Float[Array, "..."],
+    passes: tuple[Float[Array, "..."], Float[Array, "..."]],
     mask: Bool[Array, "..."] | None,
     red: Reduction,
     *,
     use_fast_variance: bool,
+    dtype: np.dtype,
 ) -> Moments:
-    """Mean and biased variance per channel of `x` (already in the reduction dtype).
+    """Mean and biased variance per channel of `x`, reduced in `dtype`.
+
+    `passes` is `x` twice, as `private_copies(x, 2)` gives it: each of the two
+    reductions converts its own copy to `dtype`, so that a half-precision `x` is
+    read as such rather than written out in float32 first. (Take the copies once
+    per call of the layer: XLA merges two barriers on the same array.)
 
     With `use_fast_variance`, the shifted first and second sums are two independent
     reductions of `x` that XLA runs without writing anything full-size; otherwise
-    the variance is a second pass over `x - mean`, as Flax's two-pass mode. Both
-    read `x` twice. The variance is clipped at zero. Channels with no element
-    (everything masked) get mean 0 and variance 0 instead of Flax's NaN; the caller
-    sees `count == 0`.
+    the variance is a second pass over `x - mean`, as Flax's two-pass mode. The
+    variance is clipped at zero. Channels with no element (everything masked) get
+    mean 0 and variance 0 instead of Flax's NaN; the caller sees `count == 0`.
     """
-    count = element_count(x, mask, red)
+    x_a, x_b = (v.astype(dtype) for v in passes)
+    count = element_count(x_a, mask, red, dtype)
     denom = jnp.maximum(count, jnp.ones_like(count))
     if use_fast_variance:
-        shift = _shift(x, mask, red)
+        shift = _shift(passes[0], mask, red, dtype)
         shift_a, shift_b = private_copies(shift, 2)
-        centred_a = x - expand_channels(shift_a, red.axes)
-        centred_b = x - expand_channels(shift_b, red.axes)
+        centred_a = x_a - expand_channels(shift_a, red.axes)
+        centred_b = x_b - expand_channels(shift_b, red.axes)
         first, second = global_sums((centred_a, centred_b * centred_b), mask, red)
         delta = first / denom
         mean = shift + delta
         var = jnp.maximum(jnp.zeros_like(delta), second / denom - delta * delta)
     else:
-        (total,) = global_sums((x,), mask, red)
+        (total,) = global_sums((x_a,), mask, red)
         mean = total / denom
-        centred = x - expand_channels(mean, red.axes)
+        centred = x_b - expand_channels(mean, red.axes)
         (squares,) = global_sums((centred * centred,), mask, red)
         var = squares / denom
     return Moments(mean, var, count)
