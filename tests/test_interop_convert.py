@@ -116,6 +116,12 @@ LAYERS = {
         _normal((2, 4, 4, 6)),
         _channels_first,
     ),
+    "rms_norm": (
+        nn.RMSNorm(),
+        lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
+        _normal((2, 6)),
+        _per_example,
+    ),
     "embed": (
         nn.Embed(7, 3),
         lambda k: eqx.nn.Embedding(7, 3, key=k),

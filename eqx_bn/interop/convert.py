@@ -161,9 +161,11 @@ def load_flax(
     values. Layers pair up by Flax's automatic names (see `flax_paths`): `Dense` <->
     `eqx.nn.Linear` (kernel transposed), `Conv` <-> `eqx.nn.Conv*` (`HWIO` -> `OIHW`,
     bias `(out,)` -> `(out, 1, 1)`), `BatchNorm` <-> `eqx_bn.BatchNorm` (the running
-    `mean`/`var` go into the State), `LayerNorm`, `GroupNorm`, `Embed` <->
-    `eqx.nn.Embedding`, and a plain array field of a custom module <->
-    `self.param(field_name)`.
+    `mean`/`var` go into the State), `LayerNorm`, `GroupNorm`, `RMSNorm` (scale
+    <-> weight), `Embed` <-> `eqx.nn.Embedding`, and a plain array field of a
+    custom module <-> `self.param(field_name)`. Other Equinox layers with
+    parameters (`ConvTranspose`, `MultiheadAttention`, `eqx.nn.BatchNorm`...) are
+    reported; pair their arrays through `mapping`.
 
     !!! Example
 

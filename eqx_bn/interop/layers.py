@@ -151,6 +151,7 @@ RULES: tuple[Rule, ...] = (
     Rule(eqx.nn.Conv, "Conv", _conv),  # also Conv1d/2d/3d, which subclass it
     Rule(eqx.nn.LayerNorm, "LayerNorm", _norm),
     Rule(eqx.nn.GroupNorm, "GroupNorm", _norm),
+    Rule(eqx.nn.RMSNorm, "RMSNorm", _norm),  # Flax's has no bias: use_bias=False
     Rule(eqx.nn.Embedding, "Embed", _embedding),
 )
 """The layer kinds converted automatically, first match wins."""
