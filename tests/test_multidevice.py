@@ -27,7 +27,6 @@ CHECKS = {
         "shard_map_mesh_axis_check_vma",
         "shard_map_two_mesh_axes",
         "pmap_vmap_inside",
-        "pmap_one_example_per_device",
         "vmap_inside_shard_map_check_vma",
         "masks_uneven_counts_exact",
         "flax_matches_without_mask",
