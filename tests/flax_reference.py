@@ -75,6 +75,19 @@ class Blocks(nn.Module):
         return x
 
 
+class SetupList(nn.Module):
+    """Layers kept in a list in `setup`: Flax names them `layers_0`, `layers_1`."""
+
+    def setup(self):
+        self.layers = [nn.Dense(2), nn.Dense(2)]
+        self.head = nn.Dense(1)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
 class ResNetBlock(nn.Module):
     filters: int
     conv: Any

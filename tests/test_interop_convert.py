@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax.training import train_state
-from flax_reference import Blocks, SeedMLP as FlaxSeedMLP, init
+from flax_reference import Blocks, SeedMLP as FlaxSeedMLP, SetupList, init
 from helpers import channels_first, flax_promotion
 from jaxtyping import Array
 
@@ -469,6 +469,25 @@ def test_lists_of_submodules_pair_with_numbered_scopes():
         "Extra_2",
         "Extra_10",
     ]
+
+
+class _SetupList(eqx.Module):
+    layers: list[eqx.nn.Linear] = eqx.field(metadata={"flax_name": "layers"})
+    head: eqx.nn.Linear = eqx.field(metadata={"flax_name": "head"})
+
+
+def test_declared_names_mirror_setup_style_attributes():
+    model, _ = eqx.filter_eval_shape(
+        lambda: eqx.nn.make_with_state(_SetupList)(
+            [eqx.nn.Linear(2, 2, key=jax.random.key(i)) for i in range(2)],
+            eqx.nn.Linear(2, 1, key=jax.random.key(2)),
+        )
+    )
+    shapes = jax.eval_shape(SetupList().init, jax.random.key(0), jnp.ones((1, 2)))
+    paths = flax_paths(model)
+    assert set(paths) == _flat_paths(shapes)
+    assert paths["params/layers_1/kernel"] == "model.layers[1].weight"
+    assert paths["params/head/bias"] == "model.head.bias"
 
 
 def test_top_level_sequential_names_layers_by_position():
