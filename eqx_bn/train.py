@@ -226,10 +226,8 @@ def apply_gradients(
 ) -> TrainState:
     """One optimiser update: the next `TrainState`, holding the model's new `state`.
 
-    Use it to write a custom step; [`make_train_step`][] calls it for you. It is a
-    function rather than a method because the loss consumes `train_state.state`
-    (`eqx.nn.State` refuses to be used twice), after which Equinox cannot bind a
-    method to `train_state` any more.
+    Use it to write a custom step; [`make_train_step`][] calls it for you. Like
+    Flax's `TrainState.apply_gradients`, with the State passed explicitly.
 
     !!! Example
 
@@ -268,9 +266,14 @@ def apply_gradients(
             grads, train_state.opt_state, trainable
         )
     params = eqx.apply_updates(params, updates)
-    param_leaves = _leaves(params, structure.params, "the model's arrays")
-    state_leaves = _leaves(state, structure.state, "the State returned by the loss")
-    opt_leaves = _leaves(opt_state, structure.opt_state, "the optimiser state")
+    param_leaves = _leaves(params, structure.params, "the model's arrays", "")
+    state_leaves = _leaves(
+        state,
+        structure.state,
+        "the State returned by the loss",
+        " Return the State that the model gave back for the State it was given.",
+    )
+    opt_leaves = _leaves(opt_state, structure.opt_state, "the optimiser state", "")
     return dataclasses.replace(
         train_state,
         param_leaves=param_leaves,
@@ -280,13 +283,12 @@ def apply_gradients(
     )
 
 
-def _leaves(tree: PyTree, expected: Any, what: str) -> tuple[Array, ...]:
+def _leaves(tree: PyTree, expected: Any, what: str, fix: str) -> tuple[Array, ...]:
     leaves, treedef = jax.tree.flatten(tree)
     if treedef != expected:
         raise ValueError(
             f"apply_gradients: {what} changed structure during the step: expected "
-            f"{expected}, got {treedef}. The loss must return the State it was "
-            "given, updated by the model (same layers, shapes and dtypes)."
+            f"{expected}, got {treedef}.{fix}"
         )
     return tuple(leaves)
 
