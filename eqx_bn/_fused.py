@@ -141,15 +141,15 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
         inv_s, s = promote_arrays(inv, scale)
         dinv_s, ds = promote_arrays(dinv, dscale)
         mul, dmul = inv_s * s, dinv_s * s + inv_s * ds
-    shift, mul = promote_arrays(-dmean, mul)
-    shift = shift * mul
+    offset, mul = promote_arrays(-dmean, mul)
+    offset = offset * mul
     if bias is not None:
-        shift, db = promote_arrays(shift, dbias)
-        shift = shift + db
+        offset, db = promote_arrays(offset, dbias)
+        offset = offset + db
     dy, mul_b = promote_arrays(dxs, expand_channels(mul, axes))
     dy = dy * mul_b
-    dy, shift_b = promote_arrays(dy, expand_channels(shift, axes))
-    dy = dy + shift_b
+    dy, offset_b = promote_arrays(dy, expand_channels(offset, axes))
+    dy = dy + offset_b
     dy, dmul_b = promote_arrays(dy, expand_channels(dmul, axes))
     centred_out = (x_out - expand_channels(mean_out, axes)).astype(dy.dtype)
     dy = dy + centred_out * dmul_b
