@@ -1,0 +1,101 @@
+"""The benchmark script runs, and the fused training path keeps its memory traffic.
+
+No timing here: the traffic is read from the optimised HLO of the compiled program
+(`benchmarks/run.py:hlo_traffic`), which does not depend on the machine's load. It
+guards the fusion work in `eqx_bn/_stats.py` and `eqx_bn/_fused.py`: before it, the
+forward+backward program wrote `x - shift`, `x - mean` and `g * mul` out in full
+and read them back (14 input-sized transfers instead of 8).
+"""
+
+import importlib.util
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import flax_promotion
+
+import eqx_bn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPE = (64, 64, 32, 32)  # ResNet-like; only compiled, never run
+FUSED_TRAFFIC = 8  # read x twice (stats), g and x (two sums), g and x + write dx
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = ROOT / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_traffic(bench, axis_name, dtype=jnp.float32, masked=False) -> float:
+    """Traffic of jit(grad) of sum(y * g) for eqx_bn, in units of x's size."""
+    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(SHAPE[1], axis_name)
+    params, static = eqx.partition(bn, eqx.is_inexact_array)
+    x = jnp.zeros(SHAPE, dtype)
+    g = jnp.zeros(SHAPE, jnp.float32)
+    keep = jnp.arange(SHAPE[0]) % 4 != 0
+
+    def loss(params, x, keep):
+        model = eqx.combine(params, static)
+        if axis_name is None:
+            mask = keep[:, None, None, None] if masked else None
+            y, new_state = model(x, state, mask=mask)
+        else:
+            y, new_state = jax.vmap(
+                lambda xi, ki: model(xi, state, mask=ki if masked else None),
+                axis_name=axis_name,
+                out_axes=(0, None),
+            )(x, keep)
+        return jnp.sum(y.astype(jnp.float32) * g), new_state
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    text = grad.lower(params, x, keep).compile().as_text()
+    return bench.hlo_traffic(text, x.nbytes, x.size)
+
+
+@pytest.mark.parametrize("axis_name, masked", [("batch", True), (None, False)])
+def test_fused_training_traffic(bench, axis_name, masked):
+    # A per-example mask must not cost extra passes (its select is applied to the
+    # per-example partial sums, not written out in full).
+    assert _train_traffic(bench, axis_name, masked=masked) <= FUSED_TRAFFIC
+
+
+def test_bfloat16_input_is_not_converted_in_full(bench):
+    # Units are bfloat16-sized here, so the float32 g counts twice. Each pass
+    # converts its own copy of x: one float32 copy of x shared by the passes (17)
+    # would be written once and read three times.
+    assert _train_traffic(bench, "batch", jnp.bfloat16) <= 15
+
+
+def test_fused_training_moves_less_than_flax(bench):
+    x = jnp.zeros(SHAPE[:1] + SHAPE[2:] + SHAPE[1:2], jnp.float32)  # channels last
+    with flax_promotion():
+        train, _, params, stats = bench._flax_linen_layer(x, -1)
+        text = jax.jit(train).lower(params, x, stats, x).compile().as_text()
+    flax = bench.hlo_traffic(text, x.nbytes, x.size)
+    assert _train_traffic(bench, None) < flax
+
+
+def test_copy_traffic_is_two(bench):
+    x = jnp.zeros(SHAPE, jnp.float32)
+    text = jax.jit(lambda x: x * 2).lower(x).compile().as_text()
+    assert bench.hlo_traffic(text, x.nbytes, x.size) == 2
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs(bench, tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    with flax_promotion():  # Flax's code; this session's config is strict
+        bench.main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    assert text.splitlines()[-1] in capsys.readouterr().out  # printed as written
+    for heading in ("### layer fwd+bwd", "### layer eval", "### mlp step"):
+        assert heading in text
+    for name in ("x*2 (copy)", "flax.linen", "eqx_bn (vmap)", "eqx_bn"):
+        assert f"| {name} |" in text
+    assert "fails:" not in text
