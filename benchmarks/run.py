@@ -63,10 +63,13 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "tests"))
 import flax_reference  # noqa: E402  (the Flax twins of eqx_bn.models)
 
+GENERATED = "<!-- Everything below is written by benchmarks/run.py --out. -->"
 FLAX = "flax.linen"
 FLAX_NCHW = "flax.linen axis=1 (NCHW)"
 COPY = "x*2 (copy)"
 TRAFFIC = "traffic (x-sizes)"
+STEP_TRAFFIC = "traffic MB"
+LAYOUT_TRAFFIC = "of which transposes/copies MB"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -148,12 +151,14 @@ def _computations(text: str) -> dict[str, str]:
     return {k: "\n".join(v) for k, v in bodies.items()}
 
 
-def hlo_traffic(text: str, unit: int, min_bytes: int) -> float:
+def hlo_traffic(
+    text: str, unit: float, min_bytes: int, only: str | None = None
+) -> float:
     """Bytes that the program's top-level instructions read and write, / `unit`.
 
     Only arrays of at least `min_bytes` count (per-channel vectors are free). A
     fusion with a small result and no reduction inside is a slice of its operands,
-    not a pass over them.
+    not a pass over them. `only`: a regex that the instruction's name must match.
     """
     bodies = _computations(text)
     sizes: dict[str, int] = {}
@@ -164,7 +169,7 @@ def hlo_traffic(text: str, unit: int, min_bytes: int) -> float:
             continue
         name, type_text, op, operands = match.groups()
         sizes[name] = _bytes(type_text)
-        if op in _FREE:
+        if op in _FREE or (only is not None and not re.match(only, name)):
             continue
         called = re.search(r"calls=%?([\w.\-]+)", line)
         if (
@@ -385,6 +390,7 @@ def resnet_steps(
         tx,
         _cross_entropy,
         (images_last, labels),
+        traffic=True,
     )
 
 
@@ -423,8 +429,9 @@ def _mse(pred, y):
     return jnp.mean((pred - y) ** 2)
 
 
-def _steps(eqx_loss, ts, eqx_batch, flax_model, tx, loss, flax_batch):
-    """Step calls and compile seconds: `eqx_bn.train` and a plain Flax step."""
+def _steps(eqx_loss, ts, eqx_batch, flax_model, tx, loss, flax_batch, traffic=False):
+    """Step calls, and columns for the table (compile seconds, traffic in MB of
+    arrays of 64 KiB or more): `eqx_bn.train` against a plain Flax step."""
     init = jax.jit(functools.partial(flax_model.init, train=False))
     variables = init(jax.random.key(3), flax_batch[0])
     params = variables["params"]
@@ -437,7 +444,14 @@ def _steps(eqx_loss, ts, eqx_batch, flax_model, tx, loss, flax_batch):
         FLAX: _carry(flax_step, flax_state, flax_batch),
         "eqx_bn": _carry(eqx_step, ts, eqx_batch),
     }
-    return calls, {FLAX: flax_s, "eqx_bn": eqx_s}
+    columns = {"compile s": {FLAX: f"{flax_s:.2f}", "eqx_bn": f"{eqx_s:.2f}"}}
+    kinds = ((STEP_TRAFFIC, None), (LAYOUT_TRAFFIC, "(transpose|copy)"))
+    for title, only in kinds if traffic else ():
+        columns[title] = {
+            name: f"{hlo_traffic(exe.as_text(), 1e6, 2**16, only):.0f}"
+            for name, exe in ((FLAX, flax_step), ("eqx_bn", eqx_step))
+        }
+    return calls, columns
 
 
 def _flax_train_step(model: nn.Module, tx, loss):
@@ -596,24 +610,35 @@ def main(argv: list[str] | None = None) -> str:
         emit(table(f"layer eval, {label}", rows, columns, failed))
 
     if "resnet" in cases:
-        calls, compile_s = resnet_steps(**resnet)
+        calls, columns = resnet_steps(**resnet)
         title = (
             f"resnet step, ResNet{list(resnet['stage_sizes'])} with "
             f"{resnet['filters']} filters, N={resnet['batch']}, "
             f"{resnet['size']}x{resnet['size']}x3, SGD+momentum"
         )
         rows = summarise(measure(calls, rounds, target * 5), False)
-        emit(table(title, rows, {"compile s": _fmt(compile_s, ".2f")}))
+        emit(table(title, rows, columns))
     if "mlp" in cases:
-        calls, compile_s = mlp_steps(mlp_batch)
+        calls, columns = mlp_steps(mlp_batch)
         title = f"mlp step (dispatch overhead), seed MLP, N={mlp_batch}, SGD"
         rows = summarise(measure(calls, rounds, target), False)
-        emit(table(title, rows, {"compile s": _fmt(compile_s, ".2f")}))
+        emit(table(title, rows, columns))
     text = "\n".join(out)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        _write(args.out, text)
     return text
+
+
+def _write(path: str, tables: str) -> None:
+    """Writes `tables` to `path`, keeping any notes above `GENERATED` there."""
+    notes = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if GENERATED in old:
+            notes = old[: old.index(GENERATED)]
+    with open(path, "w") as f:
+        f.write(notes + GENERATED + "\n\n" + tables)
 
 
 if __name__ == "__main__":
