@@ -43,13 +43,16 @@ class Moments(NamedTuple):
 
 
 def private_copies(v: Array, n: int) -> tuple[Array, ...]:
-    """`n` copies of the small array `v` that XLA cannot merge back into one.
+    """`n` copies of `v` that XLA cannot merge back into one.
 
-    When one broadcast per-channel vector feeds several full-size consumers, XLA's
-    CPU backend writes the broadcast (or the expression around it) out in full and
-    reads it back, because a reduction fusion cannot share a producer. Giving each
-    consumer its own copy keeps every pass fused: the barrier costs nothing at run
-    time, and it is differentiable, so higher-order derivatives still work.
+    When one broadcast per-channel vector (or one conversion of `x` to float32)
+    feeds several full-size consumers, XLA's CPU backend writes the shared
+    expression out in full and reads it back, because a reduction fusion cannot
+    share a producer. Giving each consumer its own copy keeps every pass fused. The
+    barrier costs nothing at run time (on `x` it only asks for `x` itself in
+    memory, which its several readers need anyway), and it is differentiable, so
+    higher-order derivatives still work. XLA does merge two identical barriers, so
+    take all the copies of one array in one call.
     """
     if n == 1:
         return (v,)
