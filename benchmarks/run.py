@@ -338,32 +338,10 @@ def _cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _patch_max_pool() -> None:
-    """Work around a bug of `eqx_bn.models.resnet._max_pool` (as of this writing).
-
-    It builds its `-inf` init with `jnp.array`, which is a tracer under `jax.jit`;
-    `lax.reduce_window` then falls back to its generic form, which has no reverse-mode
-    rule, and the model cannot be trained under jit. A Python scalar init gives the
-    differentiable max-pool with the same values.
-    """
-    from eqx_bn.models import resnet
-
-    def max_pool(x):
-        return jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, 3, 3), (1, 2, 2), "SAME"
-        )
-
-    try:
-        jax.jit(jax.grad(lambda x: jnp.sum(resnet._max_pool(x))))(jnp.ones((1, 4, 4)))
-    except ValueError:
-        resnet._max_pool = max_pool
-
-
 def resnet_steps(
     batch: int, size: int, stage_sizes: tuple[int, ...], filters: int
 ) -> tuple[dict, dict]:
     """Jitted SGD steps of the eqx_bn and Flax ResNets, 10 classes."""
-    _patch_max_pool()
     km = jax.random.key(1)
     images = jnp.asarray(_normal(2, (batch, 3, size, size)))
     labels = jnp.asarray(np.random.default_rng(3).integers(0, 10, batch))

@@ -108,3 +108,11 @@ def test_seed_mlp_under_vmap():
     assert not np.allclose(stats.mean, 0.0)
     # Inference leaves the state alone.
     np.testing.assert_array_equal(same.get(model.norm.state_index).var, stats.var)
+
+
+def test_max_pool_is_differentiable_under_jit():
+    """Regression: a jnp-array init made reduce_window lose its reverse-mode rule
+    under jit, so the ResNet could not be trained in a jitted step."""
+    x = jnp.arange(2 * 5 * 5, dtype=jnp.float32).reshape(2, 5, 5)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(_max_pool(x))))(x)
+    assert grad.shape == x.shape and float(jnp.sum(grad)) == 2 * 3 * 3

@@ -30,8 +30,9 @@ def _max_pool(x: Float[Array, "c h w"]) -> Float[Array, "c h2 w2"]:
     XLA's "SAME" puts the odd padding element at the end, as Flax does; an explicit
     symmetric `padding=1` would shift the windows on even inputs.
     """
-    init = jnp.array(-jnp.inf, dtype=x.dtype)
-    return lax.reduce_window(x, init, lax.max, (1, 3, 3), (1, 2, 2), "SAME")
+    # A Python scalar init, not a jnp array: under jit an array init is a tracer,
+    # and reduce_window then falls back to a form with no reverse-mode rule.
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3), (1, 2, 2), "SAME")
 
 
 class ResNetBlock(eqx.Module):
