@@ -189,9 +189,10 @@ def assert_close(actual, expected, kappa=1.0):
     )
 
 
-def check_case(case: Case, seed: int, batched_call: bool):
+def check_case(case: Case, seed: int, batched_call: bool, reference=None):
+    """eqx_bn against `reference` (default: flax.linen) on the same training run."""
     xs, masks = make_inputs(case, seed)
-    expected, expected_eval = flax_reference(case, xs, masks)
+    expected, expected_eval = (reference or flax_reference)(case, xs, masks)
     actual, actual_eval = ours(case, xs, masks, batched_call=batched_call)
     kappa = conditioning(case, xs, masks)
     for (y, mean, var), (fy, fmean, fvar) in zip(actual, expected):
@@ -259,15 +260,7 @@ def test_nnx_and_linen_differ_without_affine_parameters():
     batched_call=st.booleans(),
 )
 def test_matches_flax_nnx(case, seed, batched_call):
-    xs, masks = make_inputs(case, seed)
-    expected, expected_eval = flax_nnx_reference(case, xs, masks)
-    actual, actual_eval = ours(case, xs, masks, batched_call=batched_call)
-    kappa = conditioning(case, xs, masks)
-    for (y, mean, var), (fy, fmean, fvar) in zip(actual, expected):
-        assert_close(mean, fmean)
-        assert_close(var, fvar, kappa)
-        assert_close(y, fy, kappa)
-    assert_close(actual_eval, expected_eval, kappa)
+    check_case(case, seed, batched_call, reference=flax_nnx_reference)
 
 
 class TestAgainstEquinoxBatchNorm:
