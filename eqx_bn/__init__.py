@@ -3,10 +3,10 @@
 import importlib.metadata
 
 from equinox.nn import (
-    inference_mode as inference_mode,
-    make_with_state as make_with_state,
     State as State,
     StateIndex as StateIndex,
+    inference_mode as inference_mode,
+    make_with_state as make_with_state,
 )
 
 from . import interop as interop, models as models, train as train

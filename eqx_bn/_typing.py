@@ -1,4 +1,4 @@
-"""Type aliases and the one runtime type-check decorator used by every public callable."""
+"""Type aliases and the runtime type-check decorator every public callable uses."""
 
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
@@ -12,7 +12,7 @@ AxisName = Hashable | tuple[Hashable, ...]
 """One named axis (`"batch"`) or several reduced together (`("batch", "data")`)."""
 
 AxisIndexGroups = Sequence[Sequence[int]]
-"""Groups of indices along a named axis, as in `jax.lax.psum(..., axis_index_groups=)`."""
+"""Groups of indices along a named axis, as `jax.lax.psum(..., axis_index_groups=)`."""
 
 Initializer = Callable[..., Any]
 """A `jax.nn.initializers`-style callable `(key, shape, dtype) -> array`."""
