@@ -139,27 +139,13 @@ class _Walker:
         if is_arraylike(node):
             flax_path = override or (*scope, declared or field_name)
             self.entries.append(Entry(("params", *flax_path), path, IDENTITY))
-        elif isinstance(node, (list, tuple)) and not isinstance(node, eqx.Module):
-            for i, item in enumerate(node):
-                name = None if declared is None else f"{declared}_{i}"
-                self.visit(
-                    item,
-                    path + (SequenceKey(i),),
-                    scope,
-                    counter,
-                    name,
-                    f"{field_name}_{i}",
-                )
-        elif isinstance(node, dict):
-            for k, item in node.items():
+        elif isinstance(node, (list, tuple, dict)) and not isinstance(node, eqx.Module):
+            is_dict = isinstance(node, dict)
+            for k, item in node.items() if is_dict else enumerate(node):
                 name = None if declared is None else f"{declared}_{k}"
+                key = DictKey(k) if is_dict else SequenceKey(k)
                 self.visit(
-                    item,
-                    path + (DictKey(k),),
-                    scope,
-                    counter,
-                    name,
-                    f"{field_name}_{k}",
+                    item, path + (key,), scope, counter, name, f"{field_name}_{k}"
                 )
         elif isinstance(node, eqx.Module):
             if (
