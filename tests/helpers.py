@@ -27,3 +27,19 @@ def channels_first(x):
 def ulp_tolerance(dtype) -> float:
     """A few units in the last place of `dtype`: the float rounding level."""
     return float(8 * np.finfo(np.dtype(dtype)).eps)
+
+
+def flax_train_step(bn, variables, x, mask=None):
+    """One training call of a `flax.linen.BatchNorm` on channels-first `x` (and mask).
+
+    Returns the output, channels first, and the updated `batch_stats`.
+    """
+    with flax_promotion():
+        y, updates = bn.apply(
+            variables,
+            channels_last(x),
+            False,
+            mask=None if mask is None else channels_last(mask),
+            mutable=["batch_stats"],
+        )
+    return channels_first(y), updates["batch_stats"]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from helpers import channels_first, channels_last, flax_promotion
+from helpers import channels_first, channels_last, flax_promotion, flax_train_step
 from hypothesis import given, settings, strategies as st
 
 import eqx_bn
@@ -95,16 +95,9 @@ def flax_reference(case: Case, xs, masks):
             variables = bn.init(jax.random.key(0), channels_last(xs[0]), False)
             outs = []
             for x, m in zip(xs[:-1], masks[:-1]):
-                y, updates = bn.apply(
-                    variables,
-                    channels_last(x),
-                    False,
-                    mask=None if m is None else channels_last(m),
-                    mutable=["batch_stats"],
-                )
-                variables = {**variables, **updates}
-                stats = variables["batch_stats"]
-                outs.append((channels_first(y), stats["mean"], stats["var"]))
+                y, stats = flax_train_step(bn, variables, x, m)
+                variables = {**variables, "batch_stats": stats}
+                outs.append((y, stats["mean"], stats["var"]))
             y_eval = bn.apply(variables, channels_last(xs[-1]), True)
         return outs, channels_first(y_eval)
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import channels_first, channels_last, flax_promotion
+from helpers import channels_last, flax_promotion, flax_train_step
 
 import eqx_bn
 
@@ -24,14 +24,7 @@ def flax_train(x, mask=None, **kwargs):
     bn = nn.BatchNorm(**kwargs)
     with flax_promotion():
         variables = bn.init(jax.random.key(0), channels_last(x), False)
-        y, upd = bn.apply(
-            variables,
-            channels_last(x),
-            False,
-            mask=None if mask is None else channels_last(mask),
-            mutable=["batch_stats"],
-        )
-    return channels_first(y), upd["batch_stats"]
+    return flax_train_step(bn, variables, x, mask)
 
 
 def test_batch_of_one_example_without_spatial_axes():
