@@ -11,7 +11,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped
 
 from ._dtypes import promote
 from ._fused import TrainConfig, normalize, train_normalize
-from ._stats import Reduction
+from ._stats import Reduction, isolates_passes
 from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
 
 
@@ -262,7 +262,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         self._check_axes_bound()
         cfg = TrainConfig(
-            reduction=Reduction(axes, self.axis_name, self.axis_index_groups),
+            reduction=Reduction(
+                axes,
+                self.axis_name,
+                self.axis_index_groups,
+                isolates_passes(x.shape, channel_axis),
+            ),
             eps=self.eps,
             use_fast_variance=self.use_fast_variance,
             stat_dtype=self._stat_dtype(x),

@@ -97,7 +97,8 @@ def train_normalize(
     The statistics are differentiable outputs too (their tangents are exact), so a
     loss that reads the updated running statistics is differentiated correctly.
     """
-    return _forward(cfg, x, private_copies(x, 2), mask, scale, bias)
+    passes = private_copies(x, 2, cfg.reduction.isolate_passes)
+    return _forward(cfg, x, passes, mask, scale, bias)
 
 
 @train_normalize.defjvp
@@ -118,7 +119,8 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     """
     x, mask, scale, bias = primals
     dx, _, dscale, dbias = tangents
-    x_stats_a, x_stats_b, x_sums, x_out = private_copies(x, 4)
+    isolate = cfg.reduction.isolate_passes
+    x_stats_a, x_stats_b, x_sums, x_out = private_copies(x, 4, isolate)
     y, stats = _forward(cfg, x, (x_stats_a, x_stats_b), mask, scale, bias)
 
     red = cfg.reduction
@@ -126,7 +128,7 @@ def _train_normalize_jvp(cfg: TrainConfig, primals, tangents):
     x_sums, x_out = x_sums.astype(cfg.stat_dtype), x_out.astype(cfg.stat_dtype)
     dxs = dx.astype(cfg.stat_dtype)
     denom = jnp.maximum(stats.count, jnp.ones_like(stats.count))
-    mean_sums, mean_out = private_copies(stats.mean, 2)
+    mean_sums, mean_out = private_copies(stats.mean, 2, isolate)
 
     centred = x_sums - expand_channels(mean_sums, axes)
     sum_dx, sum_centred_dx = global_sums((dxs, centred * dxs), mask, red)

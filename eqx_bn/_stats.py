@@ -27,11 +27,28 @@ class Reduction(NamedTuple):
     - `axes`: the local axes of `x` summed over (every axis but the channel axis).
     - `axis_name`: named axes (vmap/pmap/shard_map) summed over afterwards, or None.
     - `axis_index_groups`: sub-groups of `axis_name`, as in `jax.lax.psum`.
+    - `isolate_passes`: give each full-size pass its own copy of its inputs (see
+        `private_copies` and `isolates_passes`).
     """
 
     axes: tuple[int, ...]
     axis_name: AxisName | None
     axis_index_groups: tuple[tuple[int, ...], ...] | None
+    isolate_passes: bool = True
+
+
+def isolates_passes(shape: tuple[int, ...], channel_axis: int) -> bool:
+    """Whether `private_copies` pays off for an input of `shape`, channels on
+    `channel_axis`.
+
+    Measured on XLA:CPU (jax 0.10.2) with interleaved A/B timing of the layer's
+    gradient: isolating the passes is 13-30% faster when each channel's contiguous
+    run (the spatial size) is 128 elements or more, or when there is no spatial axis
+    (channels minor), and 16-86% slower for runs of 2 to 64 elements (8x8 and 4x4
+    feature maps), where the shared expression stays in cache.
+    """
+    run = int(np.prod(shape[channel_axis + 1 :], dtype=np.int64))
+    return run == 1 or run >= 128
 
 
 class Moments(NamedTuple):
@@ -42,7 +59,7 @@ class Moments(NamedTuple):
     count: Float[Array, " channels"]
 
 
-def private_copies(v: Array, n: int) -> tuple[Array, ...]:
+def private_copies(v: Array, n: int, enabled: bool = True) -> tuple[Array, ...]:
     """`n` copies of `v` that XLA cannot merge back into one.
 
     When one broadcast per-channel vector (or one conversion of `x` to float32)
@@ -53,9 +70,11 @@ def private_copies(v: Array, n: int) -> tuple[Array, ...]:
     memory, which its several readers need anyway), and it is differentiable, so
     higher-order derivatives still work. XLA does merge two identical barriers, so
     take all the copies of one array in one call.
+
+    With `enabled=False` every copy is `v` itself (see `isolates_passes`).
     """
-    if n == 1:
-        return (v,)
+    if n == 1 or not enabled:
+        return (v,) * n
     return tuple(lax.optimization_barrier((v,) * n))
 
 
@@ -85,7 +104,11 @@ def global_sums(
     `mask` (broadcastable to the values) selects the elements that count. The
     per-channel partial sums are stacked so that they travel in one `psum`.
     """
-    masks = (None,) * len(values) if mask is None else private_copies(mask, len(values))
+    masks = (
+        (None,) * len(values)
+        if mask is None
+        else private_copies(mask, len(values), red.isolate_passes)
+    )
     local = tuple(_masked_sum(v, m, red.axes) for v, m in zip(values, masks))
     if red.axis_name is None:
         return local
@@ -193,7 +216,7 @@ def moments(
     denom = jnp.maximum(count, jnp.ones_like(count))
     if use_fast_variance:
         shift = _shift(passes[0], mask, red, dtype)
-        shift_a, shift_b = private_copies(shift, 2)
+        shift_a, shift_b = private_copies(shift, 2, red.isolate_passes)
         centred_a = x_a - expand_channels(shift_a, red.axes)
         centred_b = x_b - expand_channels(shift_b, red.axes)
         first, second = global_sums((centred_a, centred_b * centred_b), mask, red)

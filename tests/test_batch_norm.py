@@ -7,11 +7,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from helpers import channels_first, channels_last, flax_promotion, flax_train_step
 from hypothesis import given, settings, strategies as st
 
 import eqx_bn
+from eqx_bn._stats import isolates_passes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,3 +317,35 @@ class TestAgainstEquinoxBatchNorm:
             np.testing.assert_allclose(y_eqx, fy, rtol=1e-5, atol=1e-5)
         assert_close(actual_eval, expected_eval)
         assert not np.allclose(batch_eval, expected_eval, atol=1e-3)
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (16, 8)])
+@pytest.mark.parametrize("mask", ["none", "example", "element"])
+def test_both_pass_layouts_match_flax(spatial, mask):
+    """Small feature maps share inputs between passes, larger ones isolate them
+    (`isolates_passes`); both layouts give Flax's numbers."""
+    case = Case(
+        batch=4,
+        features=3,
+        spatial=spatial,
+        momentum=0.9,
+        eps=1e-5,
+        use_bias=True,
+        use_scale=True,
+        x_dtype="float32",
+        out_dtype=None,
+        mask=mask,
+        use_fast_variance=True,
+    )
+    assert isolates_passes((4, 3, *spatial), 1) == (spatial == (16, 8))
+    check_case(case, 0, batched_call=False)
+    check_case(case, 1, batched_call=True)
+
+
+def test_pass_isolation_rule():
+    assert isolates_passes((64, 64, 32, 32), 1)  # 1024-element runs
+    assert isolates_passes((64, 128, 8, 16), 1)  # 128
+    assert not isolates_passes((64, 256, 8, 8), 1)  # 64: stays in cache
+    assert not isolates_passes((512, 4, 4), 0)  # per example under vmap
+    assert isolates_passes((1024, 512), 1)  # no spatial axis
+    assert isolates_passes((512,), 0)
