@@ -118,6 +118,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     param_dtype: np.dtype = eqx.field(static=True)
     use_fast_variance: bool = eqx.field(static=True)
     force_float32_reductions: bool = eqx.field(static=True)
+    channels_last: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         use_fast_variance: bool = True,
         force_float32_reductions: bool = True,
         axis_index_groups: AxisIndexGroups | None = None,
+        channels_last: bool = False,
         bias_init: Initializer = jax.nn.initializers.zeros,
         scale_init: Initializer = jax.nn.initializers.ones,
         key: PRNGKeyArray | None = None,
@@ -158,6 +160,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
             keep the running averages in float32.
         - `axis_index_groups`: groups of indices along `axis_name` that are
             normalised separately (pmap / shard_map only), as in `jax.lax.psum`.
+        - `channels_last`: `x` is `(*spatial, input_size)` per example (or
+            `(batch, *spatial, input_size)` with `axis_name=None`), Flax's default
+            layout (`axis=-1`). XLA's CPU and GPU convolutions work channels last,
+            so a network whose convolutions are channels last avoids a transpose
+            around each of them.
         - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
         - `key`: passed to the initialisers; only needed when they are random.
 
@@ -196,6 +203,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.param_dtype = param_dtype
         self.use_fast_variance = use_fast_variance
         self.force_float32_reductions = force_float32_reductions
+        self.channels_last = bool(channels_last)
 
     @property
     def use_bias(self) -> bool:
@@ -219,7 +227,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """**Arguments:**
 
         - `x`: `(input_size, *spatial)` for one example under a named axis, or
-            `(batch, input_size, *spatial)` when the layer has `axis_name=None`.
+            `(batch, input_size, *spatial)` when the layer has `axis_name=None`
+            (channels last instead when the layer has `channels_last=True`).
             Any floating dtype; statistics are reduced in float32 (or wider).
         - `state`: the `eqx.nn.State` holding the running averages.
         - `key`: unused; accepted so the layer fits `eqx.nn.Sequential`.
@@ -355,8 +364,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     def _check_input(self, x: Array, mask: Array | None) -> int:
         """Returns the channel axis of `x`; raises a ValueError saying what to fix."""
+        example = (
+            "*spatial, input_size" if self.channels_last else "input_size, *spatial"
+        )
         if self.axis_name is None:
-            channel_axis, layout = 1, "(batch, input_size, *spatial)"
+            layout = f"(batch, {example})"
             if x.ndim < 2:
                 raise ValueError(
                     f"BatchNorm(axis_name=None): x must be a whole batch {layout}, got "
@@ -364,29 +376,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     "with axis_name='batch' and call it under "
                     "jax.vmap(..., axis_name='batch')."
                 )
+            channel_axis = x.ndim - 1 if self.channels_last else 1
         else:
-            channel_axis, layout = 0, "(input_size, *spatial)"
+            layout = f"({example})"
             if x.ndim < 1:
                 raise ValueError(
                     f"BatchNorm: x must be one example {layout}, got a scalar."
                 )
+            channel_axis = x.ndim - 1 if self.channels_last else 0
         channels = x.shape[channel_axis]
         if channels != self.input_size:
-            hint = ""
-            if (
-                self.axis_name is not None
-                and x.ndim >= 2
-                and x.shape[1] == self.input_size
-            ):
-                hint = (
-                    " It looks like a whole batch: call the layer under "
-                    f"jax.vmap(..., axis_name={self.axis_name!r}), or build it with "
-                    "axis_name=None."
-                )
             raise ValueError(
                 f"BatchNorm: x has {channels} channels on axis {channel_axis} (shape "
                 f"{x.shape}), expected input_size={self.input_size} as in {layout}."
-                + hint
+                + self._layout_hint(x)
             )
         if mask is not None:
             try:
@@ -401,6 +404,26 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     "(under vmap, one scalar per example)."
                 )
         return channel_axis
+
+    def _layout_hint(self, x: Array) -> str:
+        """A guess at what went wrong when the channel axis has the wrong size."""
+        batched = self.axis_name is not None and not self.channels_last
+        if batched and x.ndim >= 2 and x.shape[1] == self.input_size:
+            return (
+                " It looks like a whole batch: call the layer under "
+                f"jax.vmap(..., axis_name={self.axis_name!r}), or build it with "
+                "axis_name=None."
+            )
+        first = 0 if self.axis_name is not None else 1
+        if x.ndim > first + 1:
+            other = first if self.channels_last else x.ndim - 1
+            if x.shape[other] == self.input_size:
+                return (
+                    f" Axis {other} has {self.input_size} entries: if those are the "
+                    "channels, build the layer with "
+                    f"channels_last={not self.channels_last}."
+                )
+        return ""
 
     def _check_axes_bound(self) -> None:
         if self.axis_name is None:

@@ -29,6 +29,7 @@ class Case:
     out_dtype: str | None
     mask: str  # "none" | "example" | "element"
     use_fast_variance: bool
+    channels_last: bool = False  # eqx_bn's layout; the comparisons are channels first
     steps: int = 3
 
 
@@ -45,6 +46,7 @@ cases = st.builds(
     out_dtype=st.sampled_from([None, None, "float32", "bfloat16"]),
     mask=st.sampled_from(["none", "example", "element"]),
     use_fast_variance=st.booleans(),
+    channels_last=st.booleans(),
 )
 
 
@@ -107,7 +109,14 @@ def flax_reference(case: Case, xs, masks):
 
 
 def ours(case: Case, xs, masks, *, batched_call: bool):
-    """The same with eqx_bn: per example under vmap, or on the whole batch."""
+    """The same with eqx_bn: per example under vmap, or on the whole batch.
+
+    With `case.channels_last` the layer gets (and returns) channels-last arrays;
+    the results are handed back channels first, as the references give them.
+    """
+    if case.channels_last:
+        xs = [channels_last(x) for x in xs]
+        masks = [None if m is None else channels_last(m) for m in masks]
     bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
         case.features,
         axis_name=None if batched_call else "batch",
@@ -117,6 +126,7 @@ def ours(case: Case, xs, masks, *, batched_call: bool):
         use_scale=case.use_scale,
         dtype=case.out_dtype,
         use_fast_variance=case.use_fast_variance,
+        channels_last=case.channels_last,
     )
 
     def call(layer, x, state, mask):
@@ -143,6 +153,9 @@ def ours(case: Case, xs, masks, *, batched_call: bool):
     outs, y_eval, state, state_after = run(bn, state, xs, masks)
     unchanged = jax.tree.map(lambda a, b: bool((a == b).all()), state_after, state)
     assert jax.tree.all(unchanged), "inference mode changed the state"
+    if case.channels_last:
+        outs = [(channels_first(y), mean, var) for y, mean, var in outs]
+        y_eval = channels_first(y_eval)
     return outs, y_eval
 
 
@@ -322,8 +335,9 @@ class TestAgainstEquinoxBatchNorm:
 @pytest.mark.parametrize("spatial", [(8, 8), (16, 8)])
 @pytest.mark.parametrize("mask", ["none", "example", "element"])
 def test_both_pass_layouts_match_flax(spatial, mask):
-    """Small feature maps share inputs between passes, larger ones isolate them
-    (`isolates_passes`); both layouts give Flax's numbers."""
+    """Small channels-first feature maps share inputs between passes, larger ones
+    (and every channels-last input) isolate them (`isolates_passes`); both give
+    Flax's numbers."""
     case = Case(
         batch=4,
         features=3,
@@ -340,6 +354,9 @@ def test_both_pass_layouts_match_flax(spatial, mask):
     assert isolates_passes((4, 3, *spatial), 1) == (spatial == (16, 8))
     check_case(case, 0, batched_call=False)
     check_case(case, 1, batched_call=True)
+    last = dataclasses.replace(case, channels_last=True)
+    assert isolates_passes((4, *spatial, 3), 3)
+    check_case(last, 2, batched_call=False)
 
 
 def test_pass_isolation_rule():
@@ -349,3 +366,4 @@ def test_pass_isolation_rule():
     assert not isolates_passes((512, 4, 4), 0)  # per example under vmap
     assert isolates_passes((1024, 512), 1)  # no spatial axis
     assert isolates_passes((512,), 0)
+    assert isolates_passes((64, 4, 4, 512), 3)  # channels last: always

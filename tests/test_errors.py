@@ -39,6 +39,17 @@ def test_whole_batch_given_to_a_per_example_layer_says_how_to_fix():
     assert "axis_name=None" in str(e.value) and "jax.vmap" in str(e.value)
 
 
+@pytest.mark.parametrize("layout_last", [False, True])
+def test_channels_in_the_other_layout_name_the_flag(layout_last):
+    bn, state = make(3, channels_last=layout_last)
+    x = jnp.ones((8, 5, 4, 3)) if not layout_last else jnp.ones((8, 3, 4, 5))
+    with pytest.raises(ValueError, match="x has 5 channels") as e:
+        vmapped(bn)(x, state)
+    assert f"build the layer with channels_last={not layout_last}" in str(e.value)
+    layout = "(*spatial, input_size)" if layout_last else "(input_size, *spatial)"
+    assert layout in str(e.value)
+
+
 def test_batch_layer_given_one_example():
     bn, state = make(3, axis_name=None)
     with pytest.raises(ValueError, match=re.escape("(batch, input_size, *spatial)")):

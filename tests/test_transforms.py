@@ -45,9 +45,14 @@ def flax_loss(use_fast_variance, mask=None, stats_weight=0.0):
     return loss, params
 
 
-def our_loss(use_fast_variance, mask=None, stats_weight=0.0):
+def our_loss(use_fast_variance, mask=None, stats_weight=0.0, layout_last=False):
+    """The same loss through eqx_bn; `layout_last` runs the layer channels last
+    (the loss still takes and compares channels-first arrays)."""
     bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
-        3, momentum=0.9, use_fast_variance=use_fast_variance
+        3,
+        momentum=0.9,
+        use_fast_variance=use_fast_variance,
+        channels_last=layout_last,
     )
     bn = eqx.tree_at(
         lambda b: (b.scale, b.bias),
@@ -56,12 +61,14 @@ def our_loss(use_fast_variance, mask=None, stats_weight=0.0):
     )
 
     def loss(x, bn, ct):
+        x = channels_last(x) if layout_last else x
         y, new_state = jax.vmap(
             lambda xi, mi: bn(xi, state, mask=mi),
             axis_name="batch",
             in_axes=(0, None if mask is None else 0),
             out_axes=(0, None),
         )(x, None if mask is None else mask[:, 0, 0, :])
+        y = channels_first(y) if layout_last else y
         stats = new_state.get(bn.state_index)
         extra = jnp.sum(stats.mean) + jnp.sum(stats.var**2)
         return jnp.sum(y * ct) + stats_weight * extra
@@ -75,16 +82,23 @@ def assert_grads_close(ours, theirs, scale=1.0):
     np.testing.assert_allclose(ours, theirs, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("use_fast_variance", [True, False])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("stats_weight", [0.0, 1.0])
-def test_gradients_match_flax(use_fast_variance, masked, stats_weight):
+@pytest.mark.parametrize(
+    "use_fast_variance, masked, stats_weight, layout_last",
+    [
+        (fast, masked, weight, False)
+        for fast in (True, False)
+        for masked in (False, True)
+        for weight in (0.0, 1.0)
+    ]
+    + [(True, True, 1.0, True), (False, False, 0.0, True)],
+)
+def test_gradients_match_flax(use_fast_variance, masked, stats_weight, layout_last):
     x, ct = data()
     mask = None
     if masked:
         mask = jnp.array([True, False, True, True, False, True]).reshape(6, 1, 1, 1)
     f_loss, params = flax_loss(use_fast_variance, mask, stats_weight)
-    o_loss, bn = our_loss(use_fast_variance, mask, stats_weight)
+    o_loss, bn = our_loss(use_fast_variance, mask, stats_weight, layout_last)
     fx, fparams = jax.grad(f_loss, argnums=(0, 1))(x, params, ct)
     ox, obn = eqx.filter_jit(eqx.filter_grad(lambda d, ct: o_loss(*d, ct)))((x, bn), ct)
     assert_grads_close(ox, fx)
