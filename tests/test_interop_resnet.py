@@ -6,6 +6,7 @@ Each model is initialised and trained for a few SGD steps in Flax (`mutable=
 eval and in train mode; exporting gives back Flax's variables bit for bit.
 """
 
+import copy
 from functools import partial
 
 import equinox as eqx
@@ -89,14 +90,27 @@ class Case:
         self.restored = read_msgpack(self.data)
         # An abstract model: the loader needs only shapes and dtypes, and skipping
         # Equinox's random initialisation saves most of the time of this fixture.
+        self.layout_last = False
+        self._load(make_eqx)
+
+    def _load(self, make_eqx):
         self.eqx_model, self.eqx_state = eqx.filter_eval_shape(make_eqx)
         self.model, self.state = load_flax(
             self.eqx_model, self.eqx_state, self.restored
         )
 
+    def with_channels_last(self, make_eqx) -> "Case":
+        """The same Flax checkpoint in a channels-last Equinox model."""
+        other = copy.copy(self)
+        other.layout_last = True
+        other._load(make_eqx)
+        return other
+
     @property
     def x_eqx(self):
-        return channels_first(self.x) if self.x.ndim > 2 else self.x
+        if self.x.ndim > 2 and not self.layout_last:
+            return channels_first(self.x)
+        return self.x
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +130,21 @@ def resnet():
     return Case(flax_module, make, x, 10, steps=2, exact=True)
 
 
-CASES = ["mlp", pytest.param("resnet", marks=pytest.mark.slow)]
+@pytest.fixture(scope="module")
+def resnet_channels_last(resnet):
+    # Flax's own layout: the images go in untransposed.
+    return resnet.with_channels_last(
+        lambda: eqx.nn.make_with_state(ResNet18)(
+            10, num_filters=8, channels_last=True, key=jax.random.key(2)
+        )
+    )
+
+
+CASES = [
+    "mlp",
+    pytest.param("resnet", marks=pytest.mark.slow),
+    pytest.param("resnet_channels_last", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(params=CASES)

@@ -55,9 +55,14 @@ def test_resnet_tree_is_flaxs(make, stage_sizes):
 def test_max_pool_pads_as_flax(size):
     # Negative inputs: the padding must be -inf, and on even sizes only at the end.
     rng = np.random.default_rng(0)
-    x = jnp.asarray(-np.abs(rng.normal(size=(2, 3, size, size))) - 1.0, jnp.float32)
-    expected = nn.max_pool(channels_last(x), (3, 3), strides=(2, 2), padding="SAME")
-    np.testing.assert_array_equal(jax.vmap(_max_pool)(x), channels_first(expected))
+    x = jnp.asarray(-np.abs(rng.normal(size=(2, size, size, 3))) - 1.0, jnp.float32)
+    expected = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    pool_last = jax.vmap(lambda v: _max_pool(v, channels_last=True))
+    np.testing.assert_array_equal(pool_last(x), expected)
+    pool_first = jax.vmap(lambda v: _max_pool(v, channels_last=False))
+    np.testing.assert_array_equal(
+        pool_first(channels_first(x)), channels_first(expected)
+    )
 
 
 def test_resnet_blocks_follow_flax():
@@ -72,6 +77,41 @@ def test_resnet_blocks_follow_flax():
     assert model.conv_init.use_bias is False
     assert model.bn_init.momentum == 0.9 and model.bn_init.eps == 1e-5
     assert model.head.in_features == 4 and model.head.out_features == 3
+
+
+def _logits(model, state, x):
+    train = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    y, new_state = train(x, state)
+    infer = eqx.nn.inference_mode(model)
+    y_eval, _ = jax.vmap(infer, in_axes=(0, None), out_axes=(0, None))(x, new_state)
+    return y, y_eval, new_state
+
+
+def test_channels_last_resnet_is_the_same_model():
+    """Same parameters, state and Flax names; NHWC images give exactly the logits
+    and statistics that the channels-first model gives on NCHW images (XLA's CPU
+    backend runs both as the same channels-last convolution)."""
+    make = eqx.nn.make_with_state(ResNet)
+    first, state = make((1, 1), 5, num_filters=4, key=jax.random.key(0))
+    last, state_last = make(
+        (1, 1), 5, num_filters=4, channels_last=True, key=jax.random.key(0)
+    )
+    assert flax_paths(first) == flax_paths(last)
+    # Only the static layout flag differs: the same leaves, in the same order.
+    leaves = jax.tree.leaves((first, state))
+    leaves_last = jax.tree.leaves((last, state_last))
+    assert len(leaves) == len(leaves_last)
+    for a, b in zip(leaves, leaves_last):
+        np.testing.assert_array_equal(a, b)
+    assert all(b.norm_0.channels_last for b in last.blocks)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 19, 17)), jnp.float32)
+    run = eqx.filter_jit(_logits)
+    y, y_eval, new = run(first, state, x)
+    y_l, y_eval_l, new_l = run(last, state_last, channels_last(x))
+    np.testing.assert_array_equal(y_l, y)
+    np.testing.assert_array_equal(y_eval_l, y_eval)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_l), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_last_scale_of_a_block_starts_at_zero():
@@ -114,5 +154,5 @@ def test_max_pool_is_differentiable_under_jit():
     """Regression: a jnp-array init made reduce_window lose its reverse-mode rule
     under jit, so the ResNet could not be trained in a jitted step."""
     x = jnp.arange(2 * 5 * 5, dtype=jnp.float32).reshape(2, 5, 5)
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(_max_pool(x))))(x)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(_max_pool(x, False))))(x)
     assert grad.shape == x.shape and float(jnp.sum(grad)) == 2 * 3 * 3
