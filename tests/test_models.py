@@ -10,7 +10,14 @@ from flax_reference import ResNet as FlaxResNet, numpy_init
 from helpers import channels_first, channels_last, flax_promotion
 
 from eqx_bn.interop import flax_paths, load_flax
-from eqx_bn.models import ResNet, ResNet18, ResNet34, ResNetBlock, SeedMLP
+from eqx_bn.models import (
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNetBlock,
+    SeedMLP,
+    channels_last_conv,
+)
 from eqx_bn.models.resnet import _max_pool
 
 
@@ -156,3 +163,40 @@ def test_max_pool_is_differentiable_under_jit():
     x = jnp.arange(2 * 5 * 5, dtype=jnp.float32).reshape(2, 5, 5)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(_max_pool(x, False))))(x)
     assert grad.shape == x.shape and float(jnp.sum(grad)) == 2 * 3 * 3
+
+
+@pytest.mark.parametrize(
+    "dims, kwargs",
+    [
+        (1, dict(kernel_size=3, stride=2, padding="SAME", use_bias=True)),
+        (2, dict(kernel_size=(3, 2), stride=(1, 2), padding=((2, 0), (1, 1)))),
+        (2, dict(kernel_size=3, dilation=2, groups=2, padding="VALID")),
+        (3, dict(kernel_size=2, padding=1, use_bias=True)),
+    ],
+)
+def test_channels_last_conv_is_the_module_on_moved_axes(dims, kwargs):
+    conv = eqx.nn.Conv(dims, 4, 6, key=jax.random.key(0), **kwargs)
+    if conv.bias is not None:  # a non-zero bias, so that its layout is checked
+        conv = eqx.tree_at(
+            lambda c: c.bias,
+            conv,
+            conv.bias + jnp.arange(6.0).reshape((6,) + (1,) * dims),
+        )
+    x = jnp.asarray(
+        np.random.default_rng(0).normal(size=(4,) + (7,) * dims), jnp.float32
+    )
+    expected = jnp.moveaxis(conv(x), 0, -1)
+    actual = channels_last_conv(conv, jnp.moveaxis(x, 0, -1))
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_conv_rejects_what_it_cannot_run():
+    conv = eqx.nn.Conv2d(3, 2, 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"in_channels=3 last, got shape \(3, 8, 8\)"):
+        channels_last_conv(conv, jnp.ones((3, 8, 8)))
+    reflect = eqx.nn.Conv2d(
+        3, 2, 3, padding=1, padding_mode="REFLECT", key=jax.random.key(0)
+    )
+    with pytest.raises(ValueError, match="padding_mode='REFLECT'"):
+        channels_last_conv(reflect, jnp.ones((8, 8, 3)))

@@ -1,5 +1,6 @@
 """Equinox models that mirror common Flax models, for conversion and examples."""
 
+from ._layout import channels_last_conv as channels_last_conv
 from .mlp import SeedMLP as SeedMLP
 from .resnet import (
     ResNet as ResNet,

@@ -2,15 +2,17 @@
 
 `eqx.nn.Conv` takes one example channels first, `(C, *spatial)`. XLA's CPU (and GPU)
 convolutions work channels last, so a channels-first network pays a transpose of the
-activations in and out of every convolution. `conv` runs the same module, with its
-weights as they are (`(out, in, *kernel)`), on `(*spatial, C)` instead: the kernel
-layout is only a dimension-number choice, and the activations never move.
+activations in and out of every convolution. `channels_last_conv` runs the same
+module, with its weights as they are (`(out, in, *kernel)`), on `(*spatial, C)`: the
+kernel layout is only a dimension-number choice, and the activations never move.
 """
 
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
+
+from .._typing import typecheck
 
 
 def _dimension_numbers(spatial: int) -> lax.ConvDimensionNumbers:
@@ -22,49 +24,50 @@ def _dimension_numbers(spatial: int) -> lax.ConvDimensionNumbers:
     )
 
 
-def conv(
-    module: eqx.nn.Conv, x: Float[Array, "*spatial in_channels"], channels_last: bool
+@typecheck
+def channels_last_conv(
+    conv: eqx.nn.Conv, x: Float[Array, "*spatial in_channels"]
 ) -> Float[Array, "*new_spatial out_channels"]:
-    """`module(x)`, with `x` and the result channels last when `channels_last`.
+    """`conv` applied to one channels-last example: `conv(x.T)` with the result
+    channels last again, without moving `x`.
 
     **Arguments:**
 
-    - `module`: an `eqx.nn.Conv` (zero padding).
-    - `x`: one example, `(*spatial, in_channels)` (or `(in_channels, *spatial)`
-        when `channels_last` is False, which simply calls `module(x)`).
-    - `channels_last`: the layout of `x` and of the result.
+    - `conv`: an `eqx.nn.Conv` (`Conv1d`/`Conv2d`/`Conv3d`) with zero padding; its
+        weights stay in Equinox's `(out, in, *kernel)` layout.
+    - `x`: one example, `(*spatial, in_channels)`.
 
     **Returns:**
 
-    The convolution, in the layout of `x`.
+    `(*new_spatial, out_channels)`: the same numbers as `conv` on the channels-first
+    example, moved to channels last.
 
     **Raises:**
 
-    - `ValueError`: for a rank that does not match the module, or a padding mode
-        other than zeros.
+    - `ValueError`: if `x` is not of rank `num_spatial_dims + 1` with `in_channels`
+        last, or the module pads with anything but zeros.
     """
-    if not channels_last:
-        return module(x)
-    spatial = module.num_spatial_dims
-    if x.ndim != spatial + 1:
+    spatial = conv.num_spatial_dims
+    if x.ndim != spatial + 1 or x.shape[-1] != conv.in_channels:
         raise ValueError(
-            f"conv: expected one channels-last example of rank {spatial + 1} "
-            f"(*spatial, in_channels), got shape {x.shape}."
+            f"channels_last_conv: expected one example (*spatial, in_channels) with "
+            f"{spatial} spatial axes and in_channels={conv.in_channels} last, got "
+            f"shape {x.shape}."
         )
-    if module.padding_mode != "ZEROS":
+    if conv.padding_mode != "ZEROS":
         raise ValueError(
-            f"conv: channels-last convolutions support zero padding only, got "
-            f"padding_mode={module.padding_mode!r}."
+            "channels_last_conv: only zero padding is supported, got "
+            f"padding_mode={conv.padding_mode!r}."
         )
     y = lax.conv_general_dilated(
         x[None],
-        module.weight,
-        window_strides=module.stride,
-        padding=module.padding,
-        rhs_dilation=module.dilation,
-        feature_group_count=module.groups,
+        conv.weight,
+        window_strides=conv.stride,
+        padding=conv.padding,
+        rhs_dilation=conv.dilation,
+        feature_group_count=conv.groups,
         dimension_numbers=_dimension_numbers(spatial),
     )[0]
-    if module.bias is not None:
-        y = y + jnp.reshape(module.bias, (-1,))
+    if conv.bias is not None:
+        y = y + jnp.reshape(conv.bias, (1,) * spatial + (-1,))
     return y

@@ -19,7 +19,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
 from .._typing import typecheck
-from ._layout import conv
+from ._layout import channels_last_conv
+
+
+def _conv(module: eqx.nn.Conv, x: Array, channels_last: bool) -> Array:
+    return channels_last_conv(module, x) if channels_last else module(x)
 
 
 def _norm(
@@ -109,13 +113,13 @@ class ResNetBlock(eqx.Module):
         self, x: Float[Array, "..."], state: eqx.nn.State, *, inference: bool | None
     ) -> tuple[Float[Array, "..."], eqx.nn.State]:
         last = self.channels_last
-        y, state = self.norm_0(conv(self.conv_0, x, last), state, inference=inference)
-        y = conv(self.conv_1, jax.nn.relu(y), last)
+        y, state = self.norm_0(_conv(self.conv_0, x, last), state, inference=inference)
+        y = _conv(self.conv_1, jax.nn.relu(y), last)
         y, state = self.norm_1(y, state, inference=inference)
         residual = x
         if self.conv_proj is not None and self.norm_proj is not None:
             residual, state = self.norm_proj(
-                conv(self.conv_proj, x, last), state, inference=inference
+                _conv(self.conv_proj, x, last), state, inference=inference
             )
         return jax.nn.relu(residual + y), state
 
@@ -229,7 +233,7 @@ class ResNet(eqx.Module):
         del key
         last = self.channels_last
         x, state = self.bn_init(
-            conv(self.conv_init, x, last), state, inference=inference
+            _conv(self.conv_init, x, last), state, inference=inference
         )
         x = _max_pool(jax.nn.relu(x), last)
         for block in self.blocks:
