@@ -21,14 +21,16 @@ Cases:
     with respect to the input and the parameters, with the new running averages.
 - `layer eval`: the inference forward pass (running averages).
 - `resnet step`: a jitted SGD-with-momentum step of a ResNet-18 with 16 filters on
-    32x32x3 images: `eqx_bn.models.ResNet` against its Flax twin.
+    32x32x3 images: `eqx_bn.models.ResNet` (channels first, and with
+    `channels_last=True`) against its Flax twin.
 - `mlp step`: the seed MLP, `Dense(4) -> BatchNorm -> relu -> Dense(1)`, on a tiny
     batch: the dispatch overhead of `eqx_bn.train.make_train_step` against a plain
     `jax.jit` Flax step.
 
 Layouts are each library's own: channels last for Flax (and a channels-first
 `axis=1` row for comparison), channels first for Equinox (one example under
-`jax.vmap`, or a whole batch with `axis_name=None`).
+`jax.vmap`, or a whole batch with `axis_name=None`); eqx_bn runs in both
+(`channels_last=True` rows: Flax's layout, on the same arrays as Flax).
 
 Usage: `python benchmarks/run.py [--quick] [--rounds N] [--only CASE]
 [--out benchmarks/RESULTS.md]`. `--quick` is a smoke test of a few seconds (tiny
@@ -70,6 +72,8 @@ COPY = "x*2 (copy)"
 TRAFFIC = "traffic (x-sizes)"
 STEP_TRAFFIC = "traffic MB"
 LAYOUT_TRAFFIC = "of which transposes/copies MB"
+EQX_LAST = "eqx_bn channels_last (vmap)"
+EQX_LAST_BATCHED = "eqx_bn channels_last (batched)"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -310,6 +314,9 @@ def layer_cases(shape, dtype, names: tuple[str, ...] | None) -> tuple[dict, ...]
     add("flax.nnx", lambda: _reorder(*_flax_nnx_layer(c), x_last, g_last))
     for name, axis_name in (("eqx_bn (vmap)", "batch"), ("eqx_bn (batched)", None)):
         add(name, functools.partial(_eqx_bn_case, c, axis_name, x, g))
+    for name, axis_name in ((EQX_LAST, "batch"), (EQX_LAST_BATCHED, None)):
+        case = functools.partial(_eqx_bn_case, c, axis_name, x_last, g_last, True)
+        add(name, case)
     for mode in ("batch", "ema"):
         add(f"eqx.nn mode={mode}", functools.partial(_eqx_nn_case, c, mode, x, g))
     return train, evaluate, compile_s, traffic_train, traffic_eval, failures
@@ -319,8 +326,10 @@ def _reorder(train_fn, eval_fn, params, stats, x, g):
     return train_fn, eval_fn, params, x, stats, g
 
 
-def _eqx_bn_case(c, axis_name, x, g):
-    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(c, axis_name)
+def _eqx_bn_case(c, axis_name, x, g, channels_last=False):
+    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
+        c, axis_name, channels_last=channels_last
+    )
     train_fn, eval_fn, params = _eqx_layer(bn, state, batched_call=axis_name is None)
     return train_fn, eval_fn, params, x, state, g
 
@@ -341,13 +350,11 @@ def _cross_entropy(logits, labels):
 def resnet_steps(
     batch: int, size: int, stage_sizes: tuple[int, ...], filters: int
 ) -> tuple[dict, dict]:
-    """Jitted SGD steps of the eqx_bn and Flax ResNets, 10 classes."""
-    km = jax.random.key(1)
+    """Jitted SGD steps of the eqx_bn ResNets (both layouts) and Flax's, 10 classes."""
     images = jnp.asarray(_normal(2, (batch, 3, size, size)))
     labels = jnp.asarray(np.random.default_rng(3).integers(0, 10, batch))
+    images_last = jnp.moveaxis(images, 1, -1)
     tx = optax.sgd(0.1, momentum=0.9)
-
-    model, state = _build(ResNet, stage_sizes, 10, num_filters=filters, key=km)
 
     def eqx_loss(model, state, batch):
         x, y = batch
@@ -356,14 +363,27 @@ def resnet_steps(
         )(x, state)
         return _cross_entropy(logits, y), (state, None)
 
+    eqx_cases = {}
+    for name, channels_last, x in (
+        ("eqx_bn", False, images),
+        ("eqx_bn channels_last", True, images_last),
+    ):
+        model, state = _build(
+            ResNet,
+            stage_sizes,
+            10,
+            num_filters=filters,
+            channels_last=channels_last,
+            key=jax.random.key(1),
+        )
+        ts = eqx_bn.train.TrainState.create(model, state, tx)
+        eqx_cases[name] = (eqx_loss, ts, (x, labels))
+
     flax_model = flax_reference.ResNet(
         stage_sizes=list(stage_sizes), num_classes=10, num_filters=filters
     )
-    images_last = jnp.moveaxis(images, 1, -1)
     return _steps(
-        eqx_loss,
-        eqx_bn.train.TrainState.create(model, state, tx),
-        (images, labels),
+        eqx_cases,
         flax_model,
         tx,
         _cross_entropy,
@@ -387,10 +407,9 @@ def mlp_steps(batch: int) -> tuple[dict, dict]:
         )(x, state)
         return _mse(pred, y), (state, None)
 
+    ts = eqx_bn.train.TrainState.create(model, state, tx)
     return _steps(
-        eqx_loss,
-        eqx_bn.train.TrainState.create(model, state, tx),
-        (x, y),
+        {"eqx_bn": (eqx_loss, ts, (x, y))},
         flax_reference.SeedMLP(),
         tx,
         _mse,
@@ -407,9 +426,12 @@ def _mse(pred, y):
     return jnp.mean((pred - y) ** 2)
 
 
-def _steps(eqx_loss, ts, eqx_batch, flax_model, tx, loss, flax_batch, traffic=False):
+def _steps(eqx_cases, flax_model, tx, loss, flax_batch, traffic=False):
     """Step calls, and columns for the table (compile seconds, traffic in MB of
-    arrays of 64 KiB or more): `eqx_bn.train` against a plain Flax step."""
+    arrays of 64 KiB or more): `eqx_bn.train` against a plain Flax step.
+
+    `eqx_cases`: name -> (loss function, `TrainState`, batch) for each eqx_bn row.
+    """
     init = jax.jit(functools.partial(flax_model.init, train=False))
     variables = init(jax.random.key(3), flax_batch[0])
     params = variables["params"]
@@ -417,17 +439,20 @@ def _steps(eqx_loss, ts, eqx_batch, flax_model, tx, loss, flax_batch, traffic=Fa
     flax_step, flax_s = compiled(
         _flax_train_step(flax_model, tx, loss), flax_state, flax_batch
     )
-    eqx_step, eqx_s = compiled(eqx_bn.train.make_train_step(eqx_loss), ts, eqx_batch)
-    calls = {
-        FLAX: _carry(flax_step, flax_state, flax_batch),
-        "eqx_bn": _carry(eqx_step, ts, eqx_batch),
-    }
-    columns = {"compile s": {FLAX: f"{flax_s:.2f}", "eqx_bn": f"{eqx_s:.2f}"}}
+    calls = {FLAX: _carry(flax_step, flax_state, flax_batch)}
+    executables = {FLAX: flax_step}
+    compile_s = {FLAX: f"{flax_s:.2f}"}
+    for name, (eqx_loss, ts, batch) in eqx_cases.items():
+        step, seconds = compiled(eqx_bn.train.make_train_step(eqx_loss), ts, batch)
+        calls[name] = _carry(step, ts, batch)
+        executables[name] = step
+        compile_s[name] = f"{seconds:.2f}"
+    columns = {"compile s": compile_s}
     kinds = ((STEP_TRAFFIC, None), (LAYOUT_TRAFFIC, "(transpose|copy)"))
     for title, only in kinds if traffic else ():
         columns[title] = {
             name: f"{hlo_traffic(exe.as_text(), 1e6, 2**16, only):.0f}"
-            for name, exe in ((FLAX, flax_step), ("eqx_bn", eqx_step))
+            for name, exe in executables.items()
         }
     return calls, columns
 
@@ -539,7 +564,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.quick:
         rounds, target = args.rounds or 3, 0.002
         shapes = [((8, 16, 8, 8), jnp.float32)]
-        names = (FLAX, "eqx_bn (vmap)")
+        names = (FLAX, "eqx_bn (vmap)", EQX_LAST)
         resnet = dict(batch=4, size=16, stage_sizes=(1,), filters=4)
     else:
         rounds, target = args.rounds or 9, 0.1
@@ -547,6 +572,7 @@ def main(argv: list[str] | None = None) -> str:
             ((64, 64, 32, 32), jnp.float32),
             ((64, 128, 16, 16), jnp.float32),
             ((64, 256, 8, 8), jnp.float32),
+            ((64, 512, 4, 4), jnp.float32),
             ((64, 64, 32, 32), jnp.bfloat16),
         ]
         names = None

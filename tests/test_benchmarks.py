@@ -32,18 +32,23 @@ def bench():
     return module
 
 
-def _train_traffic(bench, axis_name, dtype=jnp.float32, masked=False) -> float:
+def _train_traffic(
+    bench, axis_name, dtype=jnp.float32, masked=False, channels_last=False
+) -> float:
     """Traffic of jit(grad) of sum(y * g) for eqx_bn, in units of x's size."""
-    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(SHAPE[1], axis_name)
+    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
+        SHAPE[1], axis_name, channels_last=channels_last
+    )
     params, static = eqx.partition(bn, eqx.is_inexact_array)
-    x = jnp.zeros(SHAPE, dtype)
-    g = jnp.zeros(SHAPE, jnp.float32)
+    shape = SHAPE[:1] + SHAPE[2:] + SHAPE[1:2] if channels_last else SHAPE
+    x = jnp.zeros(shape, dtype)
+    g = jnp.zeros(shape, jnp.float32)
     keep = jnp.arange(SHAPE[0]) % 4 != 0
 
     def loss(params, x, keep):
         model = eqx.combine(params, static)
         if axis_name is None:
-            mask = keep[:, None, None, None] if masked else None
+            mask = keep.reshape((-1,) + (1,) * (x.ndim - 1)) if masked else None
             y, new_state = model(x, state, mask=mask)
         else:
             y, new_state = jax.vmap(
@@ -58,11 +63,17 @@ def _train_traffic(bench, axis_name, dtype=jnp.float32, masked=False) -> float:
     return bench.hlo_traffic(text, x.nbytes, x.size)
 
 
-@pytest.mark.parametrize("axis_name, masked", [("batch", True), (None, False)])
-def test_fused_training_traffic(bench, axis_name, masked):
+@pytest.mark.parametrize(
+    "axis_name, masked, channels_last",
+    [("batch", True, False), (None, False, False), ("batch", True, True)],
+)
+def test_fused_training_traffic(bench, axis_name, masked, channels_last):
     # A per-example mask must not cost extra passes (its select is applied to the
     # per-example partial sums, not written out in full).
-    assert _train_traffic(bench, axis_name, masked=masked) <= FUSED_TRAFFIC
+    traffic = _train_traffic(
+        bench, axis_name, masked=masked, channels_last=channels_last
+    )
+    assert traffic <= FUSED_TRAFFIC
 
 
 def test_bfloat16_input_is_not_converted_in_full(bench):
@@ -96,6 +107,7 @@ def test_quick_benchmark_runs(bench, tmp_path, capsys):
     assert text.splitlines()[-1] in capsys.readouterr().out  # printed as written
     for heading in ("### layer fwd+bwd", "### layer eval", "### mlp step"):
         assert heading in text
-    for name in ("x*2 (copy)", "flax.linen", "eqx_bn (vmap)", "eqx_bn"):
+    names = ("x*2 (copy)", "flax.linen", "eqx_bn (vmap)", bench.EQX_LAST, "eqx_bn")
+    for name in names:
         assert f"| {name} |" in text
     assert "fails:" not in text
