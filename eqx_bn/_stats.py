@@ -102,7 +102,11 @@ def global_sums(
     """Sums each of `values` over the local axes, then all of them over the named axes.
 
     `mask` (broadcastable to the values) selects the elements that count. The
-    per-channel partial sums are stacked so that they travel in one `psum`.
+    partial sums go to one `psum` as a tuple: across devices that is one
+    all-reduce, and under `vmap` each becomes its own reduction over the batch,
+    which XLA merges with the local one. (Stacking them into one array instead
+    kept XLA from merging: a channels-last layer under `vmap` wrote per-example
+    partial sums out and ran 35% slower.)
     """
     masks = (
         (None,) * len(values)
@@ -112,10 +116,9 @@ def global_sums(
     local = tuple(_masked_sum(v, m, red.axes) for v, m in zip(values, masks))
     if red.axis_name is None:
         return local
-    total = lax.psum(
-        jnp.stack(local), red.axis_name, axis_index_groups=red.axis_index_groups
+    return tuple(
+        lax.psum(local, red.axis_name, axis_index_groups=red.axis_index_groups)
     )
-    return tuple(total[i] for i in range(len(values)))
 
 
 def _first_position(v: Array, axes: tuple[int, ...]) -> Array:
@@ -157,12 +160,9 @@ def _shift(x: Array, mask: Array | None, red: Reduction, dtype: np.dtype) -> Arr
         )
     first = jnp.where(weight > 0, first, jnp.zeros_like(first))
     if red.axis_name is not None:
-        both = lax.psum(
-            jnp.stack([first, weight]),
-            red.axis_name,
-            axis_index_groups=red.axis_index_groups,
+        first, weight = lax.psum(
+            (first, weight), red.axis_name, axis_index_groups=red.axis_index_groups
         )
-        first, weight = both[0], both[1]
     return lax.stop_gradient(first / jnp.maximum(weight, jnp.ones_like(weight)))
 
 
