@@ -90,6 +90,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
       statistics reduce over the batch and spatial axes. Under `jax.jit` with a
       sharded batch, XLA makes these the global batch's statistics.
 
+    Either layout: channels first as above (the default, as `eqx.nn`), or channels
+    last, `(*spatial, input_size)`, with `channels_last=True` (Flax's default, and
+    the faster one next to XLA's convolutions).
+
     Compared with `eqx.nn.BatchNorm`: its default `mode="ema"` normalises training
     batches with the running averages, and its running variance starts differently;
     this layer normalises with the batch's own statistics, as Flax and PyTorch do.
