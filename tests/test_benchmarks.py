@@ -172,12 +172,14 @@ def _flax_resnet_layout_traffic(bench) -> float:
     return bench.hlo_traffic(text, 1e6, 2**16, "(transpose|copy)")
 
 
-def test_channels_last_resnet_does_not_transpose_activations(bench):
-    # Channels first, XLA transposes the activations in and out of every
-    # convolution. Channels last, only what Flax's own model moves is left (the
-    # activations that the kernel gradients read transposed; the kernels are
-    # below the size counted here).
-    first = _resnet_layout_traffic(bench, channels_last=False)
-    last = _resnet_layout_traffic(bench, channels_last=True)
+def test_resnet_does_not_transpose_activations(bench):
+    # A channels-first network would have XLA transpose its activations in and out
+    # of every convolution (2.3x Flax's transpose bytes here). eqx_bn's ResNet
+    # computes channels last whatever its input layout: only what Flax's own model
+    # moves is left (the activations that the kernel gradients read transposed;
+    # the kernels are below the size counted here), plus, for channels-first
+    # images, one move of the input batch (read and written).
     flax = _flax_resnet_layout_traffic(bench)
-    assert last <= flax < first / 2, (last, flax, first)
+    assert _resnet_layout_traffic(bench, channels_last=True) <= flax
+    image_mb = 16 * 3 * 32 * 32 * 4 / 1e6
+    assert _resnet_layout_traffic(bench, channels_last=False) <= flax + 2 * image_mb

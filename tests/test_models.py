@@ -1,5 +1,7 @@
 """`eqx_bn.models`: the seed MLP and the ResNet mirror Flax's module trees."""
 
+import functools
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -110,7 +112,10 @@ def test_channels_last_resnet_is_the_same_model():
     assert len(leaves) == len(leaves_last)
     for a, b in zip(leaves, leaves_last):
         np.testing.assert_array_equal(a, b)
-    assert all(b.norm_0.channels_last for b in last.blocks)
+    # Both compute channels last inside; only the layout of the images differs.
+    for model in (first, last):
+        assert model.bn_init.channels_last
+        assert all(b.norm_0.channels_last for b in model.blocks)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 19, 17)), jnp.float32)
     run = eqx.filter_jit(_logits)
     y, y_eval, new = run(first, state, x)
@@ -118,6 +123,31 @@ def test_channels_last_resnet_is_the_same_model():
     np.testing.assert_array_equal(y_l, y)
     np.testing.assert_array_equal(y_eval_l, y_eval)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_l), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resnet_block_in_either_layout():
+    """A block used on its own keeps Equinox's channels-first default; channels last
+    it gives the same numbers, moved."""
+    make = eqx.nn.make_with_state(ResNetBlock)
+    first, state = make(3, 4, 2, key=jax.random.key(0))
+    last, state_last = make(3, 4, 2, channels_last=True, key=jax.random.key(0))
+    assert not first.norm_0.channels_last and last.norm_0.channels_last
+    assert first.conv_proj is not None  # the projection path runs too
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 9, 8)), jnp.float32)
+
+    @eqx.filter_jit
+    def run(block, state, x):
+        call = functools.partial(block, inference=False)
+        return jax.vmap(call, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+            x, state
+        )
+
+    y, new = run(first, state, x)
+    y_last, new_last = run(last, state_last, channels_last(x))
+    assert y.shape == (4, 4, 5, 4)
+    np.testing.assert_array_equal(channels_first(y_last), y)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_last), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
