@@ -67,6 +67,27 @@ def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
     )
 
 
+def _drop_unit_axes(
+    x: Array, mask: Array | None, channel_axis: int
+) -> tuple[Array, Array | None, int]:
+    """`x` (and `mask`) without their size-1 axes other than the channel axis.
+
+    XLA:CPU runs a fused elementwise-and-reduce kernel over an array with size-1
+    axes several times slower: the training step of a `(1024, 512, 1, 1)` batch (a
+    feature map pooled to 1x1) took 12x the time of the same data as `(1024, 512)`,
+    in Flax (channels last) as well. Squeezing is a bitcast, and so is the reshape
+    of the result back to `x`'s shape.
+    """
+    unit = tuple(i for i, d in enumerate(x.shape) if d == 1 and i != channel_axis)
+    if not unit:
+        return x, mask, channel_axis
+    if mask is not None:
+        mask = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+        mask = jnp.squeeze(mask, unit)
+    channel_axis -= sum(1 for i in unit if i < channel_axis)
+    return jnp.squeeze(x, unit), mask, channel_axis
+
+
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Batch normalisation with the numerics of `flax.linen.BatchNorm`.
 
@@ -259,6 +280,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mask = None if mask is None else jnp.asarray(mask)
         inference = self.inference if inference is None else inference
         channel_axis = self._check_input(x, mask)
+        shape = x.shape
+        x, mask, channel_axis = _drop_unit_axes(x, mask, channel_axis)
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
         out_dtype = self._out_dtype(x)
         running = state.get(self.state_index)
@@ -271,7 +294,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             y = normalize(
                 x, mean, var, self.scale, self.bias, self.eps, out_dtype, axes
             )
-            return y, state
+            return jnp.reshape(y, shape), state
 
         self._check_axes_bound()
         cfg = TrainConfig(
@@ -299,7 +322,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         except ValueError as err:
             # Same shapes and dtypes by construction: only the placement differs.
             raise _placement_error(running, new_running) from err
-        return y, state
+        return jnp.reshape(y, shape), state
 
     def _collective_error(self, err: Exception) -> ValueError | None:
         """Our error for a collective that JAX does not support; None for others."""

@@ -359,6 +359,31 @@ def test_both_pass_layouts_match_flax(spatial, mask):
     check_case(last, 2, batched_call=False)
 
 
+@pytest.mark.parametrize(
+    "batch, spatial", [(4, (1, 1)), (4, (1, 3)), (3, (2, 1, 1)), (1, (2, 2))]
+)
+@pytest.mark.parametrize("mask", ["none", "example", "element"])
+def test_size_one_axes_match_flax(batch, spatial, mask):
+    """Size-1 axes (1x1 feature maps, a batch of one) are squeezed out before the
+    computation, which XLA:CPU runs far faster; shapes and numbers are Flax's."""
+    case = Case(
+        batch=batch,
+        features=3,
+        spatial=spatial,
+        momentum=0.9,
+        eps=1e-5,
+        use_bias=True,
+        use_scale=True,
+        x_dtype="float32",
+        out_dtype=None,
+        mask=mask,
+        use_fast_variance=True,
+    )
+    check_case(case, 0, batched_call=False)
+    check_case(case, 1, batched_call=True)
+    check_case(dataclasses.replace(case, channels_last=True), 2, batched_call=True)
+
+
 def test_pass_isolation_rule():
     assert isolates_passes((64, 64, 32, 32), 1)  # 1024-element runs
     assert isolates_passes((64, 128, 8, 16), 1)  # 128
