@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> str:
             ((64, 128, 16, 16), jnp.float32),
             ((64, 256, 8, 8), jnp.float32),
             ((64, 512, 4, 4), jnp.float32),
+            ((1024, 512, 1, 1), jnp.float32),
             ((64, 64, 32, 32), jnp.bfloat16),
         ]
         names = None
