@@ -41,18 +41,16 @@ def _norm(
     )
 
 
-def _max_pool(x: Float[Array, "..."], channels_last: bool) -> Float[Array, "..."]:
-    """`nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")` on one example.
+def _max_pool(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
+    """`nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")` on one example,
+    channels last.
 
     XLA's "SAME" puts the odd padding element at the end, as Flax does; an explicit
     symmetric `padding=1` would shift the windows on even inputs.
     """
-    window, strides = (
-        ((3, 3, 1), (2, 2, 1)) if channels_last else ((1, 3, 3), (1, 2, 2))
-    )
     # A Python scalar init, not a jnp array: under jit an array init is a tracer,
     # and reduce_window then falls back to a form with no reverse-mode rule.
-    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, "SAME")
+    return lax.reduce_window(x, -jnp.inf, lax.max, (3, 3, 1), (2, 2, 1), "SAME")
 
 
 class ResNetBlock(eqx.Module):
@@ -238,7 +236,7 @@ class ResNet(eqx.Module):
             x = jnp.moveaxis(x, 0, -1)
         x = channels_last_conv(self.conv_init, x)
         x, state = self.bn_init(x, state, inference=inference)
-        x = _max_pool(jax.nn.relu(x), channels_last=True)
+        x = _max_pool(jax.nn.relu(x))
         for block in self.blocks:
             x, state = block(x, state, inference=inference)
         return self.head(jnp.mean(x, axis=(0, 1))), state
