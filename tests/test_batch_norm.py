@@ -50,6 +50,25 @@ cases = st.builds(
 )
 
 
+def float32_case(**fields) -> Case:
+    """A float32 case with scale, bias, momentum 0.9 and eps 1e-5; `fields` set
+    the rest (batch, features, spatial, mask, use_fast_variance) or override."""
+    defaults = dict(
+        batch=4,
+        features=3,
+        spatial=(),
+        momentum=0.9,
+        eps=1e-5,
+        use_bias=True,
+        use_scale=True,
+        x_dtype="float32",
+        out_dtype=None,
+        mask="none",
+        use_fast_variance=True,
+    )
+    return Case(**{**defaults, **fields})
+
+
 def make_inputs(case: Case, seed: int):
     """`steps` training batches (channels first) with offset, scaled channels, masks."""
     rng = np.random.default_rng(seed)
@@ -281,19 +300,7 @@ class TestAgainstEquinoxBatchNorm:
       `1 - momentum**steps` (zero-debiasing), so eval outputs differ.
     """
 
-    case = Case(
-        batch=8,
-        features=3,
-        spatial=(4, 4),
-        momentum=0.9,
-        eps=1e-5,
-        use_bias=True,
-        use_scale=True,
-        x_dtype="float32",
-        out_dtype=None,
-        mask="none",
-        use_fast_variance=False,
-    )
+    case = float32_case(batch=8, spatial=(4, 4), use_fast_variance=False)
 
     def equinox_run(self, mode, xs):
         bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
@@ -338,19 +345,7 @@ def test_both_pass_layouts_match_flax(spatial, mask):
     """Small channels-first feature maps share inputs between passes, larger ones
     (and every channels-last input) isolate them (`isolates_passes`); both give
     Flax's numbers."""
-    case = Case(
-        batch=4,
-        features=3,
-        spatial=spatial,
-        momentum=0.9,
-        eps=1e-5,
-        use_bias=True,
-        use_scale=True,
-        x_dtype="float32",
-        out_dtype=None,
-        mask=mask,
-        use_fast_variance=True,
-    )
+    case = float32_case(spatial=spatial, mask=mask)
     assert isolates_passes((4, 3, *spatial), 1) == (spatial == (16, 8))
     check_case(case, 0, batched_call=False)
     check_case(case, 1, batched_call=True)
@@ -366,19 +361,7 @@ def test_both_pass_layouts_match_flax(spatial, mask):
 def test_size_one_axes_match_flax(batch, spatial, mask):
     """Size-1 axes (1x1 feature maps, a batch of one) are squeezed out before the
     computation, which XLA:CPU runs far faster; shapes and numbers are Flax's."""
-    case = Case(
-        batch=batch,
-        features=3,
-        spatial=spatial,
-        momentum=0.9,
-        eps=1e-5,
-        use_bias=True,
-        use_scale=True,
-        x_dtype="float32",
-        out_dtype=None,
-        mask=mask,
-        use_fast_variance=True,
-    )
+    case = float32_case(batch=batch, spatial=spatial, mask=mask)
     check_case(case, 0, batched_call=False)
     check_case(case, 1, batched_call=True)
     check_case(dataclasses.replace(case, channels_last=True), 2, batched_call=True)
