@@ -302,7 +302,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 axes,
                 self.axis_name,
                 self.axis_index_groups,
-                isolates_passes(x.shape, channel_axis),
+                isolates_passes(x.shape, channel_axis, self._replicas()),
             ),
             eps=self.eps,
             use_fast_variance=self.use_fast_variance,
@@ -451,6 +451,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     f"channels_last={not self.channels_last}."
                 )
         return ""
+
+    def _replicas(self) -> int:
+        """How many inputs the named axes reduce together (1 with no axis name)."""
+        if self.axis_name is None:
+            return 1
+        names = (
+            self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
+        )
+        return int(np.prod([jax.lax.axis_size(n) for n in names], dtype=np.int64))
 
     def _check_axes_bound(self) -> None:
         if self.axis_name is None:

@@ -1,6 +1,8 @@
 """Parity of eqx_bn.BatchNorm with flax.linen.BatchNorm and flax.nnx.BatchNorm."""
 
+import contextlib
 import dataclasses
+from unittest import mock
 
 import equinox as eqx
 import flax.linen as nn
@@ -30,6 +32,9 @@ class Case:
     mask: str  # "none" | "example" | "element"
     use_fast_variance: bool
     channels_last: bool = False  # eqx_bn's layout; the comparisons are channels first
+    # Force the fused path's pass isolation on or off (None: the layer's own rule,
+    # which shares the passes on inputs as small as these).
+    isolate: bool | None = None
     steps: int = 3
 
 
@@ -47,6 +52,7 @@ cases = st.builds(
     mask=st.sampled_from(["none", "example", "element"]),
     use_fast_variance=st.booleans(),
     channels_last=st.booleans(),
+    isolate=st.sampled_from([None, True, False]),
 )
 
 
@@ -169,7 +175,13 @@ def ours(case: Case, xs, masks, *, batched_call: bool):
         y_eval, state_after = call(eqx.nn.inference_mode(bn), xs[-1], state, None)
         return outs, y_eval, state, state_after
 
-    outs, y_eval, state, state_after = run(bn, state, xs, masks)
+    rule = contextlib.nullcontext()
+    if case.isolate is not None:
+        rule = mock.patch.object(
+            eqx_bn._batch_norm, "isolates_passes", lambda *_: case.isolate
+        )
+    with rule:
+        outs, y_eval, state, state_after = run(bn, state, xs, masks)
     unchanged = jax.tree.map(lambda a, b: bool((a == b).all()), state_after, state)
     assert jax.tree.all(unchanged), "inference mode changed the state"
     if case.channels_last:
@@ -339,19 +351,16 @@ class TestAgainstEquinoxBatchNorm:
         assert not np.allclose(batch_eval, expected_eval, atol=1e-3)
 
 
-@pytest.mark.parametrize("spatial", [(8, 8), (16, 8)])
+@pytest.mark.parametrize("isolate", [True, False])
 @pytest.mark.parametrize("mask", ["none", "example", "element"])
-def test_both_pass_layouts_match_flax(spatial, mask):
-    """Small channels-first feature maps share inputs between passes, larger ones
-    (and every channels-last input) isolate them (`isolates_passes`); both give
-    Flax's numbers."""
-    case = float32_case(spatial=spatial, mask=mask)
-    assert isolates_passes((4, 3, *spatial), 1) == (spatial == (16, 8))
+def test_both_pass_layouts_match_flax(isolate, mask):
+    """The fused path with isolated passes (large inputs) and with shared ones (small
+    channels-first feature maps, small inputs; see `isolates_passes`) gives Flax's
+    numbers either way."""
+    case = float32_case(spatial=(8, 8), mask=mask, isolate=isolate)
     check_case(case, 0, batched_call=False)
     check_case(case, 1, batched_call=True)
-    last = dataclasses.replace(case, channels_last=True)
-    assert isolates_passes((4, *spatial, 3), 3)
-    check_case(last, 2, batched_call=False)
+    check_case(dataclasses.replace(case, channels_last=True), 2, batched_call=False)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +380,26 @@ def test_pass_isolation_rule():
     assert isolates_passes((64, 64, 32, 32), 1)  # 1024-element runs
     assert isolates_passes((64, 128, 8, 16), 1)  # 128
     assert not isolates_passes((64, 256, 8, 8), 1)  # 64: stays in cache
-    assert not isolates_passes((512, 4, 4), 0)  # per example under vmap
+    assert not isolates_passes((512, 4, 4), 0, replicas=64)  # per example, vmap
     assert isolates_passes((1024, 512), 1)  # no spatial axis
-    assert isolates_passes((512,), 0)
-    assert isolates_passes((64, 4, 4, 512), 3)  # channels last: always
+    assert isolates_passes((512,), 0, replicas=1024)
+    assert isolates_passes((64, 4, 4, 512), 3)  # channels last: any size but...
+    assert not isolates_passes((64, 2, 2, 64), 3)  # ...in cache (16Ki elements)
+    assert not isolates_passes((2, 2, 64), 2, replicas=64)  # the same under vmap
+    assert not isolates_passes((512,), 0)  # one example of an MLP, no vmap
+
+
+def test_vmap_axis_sizes_count_towards_the_rule():
+    """Under vmap the layer sees one example; the batch counts in the rule."""
+    seen = []
+
+    def spy(shape, channel_axis, replicas=1):
+        seen.append(replicas)
+        return isolates_passes(shape, channel_axis, replicas)
+
+    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(3)
+    with mock.patch.object(eqx_bn._batch_norm, "isolates_passes", spy):
+        jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+            jnp.ones((6, 3, 2)), state
+        )
+    assert seen == [6]
