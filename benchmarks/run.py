@@ -356,13 +356,7 @@ def resnet_steps(
     images_last = jnp.moveaxis(images, 1, -1)
     tx = optax.sgd(0.1, momentum=0.9)
 
-    def eqx_loss(model, state, batch):
-        x, y = batch
-        logits, state = jax.vmap(
-            model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-        )(x, state)
-        return _cross_entropy(logits, y), (state, None)
-
+    eqx_loss = _vmapped_loss(_cross_entropy)
     eqx_cases = {}
     for name, channels_last, x in (
         ("eqx_bn", False, images),
@@ -400,21 +394,27 @@ def mlp_steps(batch: int) -> tuple[dict, dict]:
     tx = optax.sgd(0.1)
     model, state = _build(SeedMLP, 2, key=km)
 
-    def eqx_loss(model, state, batch):
-        x, y = batch
-        pred, state = jax.vmap(
-            model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-        )(x, state)
-        return _mse(pred, y), (state, None)
-
     ts = eqx_bn.train.TrainState.create(model, state, tx)
     return _steps(
-        {"eqx_bn": (eqx_loss, ts, (x, y))},
+        {"eqx_bn": (_vmapped_loss(_mse), ts, (x, y))},
         flax_reference.SeedMLP(),
         tx,
         _mse,
         (x, y),
     )
+
+
+def _vmapped_loss(metric: Callable[[jax.Array, jax.Array], jax.Array]):
+    """An `eqx_bn.train` loss: the model under `vmap` over the batch, then `metric`."""
+
+    def loss(model, state, batch):
+        x, y = batch
+        out, state = jax.vmap(
+            model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+        )(x, state)
+        return metric(out, y), (state, None)
+
+    return loss
 
 
 def _build(cls, *args, **kwargs):
