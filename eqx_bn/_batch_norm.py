@@ -39,10 +39,16 @@ def _canonical_groups(
     return tuple(tuple(int(i) for i in group) for group in groups)
 
 
+def _axis_names(axis_name: AxisName | None) -> tuple[Hashable, ...]:
+    """The named axes as a tuple: none, one, or the given tuple of names."""
+    if axis_name is None:
+        return ()
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
 def _unbound_axes(axis_name: AxisName) -> list[Hashable]:
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     unbound = []
-    for name in names:
+    for name in _axis_names(axis_name):
         try:
             jax.lax.axis_size(name)
         except NameError:
@@ -328,10 +334,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """Our error for a collective that JAX does not support; None for others."""
         if self.axis_name is None:
             return None
-        names = self.axis_name
-        names = names if isinstance(names, tuple) else (names,)
         manual = jax.sharding.get_abstract_mesh().manual_axes
-        vmapped = [n for n in names if n not in manual]
+        vmapped = [n for n in _axis_names(self.axis_name) if n not in manual]
         if self.axis_index_groups is not None and isinstance(err, NotImplementedError):
             where = (
                 f"over the jax.vmap axes {vmapped}"
@@ -454,12 +458,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     def _replicas(self) -> int:
         """How many inputs the named axes reduce together (1 with no axis name)."""
-        if self.axis_name is None:
-            return 1
-        names = (
-            self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
-        )
-        return int(np.prod([jax.lax.axis_size(n) for n in names], dtype=np.int64))
+        sizes = [jax.lax.axis_size(n) for n in _axis_names(self.axis_name)]
+        return int(np.prod(sizes, dtype=np.int64))
 
     def _check_axes_bound(self) -> None:
         if self.axis_name is None:
