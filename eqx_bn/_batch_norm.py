@@ -11,7 +11,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped
 
 from ._dtypes import promote
 from ._fused import TrainConfig, normalize, train_normalize
-from ._stats import Reduction, isolates_passes
+from ._stats import Reduction, align_mask, isolates_passes
 from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
 
 
@@ -88,8 +88,7 @@ def _drop_unit_axes(
     if not unit:
         return x, mask, channel_axis
     if mask is not None:
-        mask = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
-        mask = jnp.squeeze(mask, unit)
+        mask = jnp.squeeze(align_mask(mask, x.ndim), unit)
     channel_axis -= sum(1 for i in unit if i < channel_axis)
     return jnp.squeeze(x, unit), mask, channel_axis
 

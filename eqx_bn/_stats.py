@@ -85,6 +85,11 @@ def private_copies(v: Array, n: int, enabled: bool = True) -> tuple[Array, ...]:
     return tuple(lax.optimization_barrier((v,) * n))
 
 
+def align_mask(mask: Array, ndim: int) -> Array:
+    """`mask` with leading size-1 axes added up to `ndim`, as broadcasting reads it."""
+    return jnp.reshape(mask, (1,) * (ndim - mask.ndim) + mask.shape)
+
+
 def _masked_sum(v: Array, mask: Array | None, axes: tuple[int, ...]) -> Array:
     """`jnp.sum(v, axes, where=mask)`, summing first where the mask is constant.
 
@@ -96,7 +101,7 @@ def _masked_sum(v: Array, mask: Array | None, axes: tuple[int, ...]) -> Array:
     """
     if mask is None:
         return jnp.sum(v, axis=axes)
-    m = jnp.reshape(mask, (1,) * (v.ndim - mask.ndim) + mask.shape)
+    m = align_mask(mask, v.ndim)
     constant = tuple(a for a in axes if m.shape[a] == 1)
     partial = jnp.sum(v, axis=constant, keepdims=True) if constant else v
     keep = jnp.broadcast_to(m, partial.shape)
@@ -187,7 +192,7 @@ def element_count(
         local = float(np.prod([x.shape[a] for a in red.axes]))
         count = jnp.full((channels,), local, dtype=dtype)
     else:
-        m = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+        m = align_mask(mask, x.ndim)
         varying = tuple(a for a in red.axes if m.shape[a] != 1)
         repeats = float(np.prod([x.shape[a] for a in red.axes if m.shape[a] == 1]))
         count = jnp.sum(m.astype(dtype), axis=varying, keepdims=True) * repeats
