@@ -1,0 +1,98 @@
+"""What every example shares: the same command line (`--smoke`, `--out`), progress
+that suits where the output goes, and the runtime printed at the end.
+
+Examples import it as `_common` (Python puts the script's folder on `sys.path`;
+the tests put `examples/` there too).
+"""
+
+import argparse
+import contextlib
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+DEFAULT_OUT = pathlib.Path("outputs")
+
+
+def parser(doc: str, *, out_help: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every example takes.
+
+    **Arguments:**
+
+    - `doc`: the example's module docstring; its first line is the description.
+    - `out_help`: what the example writes under `--out`.
+
+    **Returns:**
+
+    An `argparse.ArgumentParser` with `--smoke` and `--out`; add the example's own
+    flags to it.
+    """
+    result = argparse.ArgumentParser(description=doc.splitlines()[0])
+    result.add_argument(
+        "--smoke", action="store_true", help="a few steps only (what the tests run)"
+    )
+    result.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=DEFAULT_OUT,
+        help=f"directory for {out_help} (default: ./{DEFAULT_OUT}, created if "
+        "missing; git ignores it in this repository)",
+    )
+    return result
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class Progress:
+    """A progress bar on a terminal; one line per epoch anywhere else (logs, CI).
+
+    Use it as a context manager; call `step()` after each step and `epoch(...)` at
+    the end of each epoch with the metrics to show.
+    """
+
+    def __init__(self, total: int, desc: str, stream: TextIO | None = None):
+        self.stream = sys.stderr if stream is None else stream
+        self.interactive = self.stream.isatty()
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="step",
+            file=self.stream,
+            disable=not self.interactive,
+        )
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def epoch(self, epoch: int, epochs: int, **metrics: Any) -> None:
+        """Shows the metrics after epoch `epoch` (counted from 1) of `epochs`."""
+        if self.interactive:
+            shown = {k: _format(v) for k, v in metrics.items()}
+            self.bar.set_postfix(epoch=epoch, **shown)
+        else:
+            shown = ", ".join(f"{k} {_format(v)}" for k, v in metrics.items())
+            print(f"epoch {epoch}/{epochs}: {shown}", file=sys.stdout, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def runtime(name: str) -> Iterator[dict[str, float]]:
+    """Prints `name: runtime X s` when the block ends, and fills `["seconds"]`."""
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield timing
+    finally:
+        timing["seconds"] = time.perf_counter() - start
+        print(f"{name}: runtime {timing['seconds']:.1f} s", flush=True)
