@@ -10,6 +10,7 @@ checks every link and API reference) is built by `.ci/run`.
 """
 
 import ast
+import contextlib
 import importlib.util
 import pathlib
 import re
@@ -59,10 +60,38 @@ def missing_imports(code: str) -> list[str]:
     return sorted(n for n in names if importlib.util.find_spec(n) is None)
 
 
+# Global JAX settings a page could change (`jax.config.update`) and so leak into the
+# tests that run after it in the same process.
+GUARDED_CONFIG = (
+    "jax_enable_x64",
+    "jax_numpy_dtype_promotion",
+    "jax_numpy_rank_promotion",
+    "jax_default_matmul_precision",
+    "jax_default_prng_impl",
+)
+
+
+@contextlib.contextmanager
+def restored_jax_config():
+    saved = {name: getattr(jax.config, name) for name in GUARDED_CONFIG}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if getattr(jax.config, name) != value:
+                jax.config.update(name, value)
+
+
 def run_page(page: pathlib.Path) -> dict:
     """Runs the page's python blocks in order in one namespace, and returns it."""
-    name = page.relative_to(ROOT).as_posix()
+    name = page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
     namespace: dict = {"__name__": "__main__"}
+    with restored_jax_config():
+        _run_blocks(page, name, namespace)
+    return namespace
+
+
+def _run_blocks(page: pathlib.Path, name: str, namespace: dict) -> None:
     for line, code in blocks(page):
         missing = missing_imports(code)
         if missing:
@@ -78,7 +107,6 @@ def run_page(page: pathlib.Path) -> dict:
             jax.numpy_rank_promotion("allow"),
         ):
             exec(compiled, namespace)
-    return namespace
 
 
 def check_readme(namespace: dict) -> None:
@@ -101,6 +129,17 @@ def test_page_runs_as_written(page, tmp_path, monkeypatch):
     check = CHECKS.get(page.relative_to(ROOT).as_posix())
     if check is not None:
         check(namespace)
+
+
+def test_a_block_importing_a_missing_package_skips_the_rest_of_its_page(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 1\n```\n\n"
+        "    ```python\n    import no_such_package_here.sub\n    ```\n\n"
+        "```python\nraise AssertionError('must not run')\n```\n"
+    )
+    with pytest.raises(pytest.skip.Exception, match="no_such_package_here"):
+        run_page(page)
 
 
 def test_readme_has_the_two_setup_commands_ci_runs():
