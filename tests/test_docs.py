@@ -142,6 +142,13 @@ def test_a_block_importing_a_missing_package_skips_the_rest_of_its_page(tmp_path
         run_page(page)
 
 
+def test_no_python_hides_behind_another_fence():
+    """Only ```python blocks run: code fenced as ```py or ```python3 would not."""
+    for page in PAGES:
+        for fence in ("py", "python3"):
+            assert not blocks(page, fence), f"{page.name}: use ```python, not {fence}"
+
+
 def test_readme_has_the_two_setup_commands_ci_runs():
     """Two one-line set-up commands (the main job, the tests); `.ci/run` runs the
     README's test command verbatim."""
