@@ -11,7 +11,6 @@ import contextlib
 import sys
 
 import equinox as eqx
-import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from eqx_bn.interop import (
     export_flax,
     export_nnx,
     load_flax,
+    nnx_paths,
     read_checkpoint,
     read_msgpack,
     write_msgpack,
@@ -344,3 +344,355 @@ def test_nnx_reproduces_the_equinox_outputs_after_export(case):
     with flax_promotion():
         out = _nnx_apply(target, case.x)
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+
+
+# -- Each layer kind alone --------------------------------------------------------
+
+
+def _per_example(layer, x):
+    return jax.vmap(layer)(x)
+
+
+def _channels_first(layer, x):
+    return jnp.moveaxis(jax.vmap(layer)(channels_first(x)), 1, -1)
+
+
+def _tokens(layer, x):
+    return jax.vmap(jax.vmap(layer))(x)
+
+
+def _whole_batch(layer, x):
+    return layer(x, eqx.nn.State(layer), inference=True)[0]
+
+
+def _stats_loaded(layer, state, x):
+    return layer(x, state, inference=True)[0]
+
+
+R = nnx.Rngs(0)
+# (NNX layer, Equinox factory, NNX input, how the Equinox layer is applied)
+LAYERS = {
+    "linear": (
+        lambda: nnx.Linear(5, 3, rngs=R),
+        lambda k: eqx.nn.Linear(5, 3, key=k),
+        _normal((2, 5)),
+        _per_example,
+    ),
+    "linear_no_bias": (
+        lambda: nnx.Linear(5, 3, use_bias=False, rngs=R),
+        lambda k: eqx.nn.Linear(5, 3, use_bias=False, key=k),
+        _normal((2, 5)),
+        _per_example,
+    ),
+    "conv1d": (
+        lambda: nnx.Conv(5, 4, (3,), rngs=R),
+        lambda k: eqx.nn.Conv1d(5, 4, 3, padding="SAME", key=k),
+        _normal((2, 8, 5)),
+        _channels_first,
+    ),
+    # Stride 2, "SAME" on an even size: NNX pads (0, 1), as linen does.
+    "conv2d_stride2_no_bias": (
+        lambda: nnx.Conv(3, 4, (3, 3), strides=2, use_bias=False, rngs=R),
+        lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", use_bias=False, key=k),
+        _normal((2, 6, 6, 3)),
+        _channels_first,
+    ),
+    "conv3d_groups": (
+        lambda: nnx.Conv(2, 4, (2, 2, 2), feature_group_count=2, rngs=R),
+        lambda k: eqx.nn.Conv3d(2, 4, 2, padding="SAME", groups=2, key=k),
+        _normal((1, 4, 4, 4, 2)),
+        _channels_first,
+    ),
+    "batch_norm": (
+        lambda: nnx.BatchNorm(6, use_running_average=True, rngs=R),
+        lambda k: eqx_bn.BatchNorm(6, axis_name=None, channels_last=True),
+        _normal((4, 6)),
+        _stats_loaded,
+    ),
+    "layer_norm": (
+        lambda: nnx.LayerNorm(6, rngs=R),
+        lambda k: eqx.nn.LayerNorm(6, eps=1e-6),  # NNX's default epsilon
+        _normal((2, 6)),
+        _per_example,
+    ),
+    "group_norm": (
+        lambda: nnx.GroupNorm(6, num_groups=2, rngs=R),
+        lambda k: eqx.nn.GroupNorm(2, 6, eps=1e-6),
+        _normal((2, 4, 4, 6)),
+        _channels_first,
+    ),
+    "rms_norm": (
+        lambda: nnx.RMSNorm(6, rngs=R),
+        lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
+        _normal((2, 6)),
+        _per_example,
+    ),
+    "embed": (
+        lambda: nnx.Embed(7, 3, rngs=R),
+        lambda k: eqx.nn.Embedding(7, 3, key=k),
+        jnp.array([[0, 3, 6], [2, 2, 5]]),
+        _tokens,
+    ),
+}
+
+
+def _randomised(layer):
+    """The NNX layer with random values everywhere (scales and statistics too, which
+    start as ones and zeros), so that a swapped or mis-laid array shows."""
+    _, state = nnx.split(layer)
+    pure = nnx.to_pure_dict(state)
+    leaves, treedef = jax.tree_util.tree_flatten(pure)
+    rng = np.random.default_rng(3)
+    new = [jnp.asarray(0.5 + np.abs(rng.normal(size=a.shape)), a.dtype) for a in leaves]
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
+    nnx.update(layer, state)
+    return layer, nnx.to_pure_dict(state)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_layer_kind_matches_nnx(kind):
+    make_nnx, make_eqx, x, apply = LAYERS[kind]
+    layer, pure = _randomised(make_nnx())
+    with flax_promotion():
+        expected = layer(x)
+    model, state = eqx.nn.make_with_state(make_eqx)(jax.random.key(5))
+    with flax_blocked():
+        model, state = load_flax(model, state, pure)
+    if apply is _stats_loaded:
+        got = apply(model, state, x)
+    else:
+        got = apply(model, x)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    _assert_bitwise(export_nnx(model, state), pure)
+
+
+def test_a_top_level_sequential_is_nnx_sequential(key):
+    layer = nnx.Sequential(nnx.Linear(2, 3, rngs=R), nnx.relu, nnx.Linear(3, 1, rngs=R))
+    pure = nnx.to_pure_dict(nnx.state(layer))
+    k0, k1 = jax.random.split(key)
+    model = eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(2, 3, key=k0),
+            eqx.nn.Lambda(jax.nn.relu),
+            eqx.nn.Linear(3, 1, key=k1),
+        ]
+    )
+    loaded, _ = load_flax(model, eqx.nn.State(model), pure)
+    x = _normal((4, 2))
+    with flax_promotion():
+        expected = layer(x)
+    np.testing.assert_allclose(jax.vmap(loaded)(x), expected, rtol=RTOL, atol=ATOL)
+    assert nnx_paths(model) == {
+        "layers/0/kernel": "model.layers[0].weight",
+        "layers/0/bias": "model.layers[0].bias",
+        "layers/2/kernel": "model.layers[2].weight",
+        "layers/2/bias": "model.layers[2].bias",
+    }
+
+
+# -- Linen or NNX -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seed_mlp():
+    return eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(4))
+
+
+def test_linen_variables_and_nnx_state_each_load_as_what_they_are(seed_mlp, mlp):
+    model, state = seed_mlp
+    # The NNX checkpoint's values, written out as linen variables and as NNX state.
+    linen = export_flax(mlp.model, mlp.loaded_state)
+    assert set(linen) == {"params", "batch_stats"}
+    from_linen = load_flax(model, state, linen)
+    from_nnx = load_flax(model, state, mlp.pure)
+    _assert_bitwise(from_linen, from_nnx)
+    _assert_bitwise(from_linen, (mlp.model, mlp.loaded_state))
+    # Said explicitly, the same.
+    _assert_bitwise(load_flax(model, state, linen, layout="linen"), from_linen)
+    _assert_bitwise(load_flax(model, state, mlp.pure, layout="nnx"), from_nnx)
+
+
+def test_the_wrong_explicit_layout_is_an_error_not_a_misread(seed_mlp, mlp):
+    model, state = seed_mlp
+    with pytest.raises(ConversionError, match="Missing from the NNX state"):
+        load_flax(model, state, export_flax(mlp.model, mlp.loaded_state), layout="nnx")
+    with pytest.raises(ConversionError, match="Missing from the Flax variables"):
+        load_flax(model, state, mlp.pure, layout="linen")
+
+
+class HasParams(eqx.Module):
+    """An Equinox model whose NNX state has a top-level `params`, as linen's does."""
+
+    params: eqx.nn.Linear
+    norm: eqx_bn.BatchNorm
+
+    def __init__(self, key):
+        self.params = eqx.nn.Linear(2, 2, key=key)
+        self.norm = eqx_bn.BatchNorm(2)
+
+
+def test_a_tree_that_could_be_either_is_read_as_the_one_that_fits(key):
+    model, state = eqx.nn.make_with_state(HasParams)(key)
+    doubled = jax.tree.map(lambda a: 2 * a if eqx.is_array(a) else a, (model, state))
+    nnx_tree = export_nnx(*doubled)
+    linen_tree = export_flax(*doubled)
+    assert set(nnx_tree) == {"params", "norm"}
+    assert set(linen_tree) == {"params", "batch_stats"}
+    _assert_bitwise(load_flax(model, state, nnx_tree), doubled)
+    _assert_bitwise(load_flax(model, state, linen_tree), doubled)
+    # One that fits neither: the error names the fix.
+    del nnx_tree["norm"]["mean"]
+    with pytest.raises(ConversionError, match="layout='linen' or layout='nnx'"):
+        load_flax(model, state, nnx_tree)
+    with pytest.raises(ConversionError, match=r"norm/mean -> state\[model.norm"):
+        load_flax(model, state, nnx_tree, layout="nnx")
+
+
+def test_linen_params_on_their_own_get_a_hint(seed_mlp, mlp):
+    model, state = seed_mlp
+    params = export_flax(mlp.model, mlp.loaded_state)["params"]
+    with pytest.raises(ConversionError, match="linen `params` collection on its own"):
+        load_flax(model, state, params)
+
+
+def test_a_tree_nothing_pairs_with_is_an_error_even_when_not_strict(seed_mlp):
+    model, state = seed_mlp
+    tree = {"encoder": {"kernel": np.zeros((3, 4), np.float32)}}
+    with pytest.raises(ConversionError, match="read as Flax NNX state") as info:
+        load_flax(model, state, tree, strict=False)
+    assert "layout='linen'" in str(info.value)
+    assert info.value.unexpected == ("encoder/kernel",)
+
+
+# -- Strictness and errors -----------------------------------------------------------
+
+
+def _edit(pure, *path, value=None, drop=False):
+    tree = jax.tree.map(np.asarray, pure)
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    if drop:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return tree
+
+
+def test_every_problem_in_one_error_with_nnx_names(cnn):
+    tree = _edit(cnn.pure, "blocks", 1, "norm", "var", drop=True)
+    tree = _edit(tree, "conv_0", "kernel", value=np.zeros((3, 3, 2, 8), np.float32))
+    tree = _edit(tree, "head", "layers", 3, "bias", value=np.zeros(10, np.float64))
+    tree = _edit(tree, "head", "layers", 5, value={"kernel": np.zeros((2, 2))})
+    with pytest.raises(ConversionError) as info:
+        load_flax(cnn.eqx_model, cnn.eqx_state, tree)
+    error = info.value
+    assert str(error).startswith("Cannot load the NNX state into CNN:\n4 problems.")
+    assert error.missing == (
+        "blocks/1/norm/var -> state[model.blocks[1].norm.state_index].var: "
+        "expected float32[8]",
+    )
+    assert error.mismatched == (
+        "conv_0/kernel -> model.conv_0.weight: expected float32[3, 3, 1, 8] (in "
+        "Flax NNX's layout), got float32[3, 3, 2, 8]",
+        "head/layers/3/bias -> model.head.layers[3].bias: expected float32[10], got "
+        "float64[10]; pass cast=True to convert",
+    )
+    assert error.unexpected == ("head/layers/5/kernel: float64[2, 2]",)
+    assert "eqx_bn.interop.nnx_paths(model)" in str(error)
+
+
+def test_not_strict_loads_what_matches_and_cast_converts(mlp, cnn, seed_mlp):
+    model, state = seed_mlp
+    tree = _edit(mlp.pure, "norm", "var", drop=True)
+    loaded, loaded_state = load_flax(model, state, tree, strict=False)
+    index = model.norm.state_index
+    np.testing.assert_array_equal(loaded_state.get(index).var, state.get(index).var)
+    np.testing.assert_array_equal(loaded_state.get(index).mean, tree["norm"]["mean"])
+    np.testing.assert_array_equal(loaded.dense_1.bias, tree["dense_1"]["bias"])
+    as64 = jax.tree.map(lambda a: np.asarray(a, np.float64), cnn.pure)
+    _assert_bitwise(
+        load_flax(cnn.eqx_model, cnn.eqx_state, as64, cast=True),
+        (cnn.model, cnn.loaded_state),
+    )
+
+
+class Renamed(eqx.Module):
+    body: eqx.nn.Linear = eqx.field(metadata={"nnx_name": "linear"})
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k0, k1 = jax.random.split(key)
+        self.body = eqx.nn.Linear(2, 3, key=k0)
+        self.head = eqx.nn.Linear(3, 1, key=k1)
+
+
+def test_declared_names_and_mapping_use_nnx_names(key):
+    model, state = eqx.nn.make_with_state(Renamed)(key)
+    mapping = {"classifier/out": lambda m: m.head}
+    assert nnx_paths(model, mapping=mapping) == {
+        "linear/kernel": "model.body.weight",
+        "linear/bias": "model.body.bias",
+        "classifier/out/kernel": "model.head.weight",
+        "classifier/out/bias": "model.head.bias",
+    }
+    tree = export_nnx(*jax.tree.map(lambda a: a + 1, (model, state)), mapping=mapping)
+    loaded, _ = load_flax(model, state, tree, mapping=mapping)
+    np.testing.assert_array_equal(loaded.head.weight, model.head.weight + 1)
+    # A scope mapped to None is left out on both sides: a new head keeps its values.
+    del tree["classifier"]
+    loaded, _ = load_flax(model, state, tree, mapping={"head": None})
+    np.testing.assert_array_equal(loaded.head.weight, model.head.weight)
+    np.testing.assert_array_equal(loaded.body.weight, model.body.weight + 1)
+
+
+class WithDropout(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(2, 2, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.rngs = rngs
+
+
+class EqxWithDropout(eqx.Module):
+    linear: eqx.nn.Linear
+    drop: eqx.nn.Dropout
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(2, 2, key=key)
+        self.drop = eqx.nn.Dropout(0.1)
+
+
+def test_random_streams_are_extra_entries(key):
+    nnx_state = nnx.state(WithDropout(nnx.Rngs(0, dropout=1)))
+    model, state = eqx.nn.make_with_state(EqxWithDropout)(key)
+    for tree in (nnx_state, nnx.to_pure_dict(nnx_state)):
+        with pytest.raises(ConversionError) as info:
+            load_flax(model, state, tree)
+        assert info.value.extra == (
+            "drop/rngs/count (random-stream state)",
+            "drop/rngs/key (random-stream state)",
+            "rngs/default/count (random-stream state)",
+            "rngs/default/key (random-stream state)",
+            "rngs/dropout/count (random-stream state)",
+            "rngs/dropout/key (random-stream state)",
+        )
+        assert "ignore_extra=True" in str(info.value)
+        loaded, _ = load_flax(model, state, tree, ignore_extra=True)
+        np.testing.assert_array_equal(
+            loaded.linear.weight.T, nnx_state["linear"]["kernel"].get_value()
+        )
+
+
+def test_a_partly_wrapped_tree_keeps_attributes_called_value(key):
+    # Only a tree whose every leaf is {"value": a} is Orbax-wrapped NNX state.
+    class Value(eqx.Module):
+        value: jax.Array
+        other: jax.Array
+
+    model = Value(jnp.zeros(2), jnp.zeros(3))
+    tree = {"value": np.ones(2, np.float32), "other": np.full(3, 2, np.float32)}
+    loaded, _ = load_flax(model, eqx.nn.State(model), tree)
+    np.testing.assert_array_equal(loaded.value, tree["value"])
+    wrapped = {k: {"value": v} for k, v in tree.items()}
+    loaded, _ = load_flax(model, eqx.nn.State(model), wrapped)
+    np.testing.assert_array_equal(loaded.other, tree["other"])
