@@ -188,11 +188,13 @@ def _run(args) -> dict:
     # 1. Train in NNX and save its state, as a Flax user does.
     model = NnxCNN(WIDTH, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.sgd(LEARNING_RATE), wrt=nnx.Param)
+    per_epoch = len(nnx_batches) // epochs
     with Progress(len(nnx_batches), "NNX") as progress:
-        for images, labels in nnx_batches:
+        for i, (images, labels) in enumerate(nnx_batches, 1):
             loss = nnx_train(model, optimizer, images, labels)
             progress.step()
-        progress.epoch(epochs, epochs, batch_loss=float(loss))
+            if i % per_epoch == 0:
+                progress.epoch(i // per_epoch, epochs, batch_loss=float(loss))
     model.eval()
     nnx_test = nnx_logits(model, x_test)
     print(
@@ -231,10 +233,11 @@ def _run(args) -> dict:
 
     # 3. Carry on in Equinox; NNX, continued on the same batches, ends the same.
     with Progress(len(eqx_batches), "Equinox") as progress:
-        for images, labels in eqx_batches:
+        for i, (images, labels) in enumerate(eqx_batches, 1):
             ts, loss, _ = train_step(ts, (channels_first(images), labels))
             progress.step()
-        progress.epoch(epochs, epochs, batch_loss=float(loss))
+            if i % per_epoch == 0:
+                progress.epoch(i // per_epoch, epochs, batch_loss=float(loss))
     eqx_loss, (_, eqx_test) = eval_step(ts, test)
     model.train()
     for images, labels in eqx_batches:
