@@ -24,6 +24,7 @@ from helpers import channels_first, flax_promotion
 import eqx_bn
 from eqx_bn.interop import (
     ConversionError,
+    cli,
     export_flax,
     export_nnx,
     load_flax,
@@ -66,7 +67,7 @@ def flax_blocked():
         sys.modules.update(saved)
 
 
-# -- The NNX models -------------------------------------------------------------
+# -- The NNX models --------------------------------------------------------------------
 
 
 class NnxMLP(nnx.Module):
@@ -112,7 +113,7 @@ class NnxCNN(nnx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-# -- The Equinox models they correspond to ---------------------------------------
+# -- The Equinox models they correspond to ---------------------------------------------
 
 
 class Block(eqx.Module):
@@ -257,7 +258,7 @@ def case(request):
     return request.getfixturevalue(request.param)
 
 
-# -- The trained models, both ways ------------------------------------------------
+# -- The trained models, both ways -----------------------------------------------------
 
 
 def test_training_moved_the_statistics(case):
@@ -346,7 +347,7 @@ def test_nnx_reproduces_the_equinox_outputs_after_export(case):
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
 
 
-# -- Each layer kind alone --------------------------------------------------------
+# -- Each layer kind alone -------------------------------------------------------------
 
 
 def _per_example(layer, x):
@@ -490,7 +491,7 @@ def test_a_top_level_sequential_is_nnx_sequential(key):
     }
 
 
-# -- Linen or NNX -------------------------------------------------------------------
+# -- Linen or NNX ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -564,7 +565,7 @@ def test_a_tree_nothing_pairs_with_is_an_error_even_when_not_strict(seed_mlp):
     assert info.value.unexpected == ("encoder/kernel",)
 
 
-# -- Strictness and errors -----------------------------------------------------------
+# -- Strictness and errors -------------------------------------------------------------
 
 
 def _edit(pure, *path, value=None, drop=False):
@@ -698,7 +699,42 @@ def test_a_partly_wrapped_tree_keeps_attributes_called_value(key):
     np.testing.assert_array_equal(loaded.other, tree["other"])
 
 
-# -- The example ----------------------------------------------------------------------
+# -- The command line ------------------------------------------------------------------
+
+CLI_MODELS = """
+import equinox as eqx
+import jax
+
+from eqx_bn.models import SeedMLP
+
+
+def make():
+    return eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
+"""
+
+
+def test_the_converter_takes_nnx_checkpoints(mlp, tmp_path, capsys):
+    models = tmp_path / "nnx_models.py"
+    models.write_text(CLI_MODELS)
+    factory = f"{models}:make"
+    for checkpoint in (mlp.orbax, mlp.msgpack):
+        out = tmp_path / f"{checkpoint.name}.eqx"
+        with flax_blocked():
+            assert cli.main([str(checkpoint), str(out), "--model", factory]) == 0
+        like = eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
+        _assert_bitwise(
+            eqx.tree_deserialise_leaves(out, like), (mlp.model, mlp.loaded_state)
+        )
+    out = tmp_path / "linen.eqx"
+    assert (
+        cli.main([str(mlp.orbax), str(out), "--model", factory, "--layout", "linen"])
+        == 2
+    )
+    assert "Missing from the Flax variables" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- The example -----------------------------------------------------------------------
 
 
 def test_nnx_to_equinox_example_agrees(tmp_path, capsys):
