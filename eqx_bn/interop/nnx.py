@@ -66,11 +66,17 @@ def is_nnx_state(tree: Any) -> bool:
 
 def _variable(node: Any) -> tuple[bool, Any, bool]:
     """`(is a Variable, its value, is random-stream state)`."""
-    cls = _flax_class("flax.nnx.variablelib", "Variable")
-    if cls is None or not isinstance(node, cls):
+    variable = _flax_class("flax.nnx.variablelib", "Variable")
+    # Flax before 0.11 puts `VariableState`s (value and type) in an `nnx.State`.
+    old = _flax_class("flax.nnx.variablelib", "VariableState")
+    if variable is not None and isinstance(node, variable):
+        kind, value = type(node), node.get_value()
+    elif old is not None and isinstance(node, old):
+        kind, value = node.type, node.value
+    else:
         return False, node, False
     rng = _flax_class("flax.nnx.rnglib", "RngState")
-    return True, node.get_value(), rng is not None and isinstance(node, rng)
+    return True, value, rng is not None and issubclass(kind, rng)
 
 
 def _is_wrapped(node: Any) -> bool:
