@@ -43,7 +43,7 @@ from .layers import (
 )
 from .paths import LINEN, NameMapping, Naming, pair
 
-Layout = Literal["auto", "linen", "nnx"]
+TreeLayout = Literal["auto", "linen", "nnx"]
 """How `load_flax` reads its tree: detected (`"auto"`), linen variables or NNX state."""
 
 _WRAPPER = "value"
@@ -250,7 +250,10 @@ def _fits(flat: Mapping, pairing) -> bool:
 
 
 def choose_layout(
-    variables: Mapping, model: eqx.Module, mapping: NameMapping | None, layout: Layout
+    variables: Mapping,
+    model: eqx.Module,
+    mapping: NameMapping | None,
+    layout: TreeLayout,
 ) -> Literal["linen", "nnx"]:
     """Whether `load_flax` reads `variables` as linen variables or NNX state.
 
@@ -267,17 +270,15 @@ def choose_layout(
     if certainly_nnx(variables) or not isinstance(variables.get("params"), Mapping):
         return "nnx"
     nnx_pairing = pair(model, mapping, NNX)
-    tops = {e.path[0] for e in nnx_pairing.entries}
-    if not tops & {"params", "batch_stats"}:
+    clash = sorted({e.path[0] for e in nnx_pairing.entries} & {"params", "batch_stats"})
+    if not clash:
         return "linen"
     linen_pairing = pair(model, mapping, LINEN)
+    linen_flat = _split_variables(variables, linen_pairing)[0]
     fits = [
         name
         for name, ok in (
-            (
-                "linen",
-                _fits(_split_variables(variables, linen_pairing)[0], linen_pairing),
-            ),
+            ("linen", _fits(linen_flat, linen_pairing)),
             ("nnx", _fits(_nnx_variables(variables, nnx_pairing)[0], nnx_pairing)),
         )
         if ok
@@ -285,11 +286,11 @@ def choose_layout(
     if len(fits) == 1:
         return fits[0]
     raise ConversionError(
-        f"Cannot tell whether these are Flax linen variables or NNX state: the tree "
-        f"has a top-level `params`, and so does {type(model).__name__} as NNX names "
-        f"it (an attribute `{'` or `'.join(sorted(tops & {'params', 'batch_stats'}))}`)"
-        f", and it pairs with {'both' if fits else 'neither'}. Pass "
-        "layout='linen' or layout='nnx' to load_flax."
+        "Cannot tell whether these are Flax linen variables or NNX state: they have "
+        f"a top-level `params`, as linen variables do, and {type(model).__name__} "
+        f"has an attribute `{clash[0]}`, which NNX state has at the top; they pair "
+        f"with {'both' if fits else 'neither'} exactly. Pass layout='linen' or "
+        "layout='nnx' to load_flax (--layout on the command line)."
     )
 
 
