@@ -737,6 +737,7 @@ def test_the_converter_takes_nnx_checkpoints(mlp, tmp_path, capsys):
 # -- The example -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains and compiles two CNNs and their steps
 def test_nnx_to_equinox_example_agrees(tmp_path, capsys):
     import nnx_to_equinox
 
