@@ -36,6 +36,8 @@ from eqx_bn.interop import (
 from eqx_bn.models import SeedMLP
 
 RTOL = ATOL = 1e-5
+LEARNING_RATE = 0.1
+SGD = optax.sgd(LEARNING_RATE)
 
 
 def _normal(shape, seed=1):
@@ -193,16 +195,17 @@ class Case:
     - `state`: `nnx.state(model)` after training; `pure` its `nnx.to_pure_dict`.
     - `eval_out`: eval-mode outputs; `train_out`, `train_stats`: one more
         train-mode call's outputs and the running statistics it leaves (in a
-        clone, so that `state` stays the checkpoint).
+        clone, so that `state` stays the checkpoint); `stepped`: the pure dict
+        after one more SGD step (in another clone).
     - `msgpack`, `orbax`: the checkpoint files (pure dict and `nnx.State`).
     """
 
     def __init__(self, make_nnx, make_eqx, x, out_features, tmp, steps=3):
         self.make_nnx = make_nnx
         self.x = x  # NNX's layout (channels last)
-        labels = _normal((x.shape[0], out_features), seed=7)
+        self.labels = labels = _normal((x.shape[0], out_features), seed=7)
         model = make_nnx()
-        optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, SGD, wrt=nnx.Param)
         with flax_promotion():
             for _ in range(steps):
                 _nnx_sgd_step(model, optimizer, x, labels)
@@ -211,6 +214,9 @@ class Case:
             twin = nnx.clone(model)
             self.train_out = _nnx_apply(twin, x)
             self.train_stats = nnx.to_pure_dict(nnx.state(twin, nnx.BatchStat))
+            twin = nnx.clone(model)
+            _nnx_sgd_step(twin, nnx.Optimizer(twin, SGD, wrt=nnx.Param), x, labels)
+            self.stepped = nnx.to_pure_dict(nnx.state(twin))
             model.eval()
             self.eval_out = _nnx_apply(model, x)
         self.msgpack = tmp / "nnx.msgpack"
@@ -289,6 +295,30 @@ def test_training_call_outputs_and_statistics_match_nnx(case):
         )
 
 
+@eqx.filter_jit
+def _sgd_step(model, state, x, y):
+    def loss(model):
+        out, new_state = _train(model, state, x)
+        return jnp.mean((out - y) ** 2), new_state
+
+    grads, state = eqx.filter_grad(loss, has_aux=True)(model)
+    step = jax.tree.map(lambda g: -LEARNING_RATE * g, grads)
+    return eqx.apply_updates(model, step), state
+
+
+def test_one_sgd_step_matches_nnx(case):
+    model, state = _sgd_step(case.model, case.loaded_state, case.x_eqx, case.labels)
+    got = export_nnx(model, state)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(
+        case.stepped
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(case.stepped)):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    # The step moved every parameter that has a gradient.
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), case.pure, got)
+    assert sum(jax.tree.leaves(moved)) > len(jax.tree.leaves(moved)) // 2
+
+
 def _load(case, tree, **kwargs):
     return load_flax(case.eqx_model, case.eqx_state, tree, **kwargs)
 
@@ -334,11 +364,11 @@ def test_export_is_the_pure_dict_nnx_saved(case):
 
 
 def test_nnx_reproduces_the_equinox_outputs_after_export(case):
-    # A model trained on in Equinox, so that the values are Equinox's own.
+    # A training call in Equinox first: the running statistics are Equinox's own.
     _, state = _train(case.model, case.loaded_state, case.x_eqx)
     expected = _eval(case.model, state, case.x_eqx)
     target = case.make_nnx()
-    graph, nnx_state = nnx.split(target)
+    _, nnx_state = nnx.split(target)
     nnx.replace_by_pure_dict(nnx_state, export_nnx(case.model, state))
     nnx.update(target, nnx_state)
     target.eval()
