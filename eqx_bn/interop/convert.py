@@ -46,7 +46,7 @@ class ConversionError(ValueError):
     - `unexpected`: checkpoint variables that nothing in the model pairs with.
     - `mismatched`: pairs whose shape or dtype differ.
     - `extra`: top-level entries that are not `params`/`batch_stats` (`step`,
-        `opt_state` of a saved TrainState...).
+        `opt_state` of a saved TrainState...), and NNX random-stream state.
     - `unsupported`: layers of the model that have no conversion rule.
     """
 
@@ -199,7 +199,9 @@ def load_flax(
     - `variables`: `{"params": ..., "batch_stats": ...}` as nested dicts of numpy or
         JAX arrays (from `flax.serialization.msgpack_restore`, `read_msgpack`, or
         `Module.init`), or a saved TrainState (`params`, `batch_stats`, `step`,
-        `opt_state`, ...; also with the whole variables dict passed as `params`).
+        `opt_state`, ...; also with the whole variables dict passed as `params`);
+        or Flax NNX state, `{"dense_0": {"kernel": ...}, "norm": {...}, ...}`
+        (see `layout`).
     - `mapping`: overrides of the automatic pairing, `{flax_scope: selector}`:
         `{"head": lambda m: m.classifier}` pairs the Flax scope `head` (no
         collection prefix) with that module or array; `None` as selector leaves the
@@ -210,7 +212,8 @@ def load_flax(
         layers with no conversion rule are left as they are; shapes and dtypes
         are still checked.
     - `ignore_extra`: skip top-level entries other than `params`/`batch_stats`
-        (the rest of a TrainState) instead of raising.
+        (the rest of a TrainState), and NNX random-stream state, instead of
+        raising.
     - `cast`: convert values whose dtype differs from the model's (e.g. a float64
         or bfloat16 checkpoint into a float32 model) instead of raising.
         Shapes must still agree.
