@@ -400,66 +400,77 @@ def _stats_loaded(layer, state, x):
     return layer(x, state, inference=True)[0]
 
 
-R = nnx.Rngs(0)
+KEY = jax.random.key(5)
 # (NNX layer, Equinox factory, NNX input, how the Equinox layer is applied)
 LAYERS = {
     "linear": (
-        lambda: nnx.Linear(5, 3, rngs=R),
+        lambda: nnx.Linear(5, 3, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Linear(5, 3, key=k),
         _normal((2, 5)),
         _per_example,
     ),
     "linear_no_bias": (
-        lambda: nnx.Linear(5, 3, use_bias=False, rngs=R),
+        lambda: nnx.Linear(5, 3, use_bias=False, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Linear(5, 3, use_bias=False, key=k),
         _normal((2, 5)),
         _per_example,
     ),
     "conv1d": (
-        lambda: nnx.Conv(5, 4, (3,), rngs=R),
+        lambda: nnx.Conv(5, 4, (3,), rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv1d(5, 4, 3, padding="SAME", key=k),
         _normal((2, 8, 5)),
         _channels_first,
     ),
     # Stride 2, "SAME" on an even size: NNX pads (0, 1), as linen does.
     "conv2d_stride2_no_bias": (
-        lambda: nnx.Conv(3, 4, (3, 3), strides=2, use_bias=False, rngs=R),
+        lambda: nnx.Conv(3, 4, (3, 3), strides=2, use_bias=False, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", use_bias=False, key=k),
         _normal((2, 6, 6, 3)),
         _channels_first,
     ),
     "conv3d_groups": (
-        lambda: nnx.Conv(2, 4, (2, 2, 2), feature_group_count=2, rngs=R),
+        lambda: nnx.Conv(2, 4, (2, 2, 2), feature_group_count=2, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv3d(2, 4, 2, padding="SAME", groups=2, key=k),
         _normal((1, 4, 4, 4, 2)),
         _channels_first,
     ),
     "batch_norm": (
-        lambda: nnx.BatchNorm(6, use_running_average=True, rngs=R),
+        lambda: nnx.BatchNorm(6, use_running_average=True, rngs=nnx.Rngs(0)),
         lambda k: eqx_bn.BatchNorm(6, axis_name=None, channels_last=True),
         _normal((4, 6)),
         _stats_loaded,
     ),
     "layer_norm": (
-        lambda: nnx.LayerNorm(6, rngs=R),
+        lambda: nnx.LayerNorm(6, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.LayerNorm(6, eps=1e-6),  # NNX's default epsilon
         _normal((2, 6)),
         _per_example,
     ),
     "group_norm": (
-        lambda: nnx.GroupNorm(6, num_groups=2, rngs=R),
+        lambda: nnx.GroupNorm(6, num_groups=2, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.GroupNorm(2, 6, eps=1e-6),
         _normal((2, 4, 4, 6)),
         _channels_first,
     ),
     "rms_norm": (
-        lambda: nnx.RMSNorm(6, rngs=R),
+        lambda: nnx.RMSNorm(6, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
         _normal((2, 6)),
         _per_example,
     ),
+    # A model that is an nnx.Sequential: `layers/0`, `layers/2` (relu has none).
+    "sequential": (
+        lambda: nnx.Sequential(
+            nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+            nnx.relu,
+            nnx.Linear(3, 1, rngs=nnx.Rngs(0)),
+        ),
+        lambda k: _sequential(k),
+        _normal((4, 2)),
+        _per_example,
+    ),
     "embed": (
-        lambda: nnx.Embed(7, 3, rngs=R),
+        lambda: nnx.Embed(7, 3, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Embedding(7, 3, key=k),
         jnp.array([[0, 3, 6], [2, 2, 5]]),
         _tokens,
@@ -467,9 +478,11 @@ LAYERS = {
 }
 
 
-def _randomised(layer):
+def _randomised(make):
     """The NNX layer with random values everywhere (scales and statistics too, which
-    start as ones and zeros), so that a swapped or mis-laid array shows."""
+    start as ones and zeros), so that a swapped or mis-laid array shows. Built
+    abstractly: no random initialisation to compile."""
+    layer = nnx.eval_shape(make)
     _, state = nnx.split(layer)
     pure = nnx.to_pure_dict(state)
     leaves, treedef = jax.tree_util.tree_flatten(pure)
@@ -483,10 +496,10 @@ def _randomised(layer):
 @pytest.mark.parametrize("kind", LAYERS)
 def test_layer_kind_matches_nnx(kind):
     make_nnx, make_eqx, x, apply = LAYERS[kind]
-    layer, pure = _randomised(make_nnx())
+    layer, pure = _randomised(make_nnx)
     with flax_promotion():
         expected = layer(x)
-    model, state = eqx.nn.make_with_state(make_eqx)(jax.random.key(5))
+    model, state = eqx.filter_eval_shape(eqx.nn.make_with_state(make_eqx), KEY)
     with flax_blocked():
         model, state = load_flax(model, state, pure)
     if apply is _stats_loaded:
@@ -497,22 +510,19 @@ def test_layer_kind_matches_nnx(kind):
     _assert_bitwise(export_nnx(model, state), pure)
 
 
-def test_a_top_level_sequential_is_nnx_sequential(key):
-    layer = nnx.Sequential(nnx.Linear(2, 3, rngs=R), nnx.relu, nnx.Linear(3, 1, rngs=R))
-    pure = nnx.to_pure_dict(nnx.state(layer))
+def _sequential(key):
     k0, k1 = jax.random.split(key)
-    model = eqx.nn.Sequential(
+    return eqx.nn.Sequential(
         [
             eqx.nn.Linear(2, 3, key=k0),
             eqx.nn.Lambda(jax.nn.relu),
             eqx.nn.Linear(3, 1, key=k1),
         ]
     )
-    loaded, _ = load_flax(model, eqx.nn.State(model), pure)
-    x = _normal((4, 2))
-    with flax_promotion():
-        expected = layer(x)
-    np.testing.assert_allclose(jax.vmap(loaded)(x), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_a_top_level_sequential_is_nnx_sequential(key):
+    model = eqx.filter_eval_shape(_sequential, key)
     assert nnx_paths(model) == {
         "layers/0/kernel": "model.layers[0].weight",
         "layers/0/bias": "model.layers[0].bias",
