@@ -1,5 +1,6 @@
 """Flax checkpoints for Equinox models: read/write Flax's msgpack and Orbax formats,
-and convert between Flax variables and an `eqx_bn` model with its `eqx.nn.State`.
+and convert between Flax variables (linen) or state (NNX) and an `eqx_bn` model with
+its `eqx.nn.State`.
 
 Nothing here imports Flax.
 """
@@ -17,4 +18,5 @@ from .msgpack import (
     to_msgpack_bytes as to_msgpack_bytes,
     write_msgpack as write_msgpack,
 )
+from .nnx import export_nnx as export_nnx, nnx_paths as nnx_paths
 from .orbax import read_orbax as read_orbax, write_orbax as write_orbax

@@ -4,9 +4,10 @@
 python -m eqx_bn.interop CHECKPOINT OUTPUT --model my_models:make_resnet
 ```
 
-reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory), builds the model and
-its State with `my_models.make_resnet()` (which returns `(model, state)`, e.g. from
-`eqx.nn.make_with_state`), loads the Flax variables into them with
+reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory, holding linen
+variables or NNX state), builds the model and its State with
+`my_models.make_resnet()` (which returns `(model, state)`, e.g. from
+`eqx.nn.make_with_state`), loads the checkpoint into them with
 `eqx_bn.interop.load_flax`, and writes `eqx.tree_serialise_leaves((model, state))` to
 `OUTPUT`. Read it back with
 
@@ -44,9 +45,10 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Convert a Flax checkpoint (a msgpack file or an Orbax directory) into "
-            "an Equinox model file written with eqx.tree_serialise_leaves. Load it "
-            "with eqx.tree_deserialise_leaves(OUTPUT, factory())."
+            "Convert a Flax checkpoint (linen variables or NNX state, in a msgpack "
+            "file or an Orbax directory) into an Equinox model file written with "
+            "eqx.tree_serialise_leaves. Load it with "
+            "eqx.tree_deserialise_leaves(OUTPUT, factory())."
         ),
     )
     parser.add_argument(
@@ -73,6 +75,13 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         action="store_true",
         help="convert arrays whose dtype differs from the model's (e.g. bfloat16 "
         "into float32) instead of failing",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("auto", "linen", "nnx"),
+        default="auto",
+        help="Flax linen variables or NNX state (nnx.state(model)); by default "
+        "told apart by the checkpoint's names",
     )
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="print nothing but errors"
@@ -221,6 +230,7 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
         strict=True,
         ignore_extra=args.ignore_extra,
         cast=args.cast,
+        layout=args.layout,
     )
     say(f"loaded into {type(model).__name__}")
     try:

@@ -9,7 +9,7 @@ imported here.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -46,7 +46,7 @@ class ConversionError(ValueError):
     - `unexpected`: checkpoint variables that nothing in the model pairs with.
     - `mismatched`: pairs whose shape or dtype differ.
     - `extra`: top-level entries that are not `params`/`batch_stats` (`step`,
-        `opt_state` of a saved TrainState...).
+        `opt_state` of a saved TrainState...), and NNX random-stream state.
     - `unsupported`: layers of the model that have no conversion rule.
     """
 
@@ -170,8 +170,9 @@ def load_flax(
     strict: bool = True,
     ignore_extra: bool = False,
     cast: bool = False,
+    layout: Literal["auto", "linen", "nnx"] = "auto",
 ) -> tuple[eqx.Module, eqx.nn.State]:
-    """Loads Flax variables into an Equinox model and its State.
+    """Loads Flax variables (linen) or state (NNX) into an Equinox model and its State.
 
     The model gives the structure, shapes and dtypes; the Flax variables give the
     values. Layers pair up by Flax's automatic names (see `flax_paths`): `Dense` <->
@@ -198,7 +199,9 @@ def load_flax(
     - `variables`: `{"params": ..., "batch_stats": ...}` as nested dicts of numpy or
         JAX arrays (from `flax.serialization.msgpack_restore`, `read_msgpack`, or
         `Module.init`), or a saved TrainState (`params`, `batch_stats`, `step`,
-        `opt_state`, ...; also with the whole variables dict passed as `params`).
+        `opt_state`, ...; also with the whole variables dict passed as `params`);
+        or Flax NNX state, `{"dense_0": {"kernel": ...}, "norm": {...}, ...}`
+        (see `layout`).
     - `mapping`: overrides of the automatic pairing, `{flax_scope: selector}`:
         `{"head": lambda m: m.classifier}` pairs the Flax scope `head` (no
         collection prefix) with that module or array; `None` as selector leaves the
@@ -209,10 +212,18 @@ def load_flax(
         layers with no conversion rule are left as they are; shapes and dtypes
         are still checked.
     - `ignore_extra`: skip top-level entries other than `params`/`batch_stats`
-        (the rest of a TrainState) instead of raising.
+        (the rest of a TrainState), and NNX random-stream state, instead of
+        raising.
     - `cast`: convert values whose dtype differs from the model's (e.g. a float64
         or bfloat16 checkpoint into a float32 model) instead of raising.
         Shapes must still agree.
+    - `layout`: `"linen"` or `"nnx"` to say what `variables` are; `"auto"` (the
+        default) tells them apart: linen variables have a `params` collection at
+        the top, NNX state (`nnx.state(model)`, `nnx.to_pure_dict` of it, or their
+        msgpack/Orbax restores, with string indices or `{"value": array}` leaves)
+        is named by attribute. NNX state pairs by field name (list items by index,
+        an `eqx.nn.Sequential`'s under `layers`; see `nnx_paths`), and its random
+        streams (`nnx.Rngs` state) count as extra entries. See `docs/nnx.md`.
 
     **Returns:**
 
@@ -234,6 +245,19 @@ def load_flax(
         unknown top-level entries, and layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
     """
+    from .nnx import choose_layout, load_nnx  # nnx.py builds on this module
+
+    if choose_layout(variables, model, mapping, layout) == "nnx":
+        return load_nnx(
+            model,
+            state,
+            variables,
+            mapping=mapping,
+            strict=strict,
+            ignore_extra=ignore_extra,
+            cast=cast,
+            detected=layout == "auto",
+        )
     pairing = pair(model, mapping)
     flat, extra = _split_variables(variables, pairing)
     return load_pairs(

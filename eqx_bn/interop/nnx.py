@@ -1,0 +1,452 @@
+"""Flax NNX state: reading it without Flax, and telling it apart from linen variables.
+
+An NNX model's state is named by attribute (`{"dense_0": {"kernel", "bias"}, "norm":
+{"scale", "bias", "mean", "var"}, "blocks": {0: ..., 1: ...}}`), with no
+`params`/`batch_stats` collections. It reaches us in several forms, all read here into
+one flat `{("blocks", "0", "conv", "kernel"): array}`:
+
+- `nnx.to_pure_dict(nnx.state(model))`: nested dicts of arrays, lists as `int` keys;
+- an `nnx.State` itself, whose leaves are `nnx.Variable`s (recognised through
+    `sys.modules`: if Flax is not imported, the caller cannot hold one);
+- either of those saved with msgpack (`int` keys become strings) or Orbax (an
+    `nnx.State` comes back with every leaf wrapped as `{"value": array}`).
+
+Here too: the NNX naming scheme (`NNX`: attribute names, lists by index,
+`nnx.Sequential`'s `layers`), its layer rules, the choice between linen and NNX that
+`load_flax` makes, and the NNX front-ends `export_nnx` and `nnx_paths`. Nothing of
+Flax is imported here.
+"""
+
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+
+from .._batch_norm import BatchNorm
+from .._typing import typecheck
+from .convert import (
+    ConversionError,
+    _split_variables,
+    export_pairs,
+    load_pairs,
+    paths_of,
+)
+from .layers import (
+    CONV_KERNEL,
+    DENSE_KERNEL,
+    IDENTITY,
+    VECTOR,
+    Rule,
+    Slot,
+    parameter_slots,
+)
+from .paths import LINEN, NameMapping, Naming, pair
+
+TreeLayout = Literal["auto", "linen", "nnx"]
+"""How `load_flax` reads its tree: detected (`"auto"`), linen variables or NNX state."""
+
+_WRAPPER = "value"
+# An NNX random stream (`nnx.Rngs`, or the `rngs` of `nnx.Dropout`) holds these two.
+_RNG_STREAM = frozenset({"key", "count"})
+
+
+def _flax_class(module: str, name: str) -> type | None:
+    """A Flax class if Flax has been imported already, else `None` (no import)."""
+    found = sys.modules.get(module)
+    cls = getattr(found, name, None) if found is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+def is_nnx_state(tree: Any) -> bool:
+    """Whether `tree` is an `nnx.State` (only possible when Flax is imported)."""
+    cls = _flax_class("flax.nnx.statelib", "State")
+    return cls is not None and isinstance(tree, cls)
+
+
+def _variable(node: Any) -> tuple[bool, Any, bool]:
+    """`(is a Variable, its value, is random-stream state)`."""
+    variable = _flax_class("flax.nnx.variablelib", "Variable")
+    # Flax before 0.11 puts `VariableState`s (value and type) in an `nnx.State`.
+    old = _flax_class("flax.nnx.variablelib", "VariableState")
+    if variable is not None and isinstance(node, variable):
+        kind, value = type(node), node.get_value()
+    elif old is not None and isinstance(node, old):
+        kind, value = node.type, node.value
+    else:
+        return False, node, False
+    rng = _flax_class("flax.nnx.rnglib", "RngState")
+    return True, value, rng is not None and issubclass(kind, rng)
+
+
+def _is_wrapped(node: Any) -> bool:
+    """`{"value": array}`: how Orbax restores one `nnx.Variable`."""
+    return (
+        isinstance(node, Mapping)
+        and len(node) == 1
+        and _WRAPPER in node
+        and not isinstance(node[_WRAPPER], Mapping)
+    )
+
+
+def _leaves(tree: Mapping, prefix: tuple[str, ...], out: list) -> None:
+    """Appends `(path, node, from_variable, rng)` for every leaf; a `{"value": x}`
+    dict is kept whole here, to be unwrapped (or not) once all leaves are known."""
+    for key, node in tree.items():
+        path = (*prefix, str(key))
+        is_var, value, rng = _variable(node)
+        if is_var:
+            out.append((path, value, True, rng))
+        elif _is_wrapped(node):
+            out.append((path, node, False, False))
+        elif isinstance(node, Mapping):
+            _leaves(node, path, out)
+        else:
+            out.append((path, node, False, False))
+
+
+def read_nnx(tree: Mapping) -> tuple[dict[tuple[str, ...], Any], set[tuple[str, ...]]]:
+    """Flattens NNX state in any of the forms it comes in.
+
+    **Arguments:**
+
+    - `tree`: an `nnx.State`, `nnx.to_pure_dict` output, or a msgpack or Orbax
+        restore of either.
+
+    **Returns:**
+
+    `(flat, rng)`: `flat` maps each path (a tuple of strings: integer keys as their
+    decimal string, as msgpack stores them) to its array; `rng` holds the paths
+    that belong to random streams (`nnx.Rngs` state: not parameters).
+
+    Leaves wrapped as `{"value": array}` are unwrapped when every leaf is: that is
+    how Orbax restores an `nnx.State`. A tree with only some leaves so wrapped is
+    taken as it is (an NNX attribute may well be called `value`).
+    """
+    found: list = []
+    _leaves(tree, (), found)
+    unwrap = bool(found) and all(
+        not from_var and _is_wrapped(node) for _, node, from_var, _ in found
+    )
+    flat: dict[tuple[str, ...], Any] = {}
+    rng: set[tuple[str, ...]] = set()
+    for path, node, _, is_rng in found:
+        if unwrap:
+            node = node[_WRAPPER]
+        elif _is_wrapped(node):
+            path, node = (*path, _WRAPPER), node[_WRAPPER]
+        flat[path] = node
+        if is_rng:
+            rng.add(path)
+    # In a pure dict (or a file), a random stream is `{"key": ..., "count": ...}`.
+    parents: dict[tuple[str, ...], set[str]] = {}
+    for path in flat:
+        parents.setdefault(path[:-1], set()).add(path[-1])
+    for parent, names in parents.items():
+        if names == _RNG_STREAM:
+            rng.update((*parent, name) for name in names)
+    return flat, rng
+
+
+def certainly_nnx(tree: Mapping) -> bool:
+    """NNX for sure, whatever the model: an `nnx.State`, `nnx.Variable` leaves,
+    Orbax-wrapped leaves or integer keys, none of which a linen tree has."""
+    if is_nnx_state(tree):
+        return True
+    found: list = []
+    _leaves(tree, (), found)
+    if any(from_var for _, _, from_var, _ in found):
+        return True
+    if found and all(_is_wrapped(node) for _, node, _, _ in found):
+        return True
+    return _has_int_keys(tree)
+
+
+def _has_int_keys(tree: Any) -> bool:
+    if not isinstance(tree, Mapping):
+        return False
+    return any(isinstance(k, int) or _has_int_keys(v) for k, v in tree.items())
+
+
+# -- The naming scheme --------------------------------------------------------------
+
+NNX_NAME = "nnx_name"
+"""The `eqx.field` metadata key with which a field declares its NNX attribute name."""
+
+
+def _linear(layer: eqx.nn.Linear) -> list[Slot]:
+    # nnx.Linear: kernel (in, out), bias (out,), as linen's Dense.
+    return parameter_slots(
+        layer,
+        (("kernel", "weight", DENSE_KERNEL), ("bias", "bias", VECTOR)),
+        collection=None,
+    )
+
+
+def _conv(layer: eqx.nn.Conv) -> list[Slot]:
+    # nnx.Conv: kernel (*spatial, in // groups, out), bias (out,).
+    return parameter_slots(
+        layer,
+        (("kernel", "weight", CONV_KERNEL), ("bias", "bias", VECTOR)),
+        collection=None,
+    )
+
+
+def _norm(layer: eqx.Module) -> list[Slot]:
+    return parameter_slots(
+        layer,
+        (("scale", "weight", IDENTITY), ("bias", "bias", IDENTITY)),
+        collection=None,
+    )
+
+
+def _embedding(layer: eqx.nn.Embedding) -> list[Slot]:
+    return parameter_slots(layer, (("embedding", "weight", IDENTITY),), collection=None)
+
+
+def _batch_norm(layer: BatchNorm) -> list[Slot]:
+    # nnx.BatchNorm keeps its running statistics beside its parameters.
+    slots = parameter_slots(
+        layer,
+        (("scale", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
+        collection=None,
+    )
+    return slots + [
+        Slot(None, "mean", "mean", IDENTITY, in_state=True),
+        Slot(None, "var", "var", IDENTITY, in_state=True),
+    ]
+
+
+NNX_RULES: tuple[Rule, ...] = (
+    Rule(BatchNorm, "BatchNorm", _batch_norm),
+    Rule(eqx.nn.Linear, "Linear", _linear),
+    Rule(eqx.nn.Conv, "Conv", _conv),  # also Conv1d/2d/3d, which subclass it
+    Rule(eqx.nn.LayerNorm, "LayerNorm", _norm),
+    Rule(eqx.nn.GroupNorm, "GroupNorm", _norm),
+    Rule(eqx.nn.RMSNorm, "RMSNorm", _norm),  # NNX's has no bias: use_bias=False
+    Rule(eqx.nn.Embedding, "Embed", _embedding),
+)
+"""The layer kinds converted automatically to and from Flax NNX, first match wins."""
+
+NNX = Naming(
+    framework="Flax NNX",
+    source="NNX state",
+    separator="/",
+    collections=(),
+    rules=NNX_RULES,
+    numbered=False,
+    sequential=("layers",),
+    metadata_key=NNX_NAME,
+    paths_function="eqx_bn.interop.nnx_paths",
+)
+"""Flax NNX: attribute names, list items by index, `nnx.Sequential`'s `layers`."""
+
+
+# -- Linen or NNX ------------------------------------------------------------------
+
+
+def _fits(flat: Mapping, pairing) -> bool:
+    return bool(flat) and set(flat) == {e.path for e in pairing.entries}
+
+
+def choose_layout(
+    variables: Mapping,
+    model: eqx.Module,
+    mapping: NameMapping | None,
+    layout: TreeLayout,
+) -> Literal["linen", "nnx"]:
+    """Whether `load_flax` reads `variables` as linen variables or NNX state.
+
+    Linen variables have a `params` collection at the top; NNX state never does,
+    unless the model has an attribute called `params` (or `batch_stats`). Only then
+    is the tree ambiguous, and the layout that pairs with the model exactly wins.
+
+    **Raises:**
+
+    - `ConversionError`: an ambiguous tree that fits both layouts or neither.
+    """
+    if layout != "auto":
+        return layout
+    if certainly_nnx(variables) or not isinstance(variables.get("params"), Mapping):
+        return "nnx"
+    nnx_pairing = pair(model, mapping, NNX)
+    clash = sorted({e.path[0] for e in nnx_pairing.entries} & {"params", "batch_stats"})
+    if not clash:
+        return "linen"
+    linen_pairing = pair(model, mapping, LINEN)
+    linen_flat = _split_variables(variables, linen_pairing)[0]
+    fits = [
+        name
+        for name, ok in (
+            ("linen", _fits(linen_flat, linen_pairing)),
+            ("nnx", _fits(_nnx_variables(variables, nnx_pairing)[0], nnx_pairing)),
+        )
+        if ok
+    ]
+    if len(fits) == 1:
+        return fits[0]
+    raise ConversionError(
+        "Cannot tell whether these are Flax linen variables or NNX state: they have "
+        f"a top-level `params`, as linen variables do, and {type(model).__name__} "
+        f"has an attribute `{clash[0]}`, which NNX state has at the top; they pair "
+        f"with {'both' if fits else 'neither'} exactly. Pass layout='linen' or "
+        "layout='nnx' to load_flax (--layout on the command line)."
+    )
+
+
+def _nnx_variables(
+    variables: Mapping, pairing
+) -> tuple[dict[tuple[str, ...], Any], list[str]]:
+    """The NNX leaves, and the random-stream state nothing in the model wants
+    (reported as extra entries: it is not part of an Equinox model)."""
+    flat, rng = read_nnx(variables)
+    wanted = {e.path for e in pairing.entries}
+    extra = sorted(p for p in rng if p not in wanted)
+    for path in extra:
+        del flat[path]
+    return flat, [f"{'/'.join(p)} (random-stream state)" for p in extra]
+
+
+def load_nnx(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    variables: Mapping,
+    *,
+    mapping: NameMapping | None,
+    strict: bool,
+    ignore_extra: bool,
+    cast: bool,
+    detected: bool,
+) -> tuple[eqx.Module, eqx.nn.State]:
+    """`load_flax` for NNX state (see there)."""
+    pairing = pair(model, mapping, NNX)
+    flat, extra = _nnx_variables(variables, pairing)
+    wanted = {e.path for e in pairing.entries}
+    if detected and flat and wanted and not wanted & set(flat):
+        # Nothing pairs: most likely not NNX state at all; say why it was read so.
+        raise _unpaired(model, variables, flat, mapping)
+    return load_pairs(
+        model,
+        state,
+        flat,
+        pairing,
+        NNX,
+        strict=strict,
+        cast=cast,
+        extra=() if ignore_extra else extra,
+    )
+
+
+def _unpaired(model, variables, flat, mapping) -> ConversionError:
+    linen = {e.path for e in pair(model, mapping, LINEN).entries}
+    if {("params", *p) for p in flat} & linen:
+        hint = (
+            "They look like a Flax linen `params` collection on its own: pass "
+            "`{'params': params, 'batch_stats': batch_stats}`."
+        )
+    else:
+        hint = (
+            "See the pairing with `eqx_bn.interop.nnx_paths(model)` (NNX) or "
+            "`eqx_bn.interop.flax_paths(model)` (linen); pass layout='linen' if "
+            "these are linen variables."
+        )
+    names = ", ".join(sorted("/".join(p) for p in list(flat)[:5]))
+    more = ", ..." if len(flat) > 5 else ""
+    return ConversionError(
+        f"Cannot load these variables into {type(model).__name__}: with no `params` "
+        f"collection at the top they were read as Flax NNX state, but none of their "
+        f"names ({names}{more}) is one the model has. {hint}",
+        unexpected=tuple("/".join(p) for p in flat),
+    )
+
+
+# -- Front-ends ---------------------------------------------------------------------
+
+
+def _index(part: str) -> str | int:
+    # List items are integer keys in `nnx.to_pure_dict`; attribute names never are
+    # digits only.
+    return int(part) if part.isdigit() else part
+
+
+@typecheck
+def export_nnx(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    *,
+    mapping: NameMapping | None = None,
+) -> dict:
+    """Writes an Equinox model and its State as NNX state, a pure dict.
+
+    The inverse of loading NNX state with `load_flax`: exporting a model loaded from
+    `nnx.to_pure_dict(nnx.state(nnx_model))` gives that dict back bit for bit (list
+    items under integer keys, as NNX has them).
+
+    !!! Example
+
+        ```python
+        _, nnx_state = nnx.split(nnx_model)
+        nnx.replace_by_pure_dict(nnx_state, eqx_bn.interop.export_nnx(model, state))
+        nnx.update(nnx_model, nnx_state)
+        ```
+
+    **Arguments:**
+
+    - `model`, `state`: the Equinox model and its `eqx.nn.State`.
+    - `mapping`: the same overrides as for `load_flax`, with NNX names
+        (`{"classifier": lambda m: m.head}`).
+
+    **Returns:**
+
+    Nested dicts of numpy arrays in NNX's layout: `{"dense_0": {"kernel": ...,
+    "bias": ...}, "norm": {"scale", "bias", "mean", "var"}, "blocks": {0: ...}}`,
+    which `nnx.replace_by_pure_dict` accepts and `flax.serialization.to_bytes` or
+    Orbax save.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    tree: dict = {}
+    for path, array in export_pairs(
+        model, state, pair(model, mapping, NNX), NNX
+    ).items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(_index(part), {})
+        node[_index(path[-1])] = array
+    return tree
+
+
+@typecheck
+def nnx_paths(
+    model: eqx.Module, *, mapping: NameMapping | None = None
+) -> dict[str, str]:
+    """The pairing with NNX state that `load_flax` and `export_nnx` use.
+
+    !!! Example
+
+        ```python
+        >>> eqx_bn.interop.nnx_paths(model)
+        {'dense_0/kernel': 'model.dense_0.weight', ...
+         'norm/mean': 'state[model.norm.state_index].mean', ...
+         'blocks/0/conv/kernel': 'model.blocks[0].conv.weight', ...}
+        ```
+
+    **Arguments:**
+
+    - `model`: the Equinox model.
+    - `mapping`: overrides, as for `load_flax`, with NNX names.
+
+    **Returns:**
+
+    A dict from each NNX path (attributes and list indices joined with `/`) to the
+    Equinox leaf it pairs with, in the model's order.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    return paths_of(pair(model, mapping, NNX), NNX, type(model).__name__)
