@@ -134,40 +134,36 @@ def _leaf_description(x: Any) -> str:
     return f"{jnp.dtype(x.dtype).name}[{', '.join(map(str, jnp.shape(x)))}]"
 
 
+def _paths(tree: PyTree) -> list[str]:
+    return [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _first_difference(a: str, b: str) -> str:
+    """Where two long PyTreeDef strings first differ, with a little context."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, i - 40)
+    return f"held ...{a[lo : i + 40]}..., new ...{b[lo : i + 40]}..."
+
+
 def _matching_leaves(
     tree: PyTree, expected: Any, old: tuple[Array, ...], name: str, fix: str
 ) -> tuple[Array, ...]:
     """The leaves of `tree` for `TrainState.replace`: the same structure, shapes and
     dtypes as the held ones (Python scalars are converted to the held dtype)."""
     leaves, treedef = jax.tree.flatten(tree)
-    if treedef != expected:
-        held = {
-            jax.tree_util.keystr(p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(
-                jax.tree.unflatten(expected, old)
-            )[0]
-        }
-        given = {
-            jax.tree_util.keystr(p)
-            for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-        }
-        lost, new = sorted(held - given)[:5], sorted(given - held)[:5]
-        detail = (
-            f" Leaves only in the held {name}: {', '.join(lost) or 'none'}; only in "
-            f"the new one: {', '.join(new) or 'none'}."
-            if lost or new
-            else f" Expected {expected}, got {treedef}."
-        )
+    held_paths, paths = _paths(jax.tree.unflatten(expected, old)), _paths(tree)
+    if held_paths != paths:
+        lost = [p for p in held_paths if p not in paths][:5]
+        new = [p for p in paths if p not in held_paths][:5]
         raise ValueError(
             f"TrainState.replace: the new {name} does not have the structure of the "
-            f"held one.{detail} {fix}"
+            f"held one. Leaves only in the held {name}: {', '.join(lost) or 'none'}; "
+            f"only in the new one: {', '.join(new) or 'none'}. {fix}"
         )
-    out = []
-    paths = [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-    problems = []
+    out, problems = [], []
     for path, leaf, held in zip(paths, leaves, old):
         if isinstance(leaf, (bool, int, float)) and jnp.shape(held) == ():
             leaf = jnp.asarray(leaf, held.dtype)
@@ -184,6 +180,12 @@ def _matching_leaves(
             "TrainState.replace: shape or dtype changed: "
             + "; ".join(problems)
             + f". {fix}"
+        )
+    if treedef != expected:
+        raise ValueError(
+            f"TrainState.replace: the new {name} does not have the structure of the "
+            f"held one: the same leaves, but a different configuration (static "
+            f"fields): {_first_difference(str(expected), str(treedef))}. {fix}"
         )
     return tuple(out)
 
