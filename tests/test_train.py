@@ -352,6 +352,19 @@ def test_donation_is_opt_in_and_consumes_only_the_holder():
     assert int(again.step) == 2
 
 
+def test_donation_aliases_the_whole_holder_and_only_when_asked():
+    """What `donate=True` changes in the compiled step: XLA's accounting shows the
+    holder's every byte written in place, and nothing without it (the sizes that
+    `benchmarks/donation.py` reports for the ResNet)."""
+    _, _, ts = fresh_state(OPTIMIZERS["adam"])
+    xs, ys = data(1)
+    holder = sum(x.nbytes for x in jax.tree.leaves(ts))
+    for donate, aliased in ((False, 0), (True, holder)):
+        step = make_train_step(loss_fn, donate=donate)
+        analysis = step.lower(ts, (xs[0], ys[0])).compile().memory_analysis()
+        assert analysis.alias_size_in_bytes == aliased
+
+
 def test_optax_multisteps_object_and_any_init_update_object():
     """`optax.MultiSteps` itself (not `.gradient_transformation()`), as Flax's
     TrainState takes it, and any object with `init`/`update`."""
