@@ -51,14 +51,21 @@ class _Problems:
     def absorb(self, error: ConversionError, prefix: str | None = None) -> None:
         """The problems of a `load_flax` call, with its `params/` renamed `prefix/`."""
 
-        def rename(item: str) -> str:
-            if prefix is not None and item.startswith("params/"):
-                return prefix + item[len("params") :]
-            return item
+        def renamed(items: tuple[str, ...]) -> list[str]:
+            if prefix is None:
+                return list(items)
+            # An optimiser subtree is loaded with the checkpoint's `batch_stats`
+            # to complete the pairing; their problems are reported once, by the
+            # load of `params` and `batch_stats` itself.
+            return [
+                prefix + item[len("params") :]
+                for item in items
+                if not item.startswith("batch_stats/")
+            ]
 
-        self.missing += map(rename, error.missing)
-        self.unexpected += map(rename, error.unexpected)
-        self.mismatched += map(rename, error.mismatched)
+        self.missing += renamed(error.missing)
+        self.unexpected += renamed(error.unexpected)
+        self.mismatched += renamed(error.mismatched)
         self.extra += error.extra
         # A layer with no rule is reported once, not once per optimiser subtree.
         self.unsupported += [u for u in error.unsupported if u not in self.unsupported]
@@ -282,9 +289,9 @@ def load(
     if problems.unsupported:  # every subtree would fail the same way
         raise problems.error(type(model).__name__)
 
-    # The model's own running statistics complete the pairing of each optimiser
-    # subtree, so a problem in `batch_stats` is reported once, above.
-    batch_stats = export_flax(model, state, mapping=mapping).get("batch_stats")
+    # The checkpoint's running statistics complete the pairing of each optimiser
+    # subtree (`load_flax` pairs whole models); their problems are reported once.
+    batch_stats = checkpoint.get("batch_stats")
     trainable = eqx.filter(model, eqx.is_inexact_array)
     template = eqx.filter_eval_shape(optimizer.init, trainable)
     loader = _Loader(model, state, mapping, batch_stats, problems)

@@ -425,6 +425,7 @@ class TrainState(eqx.Module):
         state: eqx.nn.State = _UNSET,
         opt_state: Any = _UNSET,
         step: Any = _UNSET,
+        **others: Any,
     ) -> "TrainState":
         """A copy with some parts replaced, as Flax's `train_state.replace(...)`.
 
@@ -459,7 +460,24 @@ class TrainState(eqx.Module):
 
         - `ValueError`: a new part does not match the held one (the message names
             the leaves that differ).
+        - `TypeError`: for another keyword, with the one to use (Flax's `params`
+            and `batch_stats` are `model` and `state` here).
         """
+        if others:
+            instead = {
+                "params": "model=",
+                "batch_stats": "state=",
+                "tx": "TrainState.create(model, state, new_optimizer)",
+                "apply_fn": "nothing (call the model)",
+            }
+            fields = "one of model=, state=, opt_state=, step="
+            hints = "; ".join(
+                f"{name}: use {instead.get(name, fields)}" for name in others
+            )
+            raise TypeError(
+                "TrainState.replace takes model=, state=, opt_state= and step=, got "
+                f"{', '.join(others)}. {hints}."
+            )
         structure = self.structure
         changes: dict[str, Any] = {}
         fix = (

@@ -454,8 +454,8 @@ def test_replace_checks_the_structure():
         ts.replace(opt_state=optax.adam(0.1).init(eqx.filter(model, eqx.is_array)))
     with pytest.raises(ValueError, match="`step` must be an integer"):
         ts.replace(step=1.5)
-    with pytest.raises(TypeError):
-        ts.replace(params=ts.params)  # not a field here: `model=`
+    with pytest.raises(TypeError, match="params: use model="):
+        ts.replace(params=ts.params)  # Flax's name
 
 
 def test_train_state_is_a_pytree_that_serialises():

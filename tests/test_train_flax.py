@@ -239,6 +239,7 @@ def test_every_mismatch_is_listed(start):
     ):
         tree["Dense_1"]["kernel"] = np.zeros((5, 1), np.float32)
     bad["opt_state"]["0"]["count"] = np.zeros((), np.float32)
+    bad["batch_stats"]["BatchNorm_0"]["mean"] = np.zeros(5, np.float32)  # listed once
     del bad["opt_state"]["0"]["nu"]["BatchNorm_0"]["scale"]
     bad["dropout_key"] = np.zeros(2, np.uint32)
     with pytest.raises(ConversionError) as info:
@@ -247,6 +248,8 @@ def test_every_mismatch_is_listed(start):
     assert sorted(error.mismatched) == sorted(
         [
             "opt_state/0/count: expected int32[], got float32[]",
+            "batch_stats/BatchNorm_0/mean -> state[model.norm.state_index].mean: "
+            "expected float32[4], got float32[5]",
             *(
                 f"{where}/Dense_1/kernel -> model.dense_1.weight: expected "
                 "float32[4, 1] (in Flax's layout), got float32[5, 1]"
@@ -258,14 +261,26 @@ def test_every_mismatch_is_listed(start):
         "opt_state/0/nu/BatchNorm_0/scale -> model.norm.scale: expected float32[4]",
     )
     assert error.extra == ("dropout_key",)
-    assert "6 problems" in str(error)
+    assert "7 problems" in str(error)
     # `ignore_extra` skips the extra field only.
     with pytest.raises(ConversionError) as info:
         TrainState.from_flax(model, state, bad, OPTIMIZERS["adam"], ignore_extra=True)
-    assert info.value.extra == () and len(info.value.mismatched) == 4
+    assert info.value.extra == () and len(info.value.mismatched) == 5
 
 
 def test_variables_alone_are_not_a_train_state(start):
     variables, model, state = start
     with pytest.raises(ConversionError, match="not a saved Flax TrainState.*load_flax"):
         TrainState.from_flax(model, state, as_numpy(variables), optax.sgd(0.1))
+
+
+def test_an_abstract_model_is_enough(start):
+    """Only the structure, shapes and dtypes of the model are read, as by
+    `load_flax`: a model from `eqx.filter_eval_shape` skips its initialisation."""
+    variables, model, state = start
+    tx = OPTIMIZERS["adam"]
+    fts = flax_train_state(variables, tx)
+    abstract = eqx.filter_eval_shape(eqx.nn.make_with_state(Net), jax.random.key(1))
+    ts = TrainState.from_flax(*abstract, flax.serialization.to_state_dict(fts), tx)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ts))
+    assert_flax_equal(ts.to_flax(), fts, exact=True)
