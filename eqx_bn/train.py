@@ -115,10 +115,11 @@ def _check_optimizer(optimizer: Any, where: str) -> None:
         return
     if callable(optimizer):
         name = getattr(optimizer, "__name__", type(optimizer).__name__)
-        hint = (
-            f" `{name}` is a function that builds one: call it, e.g. "
-            f"`optax.{name}(learning_rate=1e-3)`."
-        )
+        if getattr(optimizer, "__module__", "").startswith("optax"):
+            example = f"`optax.{name}(learning_rate=1e-3)`"
+        else:  # e.g. `optax.inject_hyperparams(optax.adam)`, not yet called
+            example = "`optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)`"
+        hint = f" `{name}` is a function that builds one: call it, e.g. {example}."
     elif isinstance(optimizer, (int, float)):
         hint = f" Got a number: pass `optax.sgd({optimizer})` or `optax.adam(...)`."
     else:

@@ -8,6 +8,7 @@ when its output is not a terminal (as here), and writes only under `--out`.
 
 import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def test_stateful_ensembles_progress_and_outputs(tmp_path, capsys):
     history = json.loads((tmp_path / "stateful_ensembles.json").read_text())
     assert history["member_losses_per_step"] == out["history"]
     assert len(out["history"]) == 5 and len(out["history"][0]) == 4
+    assert all(math.isfinite(v) for v in out["history"][-1])
+    assert out["loss"] < sum(out["history"][0]) / 4  # the members learn
     printed = capsys.readouterr().out
     assert "epoch 1/1: mean_loss" in printed
     assert "stateful_ensembles: runtime" in printed
