@@ -152,7 +152,7 @@ def runs():
             for i in range(STEPS):
                 fts, floss, fgrads = flax_train_step(fts, (xs[i], ys[i]))
                 ts, loss, _ = TRAIN_STEP(ts, (xs[i], ys[i]))
-                # Copied to NumPy now: the next step donates the holder's buffers.
+                # Copied to NumPy now: one record per step, off the device.
                 record.append(
                     numpy_copy(
                         dict(
