@@ -7,19 +7,21 @@ The Flax workflow (a `TrainState` with `batch_stats`, `apply(..., mutable=
   `loss_fn(model, state, batch) -> (loss, (state, aux))`;
 - `TrainState.create(model, state, optimizer)`, a PyTree holding everything that
   changes during training;
-- `make_train_step(loss_fn)` and `make_eval_step(fn)`, each jitted once.
+- `make_train_step(loss_fn)` and `make_eval_step(fn)`, each jitted once;
+- `TrainState.from_flax` / `TrainState.to_flax` to resume a Flax run (optimiser
+  state included) and to hand one back.
 
 The holder keeps the model split, once, into its arrays and the rest, and stores
 every array as a flat tuple, with all structure in one static field: each step is
-a plain `jax.jit` with the holder's buffers donated, and passing the holder costs
-what passing a Flax `TrainState` costs. (`eqx.filter_jit` would re-partition the
-whole PyTree on every call, and even a plain `jax.jit` of nested Equinox modules
-flattens them one by one: for the seed MLP with Adam, 4x and 1.5x the per-step
-time of a jitted Flax step; this layout takes about 0.75x.)
+a plain `jax.jit` (donating the holder's buffers if asked to), and passing the
+holder costs what passing a Flax `TrainState` costs. (`eqx.filter_jit` would
+re-partition the whole PyTree on every call, and even a plain `jax.jit` of nested
+Equinox modules flattens them one by one: for the seed MLP with Adam, 4x and 1.5x
+the per-step time of a jitted Flax step; this layout takes about 0.75x.)
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PyTree
 
+from . import _flax_train_state
 from ._typing import typecheck
 
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
@@ -90,7 +93,7 @@ class Structure:
 
 @eqx.filter_jit
 def _init(
-    params: PyTree, state: eqx.nn.State, optimizer: optax.GradientTransformation
+    params: PyTree, state: eqx.nn.State, optimizer: Any
 ) -> tuple[PyTree, eqx.nn.State, optax.OptState, Array]:
     # One compiled call instead of one eager op (and one compilation) per array.
     # The copies are fresh buffers: jit would hand an unchanged input straight back.
@@ -100,14 +103,103 @@ def _init(
     return params, state, opt_state, jnp.zeros((), jnp.int32)
 
 
+_UNSET: Any = object()
+
+
+def _check_optimizer(optimizer: Any, where: str) -> None:
+    """Any object with `init` and `update` (a `GradientTransformation`,
+    `optax.MultiSteps`...) is an optimiser; say how to fix anything else."""
+    if callable(getattr(optimizer, "init", None)) and callable(
+        getattr(optimizer, "update", None)
+    ):
+        return
+    if callable(optimizer):
+        name = getattr(optimizer, "__name__", type(optimizer).__name__)
+        if getattr(optimizer, "__module__", "").startswith("optax"):
+            example = f"`optax.{name}(learning_rate=1e-3)`"
+        else:  # e.g. `optax.inject_hyperparams(optax.adam)`, not yet called
+            example = "`optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)`"
+        hint = f" `{name}` is a function that builds one: call it, e.g. {example}."
+    elif isinstance(optimizer, (int, float)):
+        hint = f" Got a number: pass `optax.sgd({optimizer})` or `optax.adam(...)`."
+    else:
+        hint = ""
+    raise TypeError(
+        f"{where}: `optimizer` must be an Optax optimiser, an object with `init` and "
+        f"`update` methods (`optax.adam(1e-3)`, `optax.chain(...)`, "
+        f"`optax.MultiSteps(...)`), got {type(optimizer).__name__}.{hint}"
+    )
+
+
+def _leaf_description(x: Any) -> str:
+    return f"{jnp.dtype(x.dtype).name}[{', '.join(map(str, jnp.shape(x)))}]"
+
+
+def _paths(tree: PyTree) -> list[str]:
+    return [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _first_difference(a: str, b: str) -> str:
+    """Where two long PyTreeDef strings first differ, with a little context."""
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, i - 40)
+    return f"held ...{a[lo : i + 40]}..., new ...{b[lo : i + 40]}..."
+
+
+def _matching_leaves(
+    tree: PyTree, expected: Any, old: tuple[Array, ...], name: str, fix: str
+) -> tuple[Array, ...]:
+    """The leaves of `tree` for `TrainState.replace`: the same structure, shapes and
+    dtypes as the held ones (Python scalars are converted to the held dtype)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    held_paths, paths = _paths(jax.tree.unflatten(expected, old)), _paths(tree)
+    if held_paths != paths:
+        lost = [p for p in held_paths if p not in paths][:5]
+        new = [p for p in paths if p not in held_paths][:5]
+        raise ValueError(
+            f"TrainState.replace: the new {name} does not have the structure of the "
+            f"held one. Leaves only in the held {name}: {', '.join(lost) or 'none'}; "
+            f"only in the new one: {', '.join(new) or 'none'}. {fix}"
+        )
+    out, problems = [], []
+    for path, leaf, held in zip(paths, leaves, old):
+        if isinstance(leaf, (bool, int, float)) and jnp.shape(held) == ():
+            leaf = jnp.asarray(leaf, held.dtype)
+        if not hasattr(leaf, "dtype") or (
+            jnp.shape(leaf) != jnp.shape(held) or leaf.dtype != held.dtype
+        ):
+            got = _leaf_description(leaf) if hasattr(leaf, "dtype") else type(leaf)
+            problems.append(
+                f"{name}{path}: expected {_leaf_description(held)}, got {got}"
+            )
+        out.append(leaf)
+    if problems:
+        raise ValueError(
+            "TrainState.replace: shape or dtype changed: "
+            + "; ".join(problems)
+            + f". {fix}"
+        )
+    if treedef != expected:
+        raise ValueError(
+            f"TrainState.replace: the new {name} does not have the structure of the "
+            f"held one: the same leaves, but a different configuration (static "
+            f"fields): {_first_difference(str(expected), str(treedef))}. {fix}"
+        )
+    return tuple(out)
+
+
 class TrainState(eqx.Module):
     """Everything that changes during training: the model's arrays, its `State`, the
     optimiser state and the step count. It is a PyTree: it can be jitted, vmapped,
     saved with `eqx.tree_serialise_leaves` and restored into a `TrainState` made the
     same way (same model configuration and optimiser).
 
-    Build it with [`TrainState.create`][]; read the model back with
-    `train_state.model` and its State with `train_state.state`.
+    Build it with [`TrainState.create`][] (or [`TrainState.from_flax`][] to resume
+    a Flax run); read the model back with `train_state.model` and its State with
+    `train_state.state`; change any part with [`TrainState.replace`][].
 
     The arrays are kept as flat tuples and everything else in one static
     [`Structure`][]: flattening a `TrainState` (which `jax.jit` does on every call)
@@ -135,7 +227,14 @@ class TrainState(eqx.Module):
 
     **Properties:** `model`, `state`, `opt_state`, `params` (the model's arrays,
     `None` elsewhere, as `eqx.filter(model, eqx.is_array)`) and `tx`, each rebuilt
-    from the leaves when read: every read of `state` gives a fresh `eqx.nn.State`.
+    from the leaves when read: every read of `state` gives a fresh `eqx.nn.State`,
+    and changing what a read returned (`ts.opt_state.hyperparams["learning_rate"]
+    = 0.01`) changes nothing in the holder; pass the changed object to
+    [`TrainState.replace`][] instead.
+
+    Flax's `TrainState` fields and these: `params` + `batch_stats` -> `model` +
+    `state`; `opt_state` -> `opt_state`; `tx` -> `tx` (the `optimizer` given to
+    `create`); `step` -> `step`; `apply_fn` -> none (call the model).
     """
 
     param_leaves: tuple[Array, ...]
@@ -145,18 +244,39 @@ class TrainState(eqx.Module):
     structure: Structure = eqx.field(static=True)
 
     @classmethod
+    def _assemble(
+        cls,
+        params: PyTree,
+        static: PyTree,
+        state: eqx.nn.State,
+        opt_state: Any,
+        step: Array,
+        optimizer: Any,
+    ) -> "TrainState":
+        param_leaves, param_def = jax.tree.flatten(params)
+        state_leaves, state_def = jax.tree.flatten(state)
+        opt_leaves, opt_def = jax.tree.flatten(opt_state)
+        return cls(
+            param_leaves=tuple(param_leaves),
+            state_leaves=tuple(state_leaves),
+            opt_leaves=tuple(opt_leaves),
+            step=step,
+            structure=Structure(param_def, static, state_def, opt_def, optimizer),
+        )
+
+    @classmethod
     @typecheck
     def create(
         cls,
         model: PyTree,
         state: eqx.nn.State,
-        optimizer: optax.GradientTransformation,
+        optimizer: Any,
     ) -> "TrainState":
         """Builds the holder for `model` and its `state`, and initialises `optimizer`
         on the model's floating-point arrays.
 
-        The arrays are copied: `make_train_step` donates the holder's buffers to each
-        step, and the copy keeps `model` and `state` usable after that.
+        The arrays are copied, so `model` and `state` stay usable whatever happens
+        to the holder (even with `make_train_step(..., donate=True)`).
 
         !!! Example
 
@@ -175,24 +295,233 @@ class TrainState(eqx.Module):
         - `model`: the model, any PyTree (usually an `eqx.Module`), as returned by
             `eqx.nn.make_with_state`.
         - `state`: its `eqx.nn.State`.
-        - `optimizer`: an `optax.GradientTransformation`.
+        - `optimizer`: an Optax optimiser: an `optax.GradientTransformation`, or
+            any object with `init(params)` and `update(updates, state, params)`
+            such as `optax.MultiSteps(...)` (as Flax's `TrainState` takes it).
 
         **Returns:**
 
         A `TrainState` at step 0.
+
+        **Raises:**
+
+        - `TypeError`: `optimizer` is not an optimiser (the message says how to
+            make one).
         """
+        _check_optimizer(optimizer, "TrainState.create")
         params, static = eqx.partition(model, eqx.is_array)
         params, state, opt_state, step = _init(params, state, optimizer)
-        param_leaves, param_def = jax.tree.flatten(params)
-        state_leaves, state_def = jax.tree.flatten(state)
-        opt_leaves, opt_def = jax.tree.flatten(opt_state)
-        return cls(
-            param_leaves=tuple(param_leaves),
-            state_leaves=tuple(state_leaves),
-            opt_leaves=tuple(opt_leaves),
-            step=step,
-            structure=Structure(param_def, static, state_def, opt_def, optimizer),
+        return cls._assemble(params, static, state, opt_state, step, optimizer)
+
+    @classmethod
+    @typecheck
+    def from_flax(
+        cls,
+        model: eqx.Module,
+        state: eqx.nn.State,
+        checkpoint: Mapping,
+        optimizer: Any,
+        *,
+        mapping: Mapping[str, Any] | None = None,
+        ignore_extra: bool = False,
+    ) -> "TrainState":
+        """Resumes a Flax training run: a saved Flax `TrainState` (with a
+        `batch_stats` field) as a `TrainState` whose next step is Flax's next step.
+
+        `params` and `batch_stats` go into the model and its State as
+        [`eqx_bn.interop.load_flax`][] puts them; the optimiser state's
+        parameter-shaped parts (SGD's momentum `trace`, Adam's `mu` and `nu`,
+        `MultiSteps`' `acc_grads`...) are paired with the model the same way, and
+        its other leaves (`count`, `inject_hyperparams`' hyperparameters) are
+        copied; `step` carries over.
+
+        !!! Example
+
+            ```python
+            checkpoint = eqx_bn.interop.read_checkpoint("ckpts/checkpoint_1000")
+            model, state = eqx.nn.make_with_state(ResNet18)(num_classes=10, key=key)
+            ts = TrainState.from_flax(model, state, checkpoint, optax.adam(1e-3))
+            ```
+
+        **Arguments:**
+
+        - `model`, `state`: the Equinox model and its State (their values are not
+            used, only their structure, shapes and dtypes).
+        - `checkpoint`: the Flax `TrainState` as
+            [`eqx_bn.interop.read_checkpoint`][] (`read_msgpack`, `read_orbax`) or
+            `flax.serialization.to_state_dict` give it: `{"step": ..., "params":
+            ..., "batch_stats": ..., "opt_state": ...}`.
+        - `optimizer`: the optimiser Flax trained with (its `tx`), built the same
+            way: the Flax optimiser state must have the structure this one's
+            `init` gives.
+        - `mapping`: overrides of the parameter pairing, as for `load_flax`.
+        - `ignore_extra`: skip top-level entries other than `step`, `params`,
+            `batch_stats` and `opt_state` (more fields of a `TrainState` subclass)
+            instead of raising.
+
+        **Returns:**
+
+        A `TrainState` at the checkpoint's step.
+
+        **Raises:**
+
+        - `ConversionError`: listing every missing, unexpected or mismatched entry
+            of `params`, `batch_stats` and `opt_state` (for instance all of `mu`
+            and `nu` when the checkpoint was trained with SGD), and layers with no
+            conversion rule. Nothing is built then.
+        - `TypeError`: `optimizer` is not an optimiser.
+        """
+        _check_optimizer(optimizer, "TrainState.from_flax")
+        with jax.numpy_dtype_promotion("standard"):  # Optax's `init`, as in create
+            model, state, opt_state, step = _flax_train_state.load(
+                model,
+                state,
+                checkpoint,
+                optimizer,
+                mapping=mapping,
+                ignore_extra=ignore_extra,
+            )
+        params, static = eqx.partition(model, eqx.is_array)
+        return cls._assemble(params, static, state, opt_state, step, optimizer)
+
+    def to_flax(self, *, mapping: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The holder as a saved Flax `TrainState`, the inverse of
+        [`TrainState.from_flax`][].
+
+        Flax restores it into a `TrainState` made with the same `tx` and a
+        `batch_stats` field, and continues exactly where this one stopped:
+
+        ```text
+        target = FlaxTrainState.create(apply_fn=..., params=..., batch_stats=..., tx=tx)
+        flax_ts = flax.serialization.from_state_dict(target, ts.to_flax())
+        # or through a file:
+        eqx_bn.interop.write_msgpack("ckpt.msgpack", ts.to_flax())
+        with open("ckpt.msgpack", "rb") as f:
+            flax_ts = flax.serialization.from_bytes(target, f.read())
+        ```
+
+        **Arguments:**
+
+        - `mapping`: overrides of the parameter pairing, as for `export_flax`.
+
+        **Returns:**
+
+        `{"step": ..., "params": ..., "batch_stats": ..., "opt_state": ...}` as
+        nested dicts of numpy arrays in Flax's layout (`batch_stats` only when the
+        model has a BatchNorm), NamedTuples as dicts of their fields and tuples as
+        `{"0": ..., "1": ...}`, as `flax.serialization.to_state_dict` writes them.
+
+        **Raises:**
+
+        - `ConversionError`: the model has layers with no conversion rule.
+        """
+        return _flax_train_state.export(
+            self.model, self.state, self.opt_state, self.step, mapping=mapping
         )
+
+    def replace(
+        self,
+        *,
+        model: PyTree = _UNSET,
+        state: eqx.nn.State = _UNSET,
+        opt_state: Any = _UNSET,
+        step: Any = _UNSET,
+        **others: Any,
+    ) -> "TrainState":
+        """A copy with some parts replaced, as Flax's `train_state.replace(...)`.
+
+        Each new part must have the structure, shapes and dtypes of the held one,
+        so that the optimiser state still fits the model and the compiled steps
+        are reused; the model's non-array configuration may change (e.g. a layer
+        frozen with `eqx.nn.inference_mode`).
+
+        !!! Example
+
+            ```python
+            ts = TrainState.create(model, state, optax.inject_hyperparams(optax.adam)(
+                learning_rate=1e-3))
+            opt_state = ts.opt_state  # a fresh object on every read
+            opt_state.hyperparams["learning_rate"] = 1e-4
+            ts = ts.replace(opt_state=opt_state)  # without this, the change is lost
+            ```
+
+        **Arguments:**
+
+        - `model`: a model shaped like `ts.model`.
+        - `state`: an `eqx.nn.State` shaped like `ts.state`.
+        - `opt_state`: an optimiser state shaped like `ts.opt_state` (Python
+            scalars are converted to the held dtype, e.g. a new learning rate).
+        - `step`: an integer.
+
+        **Returns:**
+
+        A new `TrainState`; this one is unchanged.
+
+        **Raises:**
+
+        - `ValueError`: a new part does not match the held one (the message names
+            the leaves that differ).
+        - `TypeError`: for another keyword, with the one to use (Flax's `params`
+            and `batch_stats` are `model` and `state` here).
+        """
+        if others:
+            instead = {
+                "params": "model=",
+                "batch_stats": "state=",
+                "tx": "TrainState.create(model, state, new_optimizer)",
+                "apply_fn": "nothing (call the model)",
+            }
+            fields = "one of model=, state=, opt_state=, step="
+            hints = "; ".join(
+                f"{name}: use {instead.get(name, fields)}" for name in others
+            )
+            raise TypeError(
+                "TrainState.replace takes model=, state=, opt_state= and step=, got "
+                f"{', '.join(others)}. {hints}."
+            )
+        structure = self.structure
+        changes: dict[str, Any] = {}
+        fix = (
+            "To train a different model or optimiser, build a new holder with "
+            "`TrainState.create(model, state, optimizer)`."
+        )
+        if model is not _UNSET:
+            params, static = eqx.partition(model, eqx.is_array)
+            changes["param_leaves"] = _matching_leaves(
+                params, structure.params, self.param_leaves, "model", fix
+            )
+            if not (
+                static is structure.static or eqx.tree_equal(static, structure.static)
+            ):
+                changes["structure"] = Structure(
+                    structure.params,
+                    static,
+                    structure.state,
+                    structure.opt_state,
+                    structure.tx,
+                )
+        if state is not _UNSET:
+            changes["state_leaves"] = _matching_leaves(
+                state, structure.state, self.state_leaves, "state", fix
+            )
+        if opt_state is not _UNSET:
+            changes["opt_leaves"] = _matching_leaves(
+                opt_state, structure.opt_state, self.opt_leaves, "opt_state", fix
+            )
+        if step is not _UNSET:
+            if not (
+                isinstance(step, int)
+                or (
+                    hasattr(step, "dtype")
+                    and jnp.shape(step) == ()
+                    and jnp.issubdtype(step.dtype, jnp.integer)
+                )
+            ):
+                raise ValueError(
+                    f"TrainState.replace: `step` must be an integer, got {step!r}."
+                )
+            changes["step"] = jnp.asarray(step, jnp.int32)
+        return dataclasses.replace(self, **changes)
 
     @property
     def params(self) -> PyTree:
@@ -215,8 +544,8 @@ class TrainState(eqx.Module):
         return jax.tree.unflatten(self.structure.opt_state, self.opt_leaves)
 
     @property
-    def tx(self) -> optax.GradientTransformation:
-        """The optimiser."""
+    def tx(self) -> Any:
+        """The optimiser (Flax's `tx`): the `optimizer` given to `create`."""
         return self.structure.tx
 
 
@@ -295,7 +624,7 @@ def _leaves(tree: PyTree, expected: Any, what: str, fix: str) -> tuple[Array, ..
 
 @typecheck
 def make_train_step(
-    loss_fn: LossFn, *, donate: bool = True
+    loss_fn: LossFn, *, donate: bool = False
 ) -> Callable[[TrainState, Any], tuple[TrainState, Array, Any]]:
     """Builds a jitted training step from a loss function.
 
@@ -334,12 +663,20 @@ def make_train_step(
         `loss` a scalar; `aux` is any PyTree of arrays, or `None`. Randomness
         (dropout keys) travels in `batch`.
     - `donate`: donate the input `TrainState`'s buffers to the step, so that the
-        update happens in place. The `TrainState` passed in cannot be used again:
-        write `ts, loss, aux = train_step(ts, batch)`.
+        update happens in place. Off by default: every `TrainState`, model and
+        State taken out before a step (`best = ts.model` for early stopping, an
+        old `ts` to retry from) stays usable. With `donate=True` the step saves
+        one copy of the parameters and optimiser state in memory (see
+        `docs/training.md` for what that is worth), and everything read from the
+        `TrainState` passed in dies with it: write `ts, loss, aux =
+        train_step(ts, batch)`, and copy what you keep
+        (`best = jax.tree.map(jnp.copy, ts.model)`). Passing a donated
+        `TrainState` again raises a `ValueError` saying so.
 
     **Returns:**
 
-    `train_step(train_state, batch) -> (train_state, loss, aux)`.
+    `train_step(train_state, batch) -> (train_state, loss, aux)`, jitted (its
+    `lower` method compiles ahead of time).
     """
 
     def checked_loss(model: PyTree, state: eqx.nn.State, batch: Any) -> Any:
@@ -365,7 +702,30 @@ def make_train_step(
         (loss, (state, aux)), grads = grad_fn(ts.model, ts.state, batch)
         return apply_gradients(ts, grads, state), loss, aux
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    if not donate:
+        return jax.jit(step)
+    jitted = jax.jit(step, donate_argnums=(0,))
+
+    def donating_step(ts: TrainState, batch: Any) -> tuple[TrainState, Array, Any]:
+        # All the holder's buffers are donated together: `step` tells for all. XLA's
+        # own error for a deleted buffer does not say where it came from.
+        if (
+            isinstance(ts, TrainState)
+            and isinstance(ts.step, jax.Array)
+            and not isinstance(ts.step, jax.core.Tracer)
+            and ts.step.is_deleted()
+        ):
+            raise ValueError(
+                "train_step: this TrainState was donated to an earlier step (made "
+                "with `make_train_step(..., donate=True)`), which reused its "
+                "buffers. Pass the TrainState that step returned "
+                "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
+                "without `donate=True` to keep old ones usable."
+            )
+        return jitted(ts, batch)
+
+    donating_step.lower = jitted.lower  # type: ignore[attr-defined]
+    return donating_step
 
 
 @typecheck

@@ -11,13 +11,15 @@ batch's. Two styles, both JAX's own sharding:
    built with `axis_name=("batch", "data")` and called under
    `jax.vmap(..., axis_name="batch")` inside a shard_map over the mesh axis "data".
 
-Run: `python examples/data_parallel.py [--smoke] [--steps N] [--devices N]`.
-On a machine with several GPUs, the same code uses them (the CPU flag set below
-only affects CPUs).
+Run: `python examples/data_parallel.py [--smoke] [--steps N] [--devices=N]
+[--out DIR]`; the losses and differences go to `DIR/data_parallel.json` (default
+`./outputs`). On a machine with several GPUs, the same code uses them (the CPU
+flag set below only affects CPUs).
 """
 
-import argparse
+import json
 import os
+import pathlib
 import sys
 
 if __name__ == "__main__":  # before JAX starts: simulated CPU devices
@@ -32,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _common import Progress, parser, runtime  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import eqx_bn  # noqa: E402
@@ -97,16 +100,23 @@ def data(n, seed):
     return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
 
 
-def train(axis_name, steps, batches, step_fn, place):
-    """Trains from the same initialisation; returns losses, parameters, statistics."""
+def train(axis_name, steps, batches, step_fn, place, progress):
+    """Trains from the same initialisation; returns losses, parameters, statistics.
+
+    One epoch is one pass over `batches`."""
     model, state = eqx.nn.make_with_state(Net)(axis_name, key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_array)
     params, state, opt_state = place((params, state, OPTIM.init(params)))
+    step = step_fn(static)  # one jitted function: compiled once, on the first call
     losses = []
+    epochs = -(-steps // len(batches))
     for i in range(steps):
         x, y = batches[i % len(batches)]
-        params, state, opt_state, loss = step_fn(static)(params, state, opt_state, x, y)
+        params, state, opt_state, loss = step(params, state, opt_state, x, y)
         losses.append(float(loss))
+        progress.step()
+        if (i + 1) % len(batches) == 0 or i + 1 == steps:
+            progress.epoch(-(-(i + 1) // len(batches)), epochs, loss=losses[-1])
     return {
         "loss": np.asarray(losses),
         "params": params,
@@ -164,15 +174,23 @@ def max_difference(a, b):
     return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in pairs)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="2 steps, for tests")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--devices", type=int, default=8, help="(set with =N)")
-    parser.add_argument("--per-device", type=int, default=4, help="examples/device")
-    args = parser.parse_args(argv)
-    steps = 2 if args.smoke else args.steps
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    with runtime("data_parallel") as timing:
+        out = run(args)
+    return out | {"wall_s": timing["seconds"]}
 
+
+def _parser():
+    result = parser(__doc__, out_help="the losses and differences (data_parallel.json)")
+    result.add_argument("--steps", type=int, default=50)
+    result.add_argument("--devices", type=int, default=8, help="(set with =N)")
+    result.add_argument("--per-device", type=int, default=4, help="examples/device")
+    return result
+
+
+def run(args) -> dict:
+    steps = 2 if args.smoke else args.steps
     devices = jax.devices()[: args.devices]
     mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
     n_total = len(devices) * args.per_device
@@ -189,37 +207,51 @@ def main(argv=None):
             shard_map_axis_name,
         ),
     }
-    all_equal = True
+    all_equal, results = True, {}
     for name, (axis_name, style) in styles.items():
-        parallel = train(
-            axis_name,
-            steps,
-            sharded_batches,
-            style(mesh, n_total),
-            # On an explicit mesh (jax.make_mesh's default) the model, its state
-            # and the optimiser state live on the mesh too, replicated.
-            lambda tree: eqx.filter_shard(tree, replicated),
-        )
+        print(f"{name}, on the mesh:")
+        with Progress(steps, name) as progress:
+            parallel = train(
+                axis_name,
+                steps,
+                sharded_batches,
+                style(mesh, n_total),
+                # On an explicit mesh (jax.make_mesh's default) the model, its state
+                # and the optimiser state live on the mesh too, replicated.
+                lambda tree: eqx.filter_shard(tree, replicated),
+                progress,
+            )
         reference_axis = None if axis_name is None else "batch"
-        single = train(
-            reference_axis,
-            steps,
-            batches,
-            single_device(reference_axis, n_total),
-            lambda tree: tree,
-        )
+        print("the same on one device, with the whole batch:")
+        with Progress(steps, "one device") as progress:
+            single = train(
+                reference_axis,
+                steps,
+                batches,
+                single_device(reference_axis, n_total),
+                lambda tree: tree,
+                progress,
+            )
         diff = max_difference(parallel, single)
         scale = max(max(float(np.max(np.abs(v))) for v in jax.tree.leaves(single)), 1.0)
         equal = diff <= 1e-5 * scale
         all_equal &= equal
+        results[name] = dict(
+            loss=parallel["loss"].tolist(), max_difference=diff, equal=bool(equal)
+        )
         print(
             f"{name}: loss {parallel['loss'][0]:.4f} -> {parallel['loss'][-1]:.4f} "
             f"in {steps} steps; equal to the single-device step: {equal} "
             f"(max difference {diff:.2e})"
         )
+    path = pathlib.Path(args.out) / "data_parallel.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(devices=len(devices), styles=results), indent=1))
+    print(f"results: {path}")
     if not all_equal:
         raise SystemExit("data-parallel and single-device steps differ")
+    return dict(devices=len(devices), steps=steps, styles=results)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -2,7 +2,7 @@
 
     python examples/digits_cnn.py            # full run: >= 97% held-out accuracy
     python examples/digits_cnn.py --smoke    # a few steps, for the tests
-    python examples/digits_cnn.py --out DIR  # where the loss/accuracy plot goes
+    python examples/digits_cnn.py --out DIR  # where the plot goes (default ./outputs)
 
 The data (`sklearn.datasets.load_digits`: 1797 grey 8x8 images, 10 classes) ships
 with scikit-learn, so this runs offline. The workflow is Flax's BatchNorm guide with
@@ -11,7 +11,6 @@ threads it into the `TrainState`, and `make_eval_step` runs the model in inferen
 mode, with the running averages.
 """
 
-import argparse
 import pathlib
 import sys
 import time
@@ -22,9 +21,9 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import Progress, parser, runtime
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import eqx_bn
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
@@ -123,14 +122,13 @@ def plot(history, path: pathlib.Path):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps only")
-    parser.add_argument("--out", default="outputs", help="directory for the plot")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+    args = _parser().parse_args(argv)
+    with runtime("digits_cnn") as timing:
+        out = run(args)
+    return out | {"wall_s": timing["seconds"]}
 
+
+def run(args) -> dict:
     epochs = args.epochs or (2 if args.smoke else 15)
     batch_size = 64
     x_train, y_train, x_test, y_test = load(args.smoke)
@@ -150,7 +148,7 @@ def main(argv=None) -> dict:
         k: [] for k in ("step", "train_loss", "eval_step", "test_loss", "test_acc")
     }
     compute = 0.0
-    with tqdm(total=steps, desc="training", unit="step", disable=None) as bar:
+    with Progress(steps, "training") as progress:
         for epoch in range(epochs):
             tick = time.perf_counter()
             for batch in batches(x_train, y_train, batch_size, rng):
@@ -160,24 +158,23 @@ def main(argv=None) -> dict:
                     first_step = time.perf_counter() - tick
                 history["step"].append(int(ts.step))
                 history["train_loss"].append(float(loss))
-                bar.update()
+                progress.step()
             test_loss, test_acc = evaluate(eval_step, ts, x_test, y_test)
             compute += time.perf_counter() - tick
             history["eval_step"].append(int(ts.step))
             history["test_loss"].append(test_loss)
             history["test_acc"].append(test_acc)
-            bar.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.4f}")
+            progress.epoch(epoch + 1, epochs, train_loss=float(loss), test_acc=test_acc)
 
     plot_path = pathlib.Path(args.out) / "digits_cnn.png"
     plot(history, plot_path)
-    wall = time.perf_counter() - start
     print(
         f"held-out accuracy: {test_acc:.4f} ({round(test_acc * len(x_test))}/"
         f"{len(x_test)}), loss {test_loss:.4f}"
     )
     print(
         f"time: {compute:.1f} s training and evaluation, of which {first_step:.1f} s "
-        f"the first step (compilation); {wall:.1f} s in main; plot: {plot_path}"
+        f"the first step (compilation); plot: {plot_path}"
     )
     return dict(
         test_acc=test_acc,
@@ -185,9 +182,15 @@ def main(argv=None) -> dict:
         steps=int(ts.step),
         compute_s=compute,
         first_step_s=first_step,
-        wall_s=wall,
         plot=str(plot_path),
     )
+
+
+def _parser():
+    result = parser(__doc__, out_help="the loss/accuracy plot (digits_cnn.png)")
+    result.add_argument("--epochs", type=int, default=None)
+    result.add_argument("--seed", type=int, default=0)
+    return result
 
 
 if __name__ == "__main__":

@@ -2,29 +2,31 @@
 
     python examples/flax_to_equinox.py            # 300 Flax steps, then 300 more here
     python examples/flax_to_equinox.py --smoke    # a few steps of each
-    python examples/flax_to_equinox.py --out DIR  # where the checkpoint is written
+    python examples/flax_to_equinox.py --out DIR  # checkpoints (default ./outputs)
 
 The model is the Flax BatchNorm guide's MLP (`Dense(4) -> BatchNorm -> relu ->
-Dense(1)`) fitting a small regression problem. Flax saves its whole `TrainState`
-with `flax.serialization.to_bytes`; `eqx_bn.interop.read_msgpack` reads it back
-without Flax and `eqx_bn.interop.load_flax` puts `params` and `batch_stats` into
-`eqx_bn.models.SeedMLP` and its `eqx.nn.State`. With plain SGD there is no optimiser
-state to carry over, so Equinox continues exactly where Flax stopped: its first
-held-out loss is Flax's last, and it ends where Flax, continued on the same batches,
-ends too.
+Dense(1)`) fitting a small regression problem with SGD and momentum. Flax saves its
+whole `TrainState` with `flax.serialization.to_bytes`; `eqx_bn.interop.read_msgpack`
+reads it back without Flax and `TrainState.from_flax` resumes it: `params` and
+`batch_stats` go into `eqx_bn.models.SeedMLP` and its `eqx.nn.State`, the momentum
+into the optimiser state, and `step` carries over. So Equinox continues exactly
+where Flax stopped: its first held-out loss is Flax's last, and it ends where Flax,
+continued on the same batches, ends too (a fresh optimiser, its momentum lost,
+would not). At the end `TrainState.to_flax` hands the run back to Flax.
 """
 
-import argparse
 import pathlib
 import sys
+import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import Progress, parser, runtime
 
-from eqx_bn.interop import load_flax, read_msgpack
+from eqx_bn.interop import read_msgpack, write_msgpack
 from eqx_bn.models import SeedMLP
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
 
@@ -36,6 +38,7 @@ except ImportError:
     nn = None
 
 LEARNING_RATE = 0.02
+MOMENTUM = 0.9
 BATCH = 32
 
 
@@ -104,21 +107,34 @@ def loss_fn(model, state, batch):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps only")
-    parser.add_argument("--out", default="outputs", help="checkpoint directory")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, out_help="the Flax and Equinox checkpoints").parse_args(argv)
     if nn is None:
         print("This example trains in Flax first: pip install 'eqx_bn[flax]'.")
         return {}
+    with runtime("flax_to_equinox") as timing:
+        out = run(args)
+    return out | {"wall_s": timing["seconds"]}
+
+
+def run(args) -> dict:
     steps, every = (20, 10) if args.smoke else (300, 50)
     train, test = make_data()
+    tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
     log = []
 
     def report(who, step, train_loss, test_loss):
         log.append((who, step, float(test_loss)))
-        loss = "" if train_loss is None else f"batch loss {float(train_loss):.5f}  "
-        print(f"{who:>7} step {step:4d}  {loss}held-out loss {float(test_loss):.5f}")
+
+    def epoch_end(progress, who, step, loss, test_loss):
+        report(who, step, loss, test_loss)
+        done = step - (0 if who == "Flax" else steps)
+        progress.epoch(
+            done // every,
+            steps // every,
+            step=step,
+            batch_loss=float(loss),
+            test_loss=float(test_loss),
+        )
 
     # 1. Train in Flax and save the whole TrainState.
     module, FlaxTrainState, flax_train, flax_eval = flax_parts()
@@ -127,37 +143,45 @@ def main(argv=None) -> dict:
         apply_fn=module.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=optax.sgd(LEARNING_RATE),
+        tx=tx,
     )
     report("Flax", 0, None, flax_eval(fts, test))
     data = list(batches(train, 2 * steps, seed=1))
     flax_batches, eqx_batches = data[:steps], data[steps:]
-    for batch in flax_batches:
-        fts, loss = flax_train(fts, batch)
-        if int(fts.step) % every == 0:
-            report("Flax", int(fts.step), loss, flax_eval(fts, test))
-    path = pathlib.Path(args.out) / "flax_seed_mlp.msgpack"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Flax trains {steps} steps (an epoch here: {every} steps):")
+    with Progress(steps, "Flax") as progress:
+        for batch in flax_batches:
+            fts, loss = flax_train(fts, batch)
+            progress.step()
+            if int(fts.step) % every == 0:
+                epoch_end(progress, "Flax", int(fts.step), loss, flax_eval(fts, test))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "flax_seed_mlp.msgpack"
     path.write_bytes(flax.serialization.to_bytes(fts))
-    print(f"\nsaved the Flax TrainState to {path} ({path.stat().st_size} bytes)")
+    print(f"saved the Flax TrainState to {path} ({path.stat().st_size} bytes)")
 
-    # 2. Read it without Flax, convert, and carry on in Equinox.
+    # 2. Read it without Flax and resume it in Equinox, momentum included.
     checkpoint = read_msgpack(path)
     print("checkpoint entries:", sorted(checkpoint))
     model, state = eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
-    # `params` and `batch_stats` go into the model and its State; `ignore_extra`
-    # skips the rest of the TrainState (step, opt_state).
-    model, state = load_flax(model, state, checkpoint, ignore_extra=True)
-    ts = TrainState.create(model, state, optax.sgd(LEARNING_RATE))
-    ts = eqx.tree_at(lambda t: t.step, ts, jnp.asarray(checkpoint["step"], jnp.int32))
+    ts = TrainState.from_flax(model, state, checkpoint, tx)
     train_step, eval_step = make_train_step(loss_fn), make_eval_step(loss_fn)
     first_eval = float(eval_step(ts, test)[0])
-    print(f"converted into {type(model).__name__}; Equinox continues:\n")
+    print(f"resumed at step {int(ts.step)} in {type(model).__name__}; Equinox goes on:")
     report("Equinox", int(ts.step), None, first_eval)
-    for batch in eqx_batches:
-        ts, loss, _ = train_step(ts, batch)
-        if int(ts.step) % every == 0:
-            report("Equinox", int(ts.step), loss, eval_step(ts, test)[0])
+    # The same start with a fresh optimiser (the Flax values only, momentum lost).
+    fresh = TrainState.create(ts.model, ts.state, tx).replace(step=ts.step)
+    tick = time.perf_counter()
+    with Progress(steps, "Equinox") as progress:
+        for batch in eqx_batches:
+            ts, loss, _ = train_step(ts, batch)
+            fresh, _, _ = train_step(fresh, batch)
+            progress.step()
+            if int(ts.step) % every == 0:
+                test_loss = eval_step(ts, test)[0]
+                epoch_end(progress, "Equinox", int(ts.step), loss, test_loss)
+    eqx_seconds = time.perf_counter() - tick
 
     flax_last = log[[who for who, *_ in log].index("Equinox") - 1][2]
     print(
@@ -168,10 +192,23 @@ def main(argv=None) -> dict:
     for batch in eqx_batches:
         fts, _ = flax_train(fts, batch)
     flax_end, eqx_end = float(flax_eval(fts, test)), log[-1][2]
+    fresh_end = float(eval_step(fresh, test)[0])
     print(
         f"Flax continued on the same batches to step {int(fts.step)}: held-out loss "
         f"{flax_end:.7f}, Equinox {eqx_end:.7f} "
-        f"(difference {abs(flax_end - eqx_end):.1e})"
+        f"(difference {abs(flax_end - eqx_end):.1e}); with a fresh optimiser "
+        f"instead of Flax's momentum: {fresh_end:.7f}"
+    )
+
+    # 3. And back: the Equinox run as a Flax TrainState, which Flax restores.
+    back_path = out / "equinox_seed_mlp.msgpack"
+    write_msgpack(back_path, ts.to_flax())
+    back = flax.serialization.from_bytes(fts, back_path.read_bytes())
+    flax_back = float(flax_eval(back, test))
+    print(
+        f"saved the Equinox TrainState for Flax to {back_path}; Flax restores it at "
+        f"step {int(back.step)} with held-out loss {flax_back:.7f} "
+        f"({eqx_seconds:.1f} s of Equinox training)"
     )
     return dict(
         log=log,
@@ -179,6 +216,9 @@ def main(argv=None) -> dict:
         flax_last=flax_last,
         flax_end=flax_end,
         eqx_end=eqx_end,
+        fresh_end=fresh_end,
+        flax_back=flax_back,
+        back_step=int(back.step),
     )
 
 

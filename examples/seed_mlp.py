@@ -2,6 +2,7 @@
 
     python examples/seed_mlp.py            # with Flax installed: side by side
     python examples/seed_mlp.py --no-flax  # as if Flax were not installed
+    python examples/seed_mlp.py --out DIR  # where the numbers go (default ./outputs)
 
 `Dense(4) -> BatchNorm -> relu -> Dense(1)`, with and without the BatchNorm: what the
 variables / State look like, then one training step and one evaluation step. Flax
@@ -10,7 +11,8 @@ keeps the running averages in `variables["batch_stats"]` and needs
 live in an `eqx.nn.State` that goes into the model and comes back out of it.
 """
 
-import argparse
+import json
+import pathlib
 import sys
 
 import equinox as eqx
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import Progress, parser, runtime
 
 from eqx_bn.interop import load_flax
 from eqx_bn.models import SeedMLP
@@ -131,7 +134,10 @@ def flax_side(batch, with_bn: bool):
 def eqx_side(model, state, batch):
     ts = TrainState.create(model, state, optax.sgd(0.1))
     train_step, eval_step = make_train_step(loss_fn), make_eval_step(loss_fn)
-    ts, train_loss, _ = train_step(ts, batch)
+    with Progress(1, "eqx_bn") as progress:  # one step is one epoch here
+        ts, train_loss, _ = train_step(ts, batch)
+        progress.step()
+        progress.epoch(1, 1, train_loss=float(train_loss))
     eval_loss, (_, pred) = eval_step(ts, batch)
     stats = ts.state.get(ts.model.norm.state_index)
     numbers = dict(
@@ -149,10 +155,15 @@ def fmt(v) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-flax", action="store_true", help="skip the Flax side")
-    parser.add_argument("--smoke", action="store_true", help="(already fast)")
-    args = parser.parse_args(argv)
+    result = parser(__doc__, out_help="the numbers compared (seed_mlp.json)")
+    result.add_argument("--no-flax", action="store_true", help="skip the Flax side")
+    args = result.parse_args(argv)
+    with runtime("seed_mlp") as timing:
+        out = run(args)
+    return out | {"wall_s": timing["seconds"]}
+
+
+def run(args) -> dict:
     use_flax = nn is not None and not args.no_flax
     batch = make_batch()
     key = jax.random.key(0)
@@ -195,6 +206,11 @@ def main(argv=None) -> dict:
         worst = max(diffs.values())
         print(f"\nlargest difference from Flax: {worst:.1e} (float32 rounding)")
     print("(mean, var: the running averages after the step; pred: 3 eval outputs)")
+    path = pathlib.Path(args.out) / "seed_mlp.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {k: np.asarray(v).tolist() for k, v in numbers.items()}
+    path.write_text(json.dumps(dict(eqx_bn=saved, max_abs_diff_from_flax=diffs)))
+    print(f"numbers: {path}")
     return dict(numbers=numbers, diffs=diffs, flax=use_flax)
 
 

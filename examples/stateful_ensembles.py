@@ -8,15 +8,18 @@
    `jax.lax.scan` over stacked parameters and stacked States, which compiles one block
    instead of N.
 
-Run: `python examples/stateful_ensembles.py` (add `--smoke` for a quick check).
+Run: `python examples/stateful_ensembles.py` (add `--smoke` for a quick check,
+`--out DIR` for where the losses go, default `./outputs`).
 """
 
-import argparse
+import json
+import pathlib
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from _common import Progress, parser, runtime
 
 import eqx_bn
 from eqx_bn.models import SeedMLP
@@ -81,10 +84,17 @@ def stack_forward(blocks, states, x):
     return jax.lax.scan(body, x, (params, states))
 
 
+EPOCH = 25  # steps between two progress lines
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps only")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, out_help="the ensemble's losses").parse_args(argv)
+    with runtime("stateful_ensembles") as timing:
+        out = run(args)
+    return out | {"wall_s": timing["seconds"]}
+
+
+def run(args) -> dict:
     steps = 5 if args.smoke else 200
     key = jax.random.key(0)
     k_data, k_ens, k_stack = jax.random.split(key, 3)
@@ -100,17 +110,30 @@ def main(argv=None) -> dict:
     def train_step(models, states, opt_state):
         def loss(models, states):
             y, states = ensemble_forward(models, states, x)
-            return jnp.mean((y - target[None]) ** 2), states
+            per_member = jnp.mean((y - target[None]) ** 2, axis=(1, 2))
+            return jnp.sum(per_member), (states, per_member)
 
-        (value, states), grads = eqx.filter_value_and_grad(loss, has_aux=True)(
-            models, states
-        )
+        (_, (states, per_member)), grads = eqx.filter_value_and_grad(
+            loss, has_aux=True
+        )(models, states)
         updates, opt_state = optimizer.update(grads, opt_state)
-        return eqx.apply_updates(models, updates), states, opt_state, value
+        return eqx.apply_updates(models, updates), states, opt_state, per_member
 
-    for step in range(steps):
-        models, states, opt_state, value = train_step(models, states, opt_state)
-    print(f"ensemble of 4: mean loss after {steps} steps {float(value):.4f}")
+    epochs = -(-steps // EPOCH)
+    history = []
+    with Progress(steps, "ensemble") as progress:
+        for step in range(steps):
+            models, states, opt_state, per_member = train_step(
+                models, states, opt_state
+            )
+            history.append([float(v) for v in per_member])
+            progress.step()
+            if (step + 1) % EPOCH == 0 or step + 1 == steps:
+                progress.epoch(
+                    -(-(step + 1) // EPOCH), epochs, mean_loss=sum(history[-1]) / 4
+                )
+    value = sum(history[-1]) / len(history[-1])
+    print(f"ensemble of 4: mean loss after {steps} steps {value:.4f}")
 
     # 2. A scanned stack of blocks.
     blocks, block_states = make_stack(8, 16, k_stack)
@@ -120,7 +143,11 @@ def main(argv=None) -> dict:
         f"scan over 8 blocks: output {h.shape}, running mean per block "
         f"{jax.tree.leaves(block_states)[0].shape}"
     )
-    return {"loss": float(value), "models": models, "states": states}
+    path = pathlib.Path(args.out) / "stateful_ensembles.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"member_losses_per_step": history}))
+    print(f"losses of each member at each step: {path}")
+    return {"loss": value, "models": models, "states": states, "history": history}
 
 
 if __name__ == "__main__":

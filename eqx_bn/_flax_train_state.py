@@ -1,0 +1,337 @@
+"""A Flax `TrainState`'s optimiser state <-> the same optimiser's state over an
+Equinox model: the mapping behind `TrainState.from_flax` and `TrainState.to_flax`.
+
+A saved Flax `TrainState` holds `step`, `params`, `batch_stats` and `opt_state` as
+nested dicts (`flax.serialization.to_state_dict`): NamedTuples become dicts of their
+fields, tuples `{"0": ..., "1": ...}`. The Equinox optimiser state has the same
+shape with Equinox containers, and its parameter-shaped subtrees (`trace`, `mu`,
+`nu`, `acc_grads`, ...) are shaped like the model, not like Flax's `params`.
+
+Both sides are walked in parallel, the Equinox side (`optimizer.init` of the model)
+giving the structure. A parameter-shaped subtree is converted by the public
+`load_flax`/`export_flax`, exactly as `params` is, so the pairing (and `mapping=`)
+is the same; every other leaf (`count`, hyperparameters) is copied with its shape
+and dtype checked. All problems end up in one `ConversionError`.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .interop import ConversionError, export_flax, load_flax
+
+TRAIN_STATE_KEYS = ("step", "params", "batch_stats", "opt_state")
+"""The entries of a saved Flax `TrainState` (with a `batch_stats` field)."""
+
+
+def _is_named_tuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _describe(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{np.dtype(x.dtype).name}[{', '.join(map(str, x.shape))}]"
+    return f"a {type(x).__name__}"
+
+
+class _Problems:
+    """The problems found so far, in `ConversionError`'s sections."""
+
+    def __init__(self):
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+        self.extra: list[str] = []
+        self.unsupported: list[str] = []
+
+    def absorb(self, error: ConversionError, prefix: str | None = None) -> None:
+        """The problems of a `load_flax` call, with its `params/` renamed `prefix/`."""
+
+        def renamed(items: tuple[str, ...]) -> list[str]:
+            if prefix is None:
+                return list(items)
+            # An optimiser subtree is loaded with the checkpoint's `batch_stats`
+            # to complete the pairing; their problems are reported once, by the
+            # load of `params` and `batch_stats` itself.
+            return [
+                prefix + item[len("params") :]
+                for item in items
+                if not item.startswith("batch_stats/")
+            ]
+
+        self.missing += renamed(error.missing)
+        self.unexpected += renamed(error.unexpected)
+        self.mismatched += renamed(error.mismatched)
+        self.extra += error.extra
+        # A layer with no rule is reported once, not once per optimiser subtree.
+        self.unsupported += [u for u in error.unsupported if u not in self.unsupported]
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.missing
+            or self.unexpected
+            or self.mismatched
+            or self.extra
+            or self.unsupported
+        )
+
+    def error(self, name: str) -> ConversionError:
+        sections = [
+            (
+                "Missing from the Flax TrainState (the model or optimiser needs them)",
+                self.missing,
+            ),
+            (
+                "Unexpected in the Flax TrainState (nothing here pairs with them)",
+                self.unexpected,
+            ),
+            ("Mismatched shape, dtype or kind", self.mismatched),
+            ("Layers with no conversion rule", self.unsupported),
+        ]
+        count = sum(len(items) for _, items in sections) + len(self.extra)
+        lines = [
+            f"Cannot load the Flax TrainState into {name} and its optimiser state:",
+            f"{count} problem{'s' if count != 1 else ''}.",
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  {item}" for item in items]
+        if self.extra:
+            lines.append(
+                "Entries other than step/params/batch_stats/opt_state (fields of a "
+                f"TrainState subclass?): {', '.join(self.extra)}; pass "
+                "ignore_extra=True to skip them."
+            )
+        lines.append(
+            "Pass the optimiser the Flax TrainState was trained with (its `tx`), "
+            "built the same way (same chain, same hyperparameters as arrays or not); "
+            "see the parameter pairing with `eqx_bn.interop.flax_paths(model)` and "
+            "change it with `mapping=`."
+        )
+        return ConversionError(
+            "\n".join(lines),
+            missing=tuple(self.missing),
+            unexpected=tuple(self.unexpected),
+            mismatched=tuple(self.mismatched),
+            extra=tuple(self.extra),
+            unsupported=tuple(self.unsupported),
+        )
+
+
+class _Loader:
+    """Walks an Equinox optimiser state (the template) and a Flax one in parallel."""
+
+    def __init__(self, model, state, mapping, batch_stats, problems):
+        self.state = state
+        self.mapping = mapping
+        self.batch_stats = batch_stats
+        self.problems = problems
+        trainable, self.rest = eqx.partition(model, eqx.is_inexact_array)
+        self.param_def = jax.tree.structure(trainable)
+
+    def is_param_shaped(self, template: Any) -> bool:
+        return jax.tree.structure(template) == self.param_def
+
+    def params(self, template: Any, node: Any, path: str) -> Any:
+        """A model-shaped subtree (`mu`, `trace`...) from Flax's params layout."""
+        if not isinstance(node, Mapping):
+            self.problems.mismatched.append(
+                f"{path}: expected parameters shaped like `params`, got "
+                f"{_describe(node)}"
+            )
+            return template
+        # The model with the optimiser's arrays in place of its parameters: its
+        # shapes and dtypes (which may differ from the parameters', e.g. Adam's
+        # `mu_dtype`) are then what `load_flax` checks.
+        like = eqx.combine(template, self.rest)
+        variables = {"params": node}
+        if self.batch_stats is not None:  # already checked; completes the pairing
+            variables["batch_stats"] = self.batch_stats
+        try:
+            loaded, _ = load_flax(like, self.state, variables, mapping=self.mapping)
+        except ConversionError as e:
+            self.problems.absorb(e, prefix=path)
+            return template
+        return eqx.filter(loaded, eqx.is_inexact_array)
+
+    def walk(self, template: Any, node: Any, path: str) -> Any:
+        if self.is_param_shaped(template):
+            return self.params(template, node, path)
+        if template is None:
+            if node is None or (isinstance(node, Mapping) and not node):
+                return None
+            self.problems.unexpected.append(f"{path}: {_describe(node)}")
+            return None
+        if _is_named_tuple(template):
+            keys = list(template._fields)
+            children = [getattr(template, k) for k in keys]
+            return type(template)(*self.children(children, keys, node, path))
+        if isinstance(template, (tuple, list)):
+            keys = [str(i) for i in range(len(template))]
+            if isinstance(node, (tuple, list)):  # as Orbax may give them
+                node = {str(i): v for i, v in enumerate(node)}
+            return type(template)(self.children(list(template), keys, node, path))
+        if isinstance(template, dict):
+            keys = [str(k) for k in template]
+            out = self.children(list(template.values()), keys, node, path)
+            return dict(zip(template, out))
+        if isinstance(template, jax.ShapeDtypeStruct):
+            return self.leaf(template, node, path)
+        self.problems.unsupported.append(
+            f"{path}: an optimiser state node of type {type(template).__name__} "
+            "(masked or custom optimiser states are not mapped)"
+        )
+        return template
+
+    def children(self, templates, keys, node, path) -> list:
+        if node is None and not keys:  # Orbax stores an `EmptyState()` as None
+            return []
+        if not isinstance(node, Mapping):
+            fields = ", ".join(keys) if keys else "nothing"
+            self.problems.mismatched.append(
+                f"{path}: expected a dict of {fields}, got {_describe(node)}"
+            )
+            return templates
+        out = []
+        for key, template in zip(keys, templates):
+            where = f"{path}/{key}"
+            if key not in node:
+                kind = "parameters" if self.is_param_shaped(template) else None
+                want = kind or _expected(template)
+                self.problems.missing.append(f"{where}: expected {want}")
+                out.append(template)
+            else:
+                out.append(self.walk(template, node[key], where))
+        for key in node:
+            if key not in keys:
+                self.problems.unexpected.append(f"{path}/{key}: {_describe(node[key])}")
+        return out
+
+    def leaf(self, template: jax.ShapeDtypeStruct, node: Any, path: str) -> Any:
+        """A non-parameter leaf (a count, a hyperparameter): same shape and dtype.
+
+        Python scalars (as Orbax restores scalars saved as such) are accepted for a
+        scalar of the same kind.
+        """
+        dtype = np.dtype(template.dtype)
+        if isinstance(node, (bool, int, float)) and template.shape == ():
+            kind = {bool: "b", int: "iu", float: "f"}[type(node)]
+            if dtype.kind in kind:
+                return jnp.asarray(node, dtype)
+        try:
+            value = np.asarray(node)
+        except Exception:
+            value = None
+        if value is None or value.dtype == object:
+            self.problems.mismatched.append(
+                f"{path}: expected {_describe(template)}, got {_describe(node)}"
+            )
+            return template
+        if value.shape != template.shape or value.dtype != dtype:
+            self.problems.mismatched.append(
+                f"{path}: expected {_describe(template)}, got {_describe(value)}"
+            )
+            return template
+        return jnp.asarray(value)
+
+
+def _expected(template: Any) -> str:
+    if isinstance(template, jax.ShapeDtypeStruct):
+        return _describe(template)
+    return f"the optimiser's {type(template).__name__}"
+
+
+def _step(value: Any, problems: _Problems) -> Any:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return jnp.asarray(value, jnp.int32)
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu":
+        return jnp.asarray(value, jnp.int32)
+    problems.mismatched.append(f"step: expected an integer, got {_describe(value)}")
+    return jnp.zeros((), jnp.int32)
+
+
+def load(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    checkpoint: Mapping,
+    optimizer: Any,
+    *,
+    mapping: Any,
+    ignore_extra: bool,
+) -> tuple[eqx.Module, eqx.nn.State, Any, Any]:
+    """The model, State, optimiser state and step held by a saved Flax TrainState.
+
+    Raises one `ConversionError` listing every problem; nothing is returned then.
+    """
+    if "opt_state" not in checkpoint or "params" not in checkpoint:
+        raise ConversionError(
+            "The checkpoint is not a saved Flax TrainState: it has "
+            f"{sorted(map(str, checkpoint)) or 'no entries'}, not params, opt_state "
+            "and step. For Flax variables alone use "
+            "`model, state = eqx_bn.interop.load_flax(model, state, variables)` and "
+            "`TrainState.create(model, state, optimizer)`.",
+            missing=tuple(k for k in ("params", "opt_state") if k not in checkpoint),
+        )
+    problems = _Problems()
+    if not ignore_extra:
+        problems.extra += [str(k) for k in checkpoint if k not in TRAIN_STATE_KEYS]
+    variables = {k: checkpoint[k] for k in ("params", "batch_stats") if k in checkpoint}
+    loaded_model, loaded_state = model, state
+    try:
+        loaded_model, loaded_state = load_flax(model, state, variables, mapping=mapping)
+    except ConversionError as e:
+        problems.absorb(e)
+    if problems.unsupported:  # every subtree would fail the same way
+        raise problems.error(type(model).__name__)
+
+    # The checkpoint's running statistics complete the pairing of each optimiser
+    # subtree (`load_flax` pairs whole models); their problems are reported once.
+    batch_stats = checkpoint.get("batch_stats")
+    trainable = eqx.filter(model, eqx.is_inexact_array)
+    template = eqx.filter_eval_shape(optimizer.init, trainable)
+    loader = _Loader(model, state, mapping, batch_stats, problems)
+    opt_state = loader.walk(template, checkpoint["opt_state"], "opt_state")
+    step = _step(checkpoint.get("step", 0), problems)
+    if problems:
+        raise problems.error(type(model).__name__)
+    return loaded_model, loaded_state, opt_state, step
+
+
+def export(
+    model: eqx.Module, state: eqx.nn.State, opt_state: Any, step: Any, *, mapping: Any
+) -> dict[str, Any]:
+    """A Flax TrainState's state dict: `step`, `params`, `batch_stats`, `opt_state`."""
+    variables = export_flax(model, state, mapping=mapping)
+    trainable, rest = eqx.partition(model, eqx.is_inexact_array)
+    param_def = jax.tree.structure(trainable)
+
+    def walk(node: Any) -> Any:
+        if jax.tree.structure(node) == param_def:
+            return export_flax(eqx.combine(node, rest), state, mapping=mapping)[
+                "params"
+            ]
+        if node is None:
+            return None
+        if _is_named_tuple(node):
+            return {k: walk(getattr(node, k)) for k in node._fields}
+        if isinstance(node, (tuple, list)):
+            return {str(i): walk(v) for i, v in enumerate(node)}
+        if isinstance(node, dict):
+            return {str(k): walk(v) for k, v in node.items()}
+        if eqx.is_array(node):
+            return np.asarray(node)
+        raise TypeError(
+            f"TrainState.to_flax: cannot write an optimiser state node of type "
+            f"{type(node).__name__} in Flax's layout."
+        )
+
+    return {
+        "step": np.asarray(step),
+        **variables,
+        "opt_state": walk(opt_state),
+    }
