@@ -81,8 +81,8 @@ def test_multidevice_checks(script):
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-def test_data_parallel_example():
-    proc = run_python("examples/data_parallel.py", "--smoke")
+def test_data_parallel_example(tmp_path):
+    proc = run_python("examples/data_parallel.py", "--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "8 devices (cpu)" in proc.stdout
     assert proc.stdout.count("equal to the single-device step: True") == 2, proc.stdout

@@ -54,10 +54,3 @@ def test_scan_over_stacked_blocks_equals_a_python_loop():
             atol=1e-6,
         )
     np.testing.assert_allclose(h_scan, h, rtol=1e-5, atol=1e-6)
-
-
-def test_example_runs_in_smoke_mode():
-    # optax.adam's bias correction (float ** int32 step) needs standard promotion
-    with jax.numpy_dtype_promotion("standard"):
-        out = example.main(["--smoke"])
-    assert np.isfinite(out["loss"])
