@@ -148,9 +148,23 @@ def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
         return
     got = f"mean {_describe(parts[0])} and var {_describe(parts[1])}"
     shape = tuple(parts[0].shape)
-    if len(shapes) == 1 and len(shape) >= 2 and shape[-1] == input_size:
+    if shapes == {(input_size,)}:
         cause = (
-            f"They carry {len(shape) - 1} extra leading axis of size {shape[:-1]}: "
+            "The shapes fit but the dtype does not: the State was made for a layer "
+            "with another param_dtype / force_float32_reductions, or was cast (a "
+            "mixed-precision policy applied to the whole state?). Cast it back, "
+            f"e.g. jax.tree.map(lambda a: a.astype(jnp.{np.dtype(dtype).name}), "
+            "state), or leave the state out of the cast."
+        )
+    elif len(shapes) == 1 and len(shape) >= 2 and shape[-1] == input_size:
+        lead = shape[:-1]
+        extra = (
+            f"an extra leading axis of size {lead[0]}"
+            if len(lead) == 1
+            else f"extra leading axes {lead}"
+        )
+        cause = (
+            f"They carry {extra}: "
             "the state was most likely returned by jax.vmap with out_axes=0, which "
             "stacks one copy per example. Use out_axes=(0, None) for the state "
             "(and in_axes=(0, None)), e.g. jax.vmap(model, axis_name='batch', "
@@ -163,14 +177,6 @@ def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
             "from another model (or another build). Build the model and its state "
             "together with eqx.nn.make_with_state, or load the state saved with "
             "this model."
-        )
-    elif shapes == {(input_size,)}:
-        cause = (
-            "The shapes fit but the dtype does not: the State was made for a layer "
-            "with another param_dtype / force_float32_reductions, or was cast (a "
-            "mixed-precision policy applied to the whole state?). Cast it back, "
-            f"e.g. jax.tree.map(lambda a: a.astype(jnp.{np.dtype(dtype).name}), "
-            "state), or leave the state out of the cast."
         )
     else:
         cause = (
