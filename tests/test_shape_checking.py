@@ -1,6 +1,8 @@
 """Shape checking for users' own models: `eqx_bn.typecheck` and jaxtyping's import
 hook, under jit / filter_jit / vmap / Sequential, checked once at trace time."""
 
+import importlib.util
+import pathlib
 import re
 import sys
 import textwrap
@@ -224,3 +226,19 @@ def test_seed_mlp_names_in_features():
     with pytest.raises(ValueError, match="x has 3 features") as e:
         jax.eval_shape(batched(model), jnp.ones((4, 3)), state)
     assert "in_features=2" in str(e.value)
+
+
+@pytest.mark.slow
+def test_typed_model_example_catches_both_mistakes(tmp_path):
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "typed_model.py"
+    spec = importlib.util.spec_from_file_location("typed_model", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--smoke", "--out", str(tmp_path)])
+    assert out["steps"] == 4
+    channel, shrink = out["caught"].values()
+    assert "parameter 'batch'" in channel and "f32[360,8,8]" in channel
+    assert "return value of typed_model.conv_block" in shrink
+    assert "f32[32,6,6]" in shrink and "height=8" in shrink and "width=8" in shrink
+    assert "Called with parameters" not in shrink  # the summary drops the dump
+    assert "height=8" in (tmp_path / "typed_model_errors.txt").read_text()
