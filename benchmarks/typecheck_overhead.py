@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {}
     for name, cls in (("unchecked", CNN), ("checked", CheckedCNN)):
         checked = cls is CheckedCNN
-        variants[name] = eqx.nn.make_with_state(cls)(checked, key=jax.random.key(0))
+        variants[name] = eqx.nn.make_with_state(cls)(
+            checked, key=jax.random.key(0), width=4 if args.quick else 16
+        )
 
     first_call, jit_calls, eager_calls = {}, {}, {}
     for name, (model, state) in variants.items():

@@ -291,7 +291,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         mask = None if mask is None else jnp.asarray(mask)
         inference = self.inference if inference is None else inference
         check_dtypes(x, mask)
-        if self.axis_name is None and mask is not None and mask.ndim == 1 < x.ndim:
+        if (
+            self.axis_name is None
+            and mask is not None
+            and mask.ndim == 1
+            and x.ndim > 1
+        ):
             mask = per_example_mask(x, mask)
         channel_axis = self._check_input(x, mask)
         shape = x.shape

@@ -242,3 +242,17 @@ def test_typed_model_example_catches_both_mistakes(tmp_path):
     assert "f32[32,6,6]" in shrink and "height=8" in shrink and "width=8" in shrink
     assert "Called with parameters" not in shrink  # the summary drops the dump
     assert "height=8" in (tmp_path / "typed_model_errors.txt").read_text()
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs(capsys):
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location(
+        "typecheck_overhead", path / "typecheck_overhead.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--quick"])
+    assert set(result["jit_ms"]) == {"unchecked", "checked"}
+    assert result["jit_ratio"] > 0 and result["eager_ratio"] > 0
+    assert "jitted step, ms/call" in capsys.readouterr().out
