@@ -46,6 +46,9 @@ def test_empty_input_gives_empty_output_and_keeps_running_stats(shape):
     y_twin, twin = vmapped(bn)(jnp.ones(shape), state, jnp.ones(shape[0], bool))
     assert y_twin.shape == shape
     np.testing.assert_array_equal(running(bn, twin), running(batch_bn, new))
+    # Inference has nothing to average either: an empty output.
+    y_eval, _ = batch_bn(jnp.ones(shape), new, inference=True)
+    assert y_eval.shape == shape
 
 
 def test_empty_batch_has_zero_gradients():
