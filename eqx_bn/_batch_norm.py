@@ -1,5 +1,6 @@
 """`eqx_bn.BatchNorm`: Flax's `nn.BatchNorm` numerics as an Equinox stateful layer."""
 
+import operator
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -213,6 +214,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             given without an `axis_name`.
         """
         check_config(input_size, momentum, eps, dtype, param_dtype)
+        input_size = operator.index(input_size)  # a NumPy or JAX integer too
         if axis_index_groups is not None and axis_name is None:
             raise ValueError(
                 "BatchNorm: axis_index_groups needs an axis_name to group along."
@@ -226,7 +228,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
         )
         self.inference = inference
-        self.input_size = int(input_size)
+        self.input_size = input_size
         self.axis_name = _canonical_axis_name(axis_name)
         self.axis_index_groups = _canonical_groups(axis_index_groups)
         self.momentum = float(momentum)

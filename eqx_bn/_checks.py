@@ -7,6 +7,7 @@ other messages (`"BatchNorm: ..."`).
 """
 
 import math
+import operator
 from collections.abc import Hashable
 from typing import Any
 
@@ -19,13 +20,29 @@ _Marker = Hashable | object
 
 
 def _number(name: str, value: Any) -> float:
-    """`value` as a float, or the library's error for something that is not one."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    """`value` as a float, or the library's error for something that is not one.
+
+    Anything `float()` takes except text and bools: Python and NumPy numbers, and
+    concrete JAX scalars (from a hyperparameter sweep, say)."""
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
         raise ValueError(
             f"BatchNorm: {name} must be a real number, got {value!r} "
             f"({type(value).__name__})."
-        )
-    return float(value)
+        ) from None
+
+
+def _count(value: Any) -> int | None:
+    """`value` as an int if it is an integer (not a bool or a float), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _floating_dtype(name: str, dtype: Any) -> None:
@@ -51,11 +68,8 @@ def check_config(
     input_size: Any, momentum: Any, eps: Any, dtype: Any, param_dtype: Any
 ) -> None:
     """Raises a ValueError for a configuration `BatchNorm.__init__` cannot honour."""
-    if (
-        isinstance(input_size, bool)
-        or not isinstance(input_size, (int, np.integer))
-        or input_size <= 0
-    ):
+    size = _count(input_size)
+    if size is None or size <= 0:
         raise ValueError(
             f"BatchNorm: input_size must be a positive int, got {input_size!r}."
         )

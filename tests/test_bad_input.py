@@ -90,9 +90,11 @@ def test_bad_configuration_gets_the_library_message(kwargs, message):
         eqx_bn.BatchNorm(**kwargs)
 
 
-def test_numpy_integer_input_size_is_accepted():
-    bn = eqx_bn.BatchNorm(np.int64(3))
+@pytest.mark.parametrize("size", [np.int64(3), jnp.array(3)], ids=["numpy", "jax"])
+def test_integer_scalars_are_accepted_as_numbers(size):
+    bn = eqx_bn.BatchNorm(size, momentum=jnp.array(0.9), eps=np.float32(1e-3))
     assert bn.input_size == 3 and type(bn.input_size) is int
+    assert type(bn.momentum) is float and bn.momentum == pytest.approx(0.9)
 
 
 def test_flax_refuses_an_integer_dtype_too():
