@@ -8,15 +8,12 @@ other messages (`"BatchNorm: ..."`).
 
 import math
 import operator
-from collections.abc import Hashable
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
-
-_Marker = Hashable | object
 
 
 def _number(name: str, value: Any) -> float:
@@ -128,14 +125,14 @@ def _describe(v: Any) -> str:
     return f"{np.dtype(dtype).name}{list(shape)}"
 
 
-def missing_state_error(marker: _Marker) -> ValueError:
+def _missing_state_error(marker: object) -> ValueError:
     return ValueError(
-        "BatchNorm: `state` holds no running statistics for this layer (its "
-        f"state_index is {marker!r}). The State was made for another model, or for "
-        "another build of this one: eqx.nn.State(model) and make_with_state give "
-        "each build its own keys. Build the model and its state together, "
-        "`model, state = eqx.nn.make_with_state(Model)(...)`, and pass that state "
-        "(eqx_bn.interop's loaders return such a pair)."
+        "BatchNorm: `state` holds no running statistics for this layer (no entry "
+        f"under its state_index {marker!r}). The State belongs to another model, or "
+        "pairs a model from eqx.nn.make_with_state with eqx.nn.State(...) of a "
+        "separately built one, whose keys differ. Build the model and its state "
+        "together, `model, state = eqx.nn.make_with_state(Model)(...)`, and pass "
+        "that state."
     )
 
 
@@ -208,4 +205,4 @@ def get_running(state: eqx.nn.State, index: eqx.nn.StateIndex) -> Any:
     try:
         return state.get(index)
     except KeyError:
-        raise missing_state_error(index.marker) from None
+        raise _missing_state_error(index.marker) from None
