@@ -11,6 +11,7 @@ from equinox.nn import (
 
 from . import interop as interop, models as models, train as train
 from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
+from ._typing import typecheck as typecheck
 
 try:
     __version__ = importlib.metadata.version("eqx_bn")

@@ -1,5 +1,6 @@
 """`eqx_bn.BatchNorm`: Flax's `nn.BatchNorm` numerics as an Equinox stateful layer."""
 
+import operator
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -7,8 +8,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
+from ._checks import (
+    check_config,
+    check_dtypes,
+    check_running,
+    get_running,
+    per_example_mask,
+)
 from ._dtypes import promote
 from ._fused import TrainConfig, normalize, train_normalize
 from ._stats import Reduction, align_mask, isolates_passes
@@ -200,17 +208,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        - `ValueError`: for a non-positive `input_size`, a `momentum` outside
-            [0, 1], a negative `eps`, or groups given without an `axis_name`.
+        - `ValueError`: for an `input_size` that is not a positive int, a
+            `momentum` outside [0, 1], an `eps` that is negative or not finite, an
+            integer (or other non-floating) `dtype` or `param_dtype`, or groups
+            given without an `axis_name`.
         """
-        if isinstance(input_size, bool) or input_size <= 0:
-            raise ValueError(
-                f"BatchNorm: input_size must be a positive int, got {input_size!r}."
-            )
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum}.")
-        if eps < 0:
-            raise ValueError(f"BatchNorm: eps must be >= 0, got {eps}.")
+        check_config(input_size, momentum, eps, dtype, param_dtype)
+        input_size = operator.index(input_size)  # a NumPy or JAX integer too
         if axis_index_groups is not None and axis_name is None:
             raise ValueError(
                 "BatchNorm: axis_index_groups needs an axis_name to group along."
@@ -247,12 +251,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     @typecheck
     def __call__(
         self,
-        x: Float[Array | np.ndarray, "*shape"],
+        x: Shaped[Array | np.ndarray, "*shape"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-        mask: Bool[Array | np.ndarray, "*mask_shape"] | None = None,
+        mask: Shaped[Array | np.ndarray, "*mask_shape"] | None = None,
     ) -> tuple[Shaped[Array, "*shape"], eqx.nn.State]:
         """**Arguments:**
 
@@ -265,31 +269,44 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `inference`: overrides the layer's `inference` flag for this call.
         - `mask`: boolean, broadcastable to `x`'s shape: which elements count in
             the batch statistics (padding excluded). Under `vmap`, a scalar mask
-            per example. The output is still computed for every element.
+            per example; with `axis_name=None`, a 1-d mask `(batch,)` is likewise
+            one flag per example. The output is still computed for every element.
 
         **Returns:**
 
         `(y, state)`: `y` has `x`'s shape; the state has the updated running
-        averages in training, and is returned unchanged in inference.
+        averages in training, and is returned unchanged in inference. An `x`
+        with no element (an empty batch, a zero-size spatial axis) gives an empty
+        `y` and leaves the running averages as they are, as under `jax.vmap`.
 
         **Raises:**
 
         - `ValueError`: if the channel axis is not `input_size` long, the mask
-            does not broadcast to `x`, or training needs a named axis that is not
-            bound.
-        - `beartype`/`jaxtyping` `TypeCheckError`: if `x` is not floating point or
-            `mask` not boolean.
+            does not broadcast to `x`, training needs a named axis that is not
+            bound, or `state` does not hold this layer's running statistics (a
+            State of another model, or one vmapped with `out_axes=0`).
+        - `TypeError`: if `x` is not floating point or `mask` not boolean (the
+            message says how to convert them).
         """
         del key
         x = jnp.asarray(x)
         mask = None if mask is None else jnp.asarray(mask)
         inference = self.inference if inference is None else inference
+        check_dtypes(x, mask)
+        if (
+            self.axis_name is None
+            and mask is not None
+            and mask.ndim == 1
+            and x.ndim > 1
+        ):
+            mask = per_example_mask(x, mask)
         channel_axis = self._check_input(x, mask)
         shape = x.shape
         x, mask, channel_axis = _drop_unit_axes(x, mask, channel_axis)
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
         out_dtype = self._out_dtype(x)
-        running = state.get(self.state_index)
+        running = get_running(state, self.state_index)
+        check_running(running, self.input_size, self._running_dtype())
 
         if inference:
             mean, var = running
@@ -302,6 +319,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return jnp.reshape(y, shape), state
 
         self._check_axes_bound()
+        if x.size == 0:
+            # Nothing to take statistics over: as under vmap with an empty batch,
+            # an empty output and the running averages as they are.
+            return jnp.zeros(shape, out_dtype), state
         cfg = TrainConfig(
             reduction=Reduction(
                 axes,
@@ -380,6 +401,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
             new.append(jnp.where(has_data, avg, old).astype(old.dtype))
         return RunningStats(*new)
 
+    def _running_dtype(self) -> np.dtype:
+        """The dtype of the running averages that `__init__` puts in the State."""
+        return np.dtype(
+            jnp.float32 if self.force_float32_reductions else self.param_dtype
+        )
+
     def _stat_dtype(self, x: Array) -> np.dtype:
         dtype = x.dtype if self.dtype is None else self.dtype
         if self.force_float32_reductions:
@@ -439,6 +466,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """A guess at what went wrong when the channel axis has the wrong size."""
         batched = self.axis_name is not None and not self.channels_last
         if batched and x.ndim >= 2 and x.shape[1] == self.input_size:
+            if not _unbound_axes(self.axis_name):
+                return (
+                    " It looks like a whole batch, yet the layer already runs under "
+                    f"the named axis {self.axis_name!r}: x is batched twice. Check "
+                    "that the vmap's in_axes maps x's batch axis, and that x is not "
+                    "vmapped again around it (an ensemble or a sequence needs its "
+                    "own vmap over the model, with the batch inside)."
+                )
             return (
                 " It looks like a whole batch: call the layer under "
                 f"jax.vmap(..., axis_name={self.axis_name!r}), or build it with "

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxtyping import TypeCheckError
 
 import eqx_bn
 
@@ -81,17 +80,18 @@ def test_errors_raise_at_trace_time_under_jit():
         eqx.filter_jit(vmapped(bn))(jnp.ones((2, 4)), state)
 
 
-def test_integer_input_is_a_type_error_naming_x():
+def test_integer_input_is_a_type_error_with_the_fix():
     bn, state = make(3)
-    with pytest.raises(TypeCheckError, match="parameter 'x'") as e:
+    with pytest.raises(TypeError, match="x must be floating point, got int32") as e:
         vmapped(bn)(jnp.ones((4, 3), jnp.int32), state)
-    assert "i32[3]" in str(e.value) and "Float" in str(e.value)
+    assert "x.astype(jnp.float32)" in str(e.value)
 
 
-def test_mask_of_wrong_dtype_is_a_type_error_naming_mask():
+def test_mask_of_wrong_dtype_is_a_type_error_with_the_fix():
     bn, state = make(3, axis_name=None)
-    with pytest.raises(TypeCheckError, match="parameter 'mask'"):
+    with pytest.raises(TypeError, match="mask must be boolean, got int32") as e:
         bn(jnp.ones((4, 3)), state, mask=jnp.ones((4, 1), jnp.int32))
+    assert "mask.astype(bool)" in str(e.value)
 
 
 def test_mask_of_wrong_shape_names_both_shapes():

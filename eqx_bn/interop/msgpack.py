@@ -43,6 +43,10 @@ _MAX_CHUNK_BYTES = 2**30
 # from exhausting the Python stack.
 _MAX_DEPTH = 100
 _READ_BLOCK = 16 * 2**20
+# numpy's limits on one array: its number of axes, and its size in bytes (which it
+# also computes for a zero-size array, from the non-zero dimensions).
+_MAX_NDIM = 64
+_MAX_BYTES = int(np.iinfo(np.intp).max)
 
 ProgressCallback = Callable[[int, int], None]
 """Called as `progress(bytes_read, total_bytes)` while a file is read."""
@@ -79,6 +83,22 @@ def _where(path: tuple[str, ...]) -> str:
     return f"at '{'/'.join(path)}'" if path else "at the top level"
 
 
+def _shape_problem(shape: Any, itemsize: int) -> str | None:
+    """What is wrong with a declared array shape, or None if numpy can hold it.
+
+    A forged shape can multiply to 0 with a huge dimension (`[0, 2**62]`) or make
+    numpy's byte count overflow even when it holds no element; numpy refuses both
+    with a plain ValueError, which would reach the caller without the tree path.
+    """
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f"shape {shape!r} is not a list of non-negative ints"
+    if len(shape) > _MAX_NDIM:
+        return f"shape has {len(shape)} axes, more than numpy's {_MAX_NDIM}"
+    if math.prod(d for d in shape if d) * itemsize > _MAX_BYTES:
+        return f"shape {tuple(shape)} is too large for any array on this machine"
+    return None
+
+
 class _Invalid:
     """What the extension hook returns for a bad payload: it cannot raise with the
     tree path, which only the walk over the decoded tree knows."""
@@ -95,12 +115,9 @@ def _decode_array(data: bytes) -> np.ndarray | _Invalid:
     if not (isinstance(header, list) and len(header) == 3):
         return _Invalid("array payload is not a [shape, dtype, bytes] triple")
     shape, name, buffer = header
-    if not (
-        isinstance(shape, list)
-        and all(type(d) is int and d >= 0 for d in shape)
-        and len(shape) <= 64
-    ):
-        return _Invalid(f"array shape {shape!r} is not a list of non-negative ints")
+    problem = _shape_problem(shape, 1)
+    if problem is not None:
+        return _Invalid(f"array {problem}")
     if not isinstance(name, bytes) or not isinstance(buffer, bytes):
         return _Invalid("array dtype name or data has the wrong msgpack type")
     dtype = _DTYPES.get(name.decode("ascii", errors="replace"))
@@ -109,6 +126,9 @@ def _decode_array(data: bytes) -> np.ndarray | _Invalid:
             f"unsupported array dtype {name!r}: only numeric dtypes (bool, ints, "
             "floats, complex, bfloat16 and the other ml_dtypes) are read"
         )
+    problem = _shape_problem(shape, dtype.itemsize)
+    if problem is not None:
+        return _Invalid(f"array {problem}")
     size = math.prod(shape)
     if size * dtype.itemsize != len(buffer):
         return _Invalid(
@@ -188,10 +208,9 @@ def _unchunk(node: dict, path: tuple[str, ...]) -> np.ndarray:
             f"'{_CHUNKED}' (true), 'shape' and 'chunks', got {sorted(map(str, node))}"
         )
     shape = _sequence(node["shape"], (*path, "shape"))
-    if not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(
-            f"{_where(path)}: chunked array shape {shape!r} is invalid"
-        )
+    problem = _shape_problem(shape, 1)
+    if problem is not None:
+        raise CheckpointError(f"{_where(path)}: chunked array {problem}")
     chunks = []
     for i, chunk in enumerate(_sequence(node["chunks"], (*path, "chunks"))):
         chunk = _restore(chunk, (*path, "chunks", str(i)))
@@ -204,6 +223,9 @@ def _unchunk(node: dict, path: tuple[str, ...]) -> np.ndarray:
         raise CheckpointError(
             f"{_where(path)}: a chunked array needs one or more chunks of one dtype"
         )
+    problem = _shape_problem(shape, chunks[0].dtype.itemsize)
+    if problem is not None:
+        raise CheckpointError(f"{_where(path)}: chunked array {problem}")
     if sum(c.size for c in chunks) != math.prod(shape):
         raise CheckpointError(
             f"{_where(path)}: chunked array declares shape {tuple(shape)} but its "

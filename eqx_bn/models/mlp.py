@@ -80,8 +80,20 @@ class SeedMLP(eqx.Module):
         **Returns:**
 
         `(y, state)` with `y` of shape `(1,)` and the updated state.
+
+        **Raises:**
+
+        - `ValueError`: if `x` does not have `in_features` values.
         """
         del key
+        expected = self.dense_0.in_features
+        if x.shape != (expected,):
+            raise ValueError(
+                f"SeedMLP: x has {x.shape[0]} features (shape {x.shape}), expected "
+                f"in_features={expected}: one example, as (in_features,). A batch "
+                "goes through jax.vmap(model, axis_name='batch', in_axes=(0, None), "
+                "out_axes=(0, None))."
+            )
         h = self.dense_0(x)
         h, state = self.norm(h, state, inference=inference)
         return self.dense_1(jax.nn.relu(h)), state

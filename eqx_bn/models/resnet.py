@@ -108,9 +108,19 @@ class ResNetBlock(eqx.Module):
             self.conv_proj = None
             self.norm_proj = None
 
+    @typecheck
     def __call__(
-        self, x: Float[Array, "..."], state: eqx.nn.State, *, inference: bool | None
-    ) -> tuple[Float[Array, "..."], eqx.nn.State]:
+        self,
+        x: Float[Array, "height width in_channels"]
+        | Float[Array, "in_channels height width"],
+        state: eqx.nn.State,
+        *,
+        inference: bool | None,
+    ) -> tuple[
+        Float[Array, "new_height new_width filters"]
+        | Float[Array, "filters new_height new_width"],
+        eqx.nn.State,
+    ]:
         last = self.channels_last
         y, state = self.norm_0(_conv(self.conv_0, x, last), state, inference=inference)
         y = _conv(self.conv_1, jax.nn.relu(y), last)
@@ -229,9 +239,14 @@ class ResNet(eqx.Module):
 
         **Returns:**
 
-        `(logits, state)`.
+        `(logits, state)`, the logits of shape `(num_classes,)`.
+
+        **Raises:**
+
+        - `ValueError`: if the image's channel axis is not `in_channels` long.
         """
         del key
+        self._check_image(x)
         if not self.channels_last:
             x = jnp.moveaxis(x, 0, -1)
         x = channels_last_conv(self.conv_init, x)
@@ -240,6 +255,30 @@ class ResNet(eqx.Module):
         for block in self.blocks:
             x, state = block(x, state, inference=inference)
         return self.head(jnp.mean(x, axis=(0, 1))), state
+
+    def _check_image(self, x: Array) -> None:
+        """The channel count, named with its numbers (the annotation says only the
+        rank: jaxtyping cannot name the number that `in_channels` should be)."""
+        expected = self.conv_init.in_channels
+        axis = 2 if self.channels_last else 0
+        if x.shape[axis] == expected:
+            return
+        layout = (
+            "(height, width, channels)"
+            if self.channels_last
+            else "(channels, height, width)"
+        )
+        hint = ""
+        other = 0 if self.channels_last else 2
+        if x.shape[other] == expected:
+            hint = (
+                f" Axis {other} has {expected} entries: if those are the channels, "
+                f"build the model with channels_last={not self.channels_last}."
+            )
+        raise ValueError(
+            f"ResNet: the image has {x.shape[axis]} channels on axis {axis} (shape "
+            f"{x.shape}), expected in_channels={expected} as in {layout}.{hint}"
+        )
 
 
 def ResNet18(
