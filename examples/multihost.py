@@ -268,7 +268,8 @@ def train_style(style, args, mesh, data, steps_per_epoch, epochs):
     usable = len(x_test) - len(x_test) % jax.device_count()
     test_rows = process_rows(np.arange(usable))
     test_batch = global_batch(split, x_test[test_rows], y_test[test_rows])
-    eval_model, eval_state = make_model(None, args.seed)
+    # The structure of the axis_name=None model, to evaluate with (traced only).
+    eval_model = eqx.filter_eval_shape(make_model, None)[0]
 
     rng = np.random.default_rng(args.seed)
     is_main = jax.process_index() == 0
@@ -313,9 +314,11 @@ def save_once(path, tree):
     multihost_utils.sync_global_devices(f"checkpoint {path.name}")
 
 
-def load_checkpoint(path, seed=0):
-    """Loads a checkpoint on one machine: the `axis_name=None` model and its State."""
-    return eqx.tree_deserialise_leaves(path, make_model(None, seed))
+def load_checkpoint(path):
+    """Loads a checkpoint on one machine: the `axis_name=None` model and its State.
+    The model is only traced (`filter_eval_shape`): the file gives every value."""
+    like = eqx.filter_eval_shape(make_model, None)
+    return eqx.tree_deserialise_leaves(path, like)
 
 
 def hlo_all_reduces(jitted, *args):
