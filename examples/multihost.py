@@ -57,6 +57,7 @@ STYLES = {"jit": None, "shard_map": ("batch", "data")}
 """Each style's BatchNorm `axis_name`."""
 
 PARENT_ENV = "EQX_BN_MULTIHOST_PARENT"
+LOOPBACK = ("127.0.0.1", "localhost")
 
 
 class CNN(eqx.Module):
@@ -237,8 +238,12 @@ def initialize(args):
         f"(init timeout {args.init_timeout} s, heartbeat timeout "
         f"{args.heartbeat_timeout} s)"
     )
+    # A local job's coordinator listens on the loopback interface only (JAX's
+    # default is every interface).
+    local = args.coordinator and args.coordinator.rsplit(":", 1)[0] in LOOPBACK
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
+        coordinator_bind_address=args.coordinator if local else None,
         num_processes=args.num_processes,
         process_id=args.process_id,
         initialization_timeout=args.init_timeout,
@@ -273,6 +278,8 @@ def train_style(style, args, mesh, data, steps_per_epoch, epochs):
 
     rng = np.random.default_rng(args.seed)
     is_main = jax.process_index() == 0
+    if is_main:
+        print(f"{style}: BatchNorm axis_name={STYLES[style]!r}", flush=True)
     losses = []
     with _common.Progress(steps_per_epoch * epochs, style) as progress:
         for epoch in range(epochs):
