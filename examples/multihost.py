@@ -452,7 +452,7 @@ def describe_exit(code):
 def tail(path, lines=15):
     text = pathlib.Path(path).read_text(errors="replace").splitlines()
     # The C++ stack trace after a fatal error says nothing to a user.
-    text = [ln for ln in text if not ln.startswith("    @ ")]
+    text = [ln[:300] for ln in text if not ln.startswith("    @ ")]
     return "\n".join("    " + ln for ln in text[-lines:])
 
 
@@ -508,6 +508,7 @@ def launch(args):
             files += [f for f in (err, std) if f is not None]
             cmd = common + ["--process-id", str(i)]
             procs.append(subprocess.Popen(cmd, stdout=std, stderr=err, env=env))
+            print(f"process {i}: pid {procs[-1].pid}", flush=True)
         failure = wait_for(procs, args)
     finally:
         for p in procs:  # whatever happened, no process outlives the launch
