@@ -37,7 +37,7 @@ HEARTBEAT = 5  # seconds, the fault tests' --heartbeat-timeout
 INIT = 5  # seconds, the fault tests' --init-timeout
 MARGIN = 40  # seconds on top of JAX's timeouts for a loaded machine to react
 
-pytestmark = [pytest.mark.slow, pytest.mark.multidevice]
+pytestmark = pytest.mark.slow
 
 
 def load(name, path):
