@@ -612,6 +612,12 @@ def main(argv=None):
     given = (args.coordinator, args.num_processes, args.process_id)
     if args.cluster or any(v is not None for v in given):
         return worker(args)
+    devices = args.processes * args.local_devices
+    if args.batch % devices:
+        raise SystemExit(
+            f"--batch {args.batch} does not split over {args.processes} processes x "
+            f"{args.local_devices} devices: use a multiple of {devices}"
+        )
     with _common.runtime("multihost"):
         report = launch(args)
         check_checkpoints(report)
