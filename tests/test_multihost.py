@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import pytest
 
+import eqx_bn
+
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
 EXAMPLE = ROOT / "examples" / "multihost.py"
@@ -241,8 +243,17 @@ def test_two_processes_equal_one_process(example, tmp_path):
     for style in example.STYLES:
         check_style(example, data, results, style)
     # Both processes hold the same replicated values, bit for bit.
-    for key in results[0].files:
+    for key in results[1].files:
         np.testing.assert_array_equal(results[1][key], results[0][key], err_msg=key)
+    # What docs/scaling.md says, read from the compiled steps: per BatchNorm, two
+    # all-reduces forward (the shift, then the sums) and one backward; one more
+    # for all the gradients.
+    model = eqx.filter_eval_shape(example.make_model, None)[0]
+    is_bn = lambda m: isinstance(m, eqx_bn.BatchNorm)  # noqa: E731
+    n_bn = sum(map(is_bn, jax.tree.leaves(model, is_leaf=is_bn)))
+    assert n_bn == 3
+    for style in example.STYLES:
+        assert int(results[0][f"{style}/all_reduces"]) == 3 * n_bn + 1, style
     # The checkpoint: written once, by process 0, and loaded here on one device.
     assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.eqx"]
     model, state = example.load_checkpoint(tmp_path / "checkpoint.eqx")

@@ -9,7 +9,8 @@ CNN for a few steps in both styles with that example's own functions, then write
 what the test compares with a single-process run: the losses, the parameters and
 running statistics, the training-mode outputs and State of one more global batch,
 and the gathered global batch (to check the processes' order in it). Process 0
-also writes a checkpoint of the jit style, with the example's `save_once`.
+also writes a checkpoint of the jit style, with the example's `save_once`, and
+counts the all-reduces in each compiled step.
 """
 
 import importlib.util
@@ -112,6 +113,10 @@ def main(coordinator, process_id, data_path, out_dir):
         )
         step = example.make_step(style, static, optimizer, mesh, n_total)
         losses = []
+        if me == 0:  # compiled locally: no collective, process 0 alone
+            out[f"{style}/all_reduces"] = np.asarray(
+                example.hlo_all_reduces(step, params, state, opt_state, *batch(0))
+            )
         for i in range(steps):
             params, state, opt_state, loss = step(params, state, opt_state, *batch(i))
             losses.append(float(loss))
