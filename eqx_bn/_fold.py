@@ -211,13 +211,12 @@ def _fold_module(module: eqx.Module, state, where: str) -> eqx.Module:
             )
         claimed[target] = name
         layer, bn = new[target], new[name]
-        if layer is None and bn is None:  # an optional pair that is absent
-            continue
+        if (layer is None and bn is None) or isinstance(bn, FoldedBatchNorm):
+            continue  # an optional pair that is absent, or one folded already
         if not isinstance(bn, BatchNorm):
             raise TypeError(
                 f"fold_batch_norms: {here}: the field holds a {type(bn).__name__}, "
-                "not an eqx_bn.BatchNorm (was it folded already, or declared on "
-                "the wrong field?)."
+                "not an eqx_bn.BatchNorm (declared on the wrong field?)."
             )
         new[target], new[name] = _fold_pair(layer, bn, state, here)
     changed = [name for name in fields if new[name] is not getattr(module, name)]

@@ -209,6 +209,21 @@ def test_seed_mlp_and_state_unchanged(key):
     )
 
 
+def test_folding_twice_changes_nothing(resnets):
+    model, state, folded = resnets[True]
+    again = eqx_bn.fold_batch_norms(folded, state)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, again, folded))
+
+
+def test_folded_norm_checks_channels():
+    norm = eqx_bn.FoldedBatchNorm(4, channel_axis=0)
+    state = eqx.nn.State(norm)
+    y, same = norm(jnp.ones((4, 3)), state)
+    assert y.shape == (4, 3) and same is state
+    with pytest.raises(ValueError, match="has no 4 channels on axis 0"):
+        norm(jnp.ones((3, 4)), state)
+
+
 def test_training_mode_is_refused(key):
     model, state = eqx.nn.make_with_state(SeedMLP)(2, key=key)
     with pytest.raises(ValueError, match=r"training mode.*model\.norm.*inference_mode"):
