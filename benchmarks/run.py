@@ -712,6 +712,7 @@ def main(argv: list[str] | None = None) -> str:
         names = (FLAX, "eqx_bn (vmap)", EQX_LAST)
         resnet = dict(batch=4, size=16, stage_sizes=(1,), filters=4)
         resnet18 = dict(batch=2, size=32, filters=4)
+        compile_rounds = 1
         inference = dict(batch=2, size=32, filters=4)
     else:
         rounds, target = args.rounds or 9, 0.1
@@ -726,6 +727,7 @@ def main(argv: list[str] | None = None) -> str:
         names = None
         resnet = dict(batch=64, size=32, stage_sizes=(2, 2, 2, 2), filters=16)
         resnet18 = dict(batch=8, size=224, filters=64)
+        compile_rounds = max(3, rounds // 3)
         inference = dict(batch=4, size=224, filters=64)
     mlp_batch = 8
     everything = ("layer", "resnet", "compile", "inference", "mlp")
@@ -773,7 +775,7 @@ def main(argv: list[str] | None = None) -> str:
         emit(table(title, rows, columns))
     if "compile" in cases:
         r18 = resnet18
-        rows, columns = measure_compiles(resnet_compiles(**r18), max(3, rounds // 3))
+        rows, columns = measure_compiles(resnet_compiles(**r18), compile_rounds)
         title = (
             f"resnet-18 train step compile, {r18['filters']} filters, "
             f"N={r18['batch']}, {r18['size']}x{r18['size']}x3, 1000 classes: seconds "
