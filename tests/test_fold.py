@@ -34,9 +34,13 @@ def _randomise(model, state, seed: int = 0):
                 jnp.asarray(rng.uniform(0.3, 2.0, c), jnp.float32),
             ),
         )
-        scale = jnp.asarray(rng.normal(1, 0.3, c), jnp.float32)
-        bias = jnp.asarray(rng.normal(0, 0.3, c), jnp.float32)
-        return eqx.tree_at(lambda b: (b.scale, b.bias), bn, (scale, bias))
+        if bn.scale is not None:
+            scale = jnp.asarray(rng.normal(1, 0.3, c), jnp.float32)
+            bn = eqx.tree_at(lambda b: b.scale, bn, scale)
+        if bn.bias is not None:
+            bias = jnp.asarray(rng.normal(0, 0.3, c), jnp.float32)
+            bn = eqx.tree_at(lambda b: b.bias, bn, bias)
+        return bn
 
     model = jax.tree.map(lambda v: norm(v) if _is_bn(v) else v, model, is_leaf=_is_bn)
     return eqx.nn.inference_mode(model), state
@@ -222,6 +226,19 @@ def test_folded_norm_checks_channels():
     assert y.shape == (4, 3) and same is state
     with pytest.raises(ValueError, match="has no 4 channels on axis 0"):
         norm(jnp.ones((3, 4)), state)
+
+
+def test_norm_without_scale_or_bias(key):
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx.nn.Linear(3, 4, key=key), eqx_bn.BatchNorm(4, use_scale=False,
+                                                         use_bias=False)]
+    )  # fmt: skip
+    model, state = _randomise(model, state)
+    folded = eqx_bn.fold_batch_norms(model, state)
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    ref = _per_example(model, x, state)
+    y = _per_example(folded, x, state)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=64 * EPS * jnp.max(jnp.abs(ref)))
 
 
 def test_training_mode_is_refused(key):
