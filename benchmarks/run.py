@@ -386,6 +386,149 @@ def resnet_steps(
     )
 
 
+def _resnet_pair(batch, size, filters, classes):
+    """Images (NCHW, NHWC), an eqx_bn ResNet-18 maker, and Flax's twin with its
+    variables, for the whole-network cases."""
+    images = jnp.asarray(_normal(2, (batch, 3, size, size)))
+    images_last = jnp.moveaxis(images, 1, -1)
+    flax_model = flax_reference.ResNet(
+        stage_sizes=[2, 2, 2, 2], num_classes=classes, num_filters=filters
+    )
+    init = jax.jit(functools.partial(flax_model.init, train=False))
+    variables = init(jax.random.key(3), images_last)
+
+    def eqx_model(channels_last: bool):
+        return _build(
+            ResNet,
+            (2, 2, 2, 2),
+            classes,
+            num_filters=filters,
+            channels_last=channels_last,
+            key=jax.random.key(1),
+        )
+
+    return images, images_last, eqx_model, flax_model, variables
+
+
+def resnet_compiles(batch: int, size: int, filters: int) -> dict[str, Callable]:
+    """Makers of the ResNet-18 train steps whose compile time is measured: each
+    returns `(jitted step, args)`, to be traced, lowered and compiled from cold."""
+    images, images_last, eqx_model, flax_model, variables = _resnet_pair(
+        batch, size, filters, 1000
+    )
+    labels = jnp.asarray(np.random.default_rng(3).integers(0, 1000, batch))
+    tx = optax.sgd(0.1, momentum=0.9)
+    params = variables["params"]
+    flax_state = (params, variables["batch_stats"], tx.init(params))
+    makers = {
+        FLAX: lambda: (
+            _flax_train_step(flax_model, tx, _cross_entropy),
+            (flax_state, (images_last, labels)),
+        )
+    }
+    eqx_loss = _vmapped_loss(_cross_entropy)
+    for name, channels_last, x in (
+        ("eqx_bn", False, images),
+        ("eqx_bn channels_last", True, images_last),
+    ):
+        ts = eqx_bn.train.TrainState.create(*eqx_model(channels_last), tx)
+        makers[name] = functools.partial(
+            lambda ts, x: (eqx_bn.train.make_train_step(eqx_loss), (ts, (x, labels))),
+            ts,
+            x,
+        )
+    return makers
+
+
+def measure_compiles(
+    makers: dict[str, Callable], rounds: int
+) -> tuple[list[dict], dict[str, dict[str, str]]]:
+    """Rows of trace+lower+compile times, each from cold (`jax.clear_caches()`),
+    interleaved round by round; the CPU seconds of the process are reported too,
+    as they depend less on the machine's load than the wall time."""
+    wall: dict[str, list[float]] = {name: [] for name in makers}
+    cpu: dict[str, list[float]] = {name: [] for name in makers}
+    for r in range(rounds):
+        names = list(makers) if r % 2 == 0 else list(reversed(makers))
+        for name in names:
+            step, args = makers[name]()
+            jax.clear_caches()
+            w, c = time.perf_counter(), time.process_time()
+            step.trace(*args).lower().compile()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    rows = summarise(wall, False)
+    for row in rows:
+        row["ms"], row["best"] = row["ms"] / 1e3, row["best"] / 1e3  # seconds
+    ratios = {name: [a / b for a, b in zip(cpu[name], cpu[FLAX])] for name in makers}
+    columns = {
+        "CPU s": {n: f"{statistics.median(v):.2f}" for n, v in cpu.items()},
+        "CPU vs flax.linen": {
+            n: f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})"
+            for n, v in ratios.items()
+        },
+    }
+    return rows, columns
+
+
+def resnet_inference(batch: int, size: int, filters: int) -> tuple[dict, dict]:
+    """ResNet-18 inference (1000 classes): Flax's eval (running averages) against
+    eqx_bn's, as it is and with `eqx_bn.fold_batch_norms`.
+
+    Each model runs with its weights as arguments of the jitted function, and, in
+    the `frozen` rows, closed over by it: constants, which XLA lays out for its
+    convolutions once, at compile time, instead of at every call (Equinox keeps
+    kernels as `(out, in, h, w)`, XLA's CPU convolutions want `(h, w, in, out)`).
+    """
+    images, images_last, eqx_model, flax_model, variables = _resnet_pair(
+        batch, size, filters, 1000
+    )
+
+    def flax_forward(variables, x):
+        return flax_model.apply(variables, x, train=False)
+
+    candidates = {FLAX: (flax_forward, variables, images_last)}
+    for channels_last, x in ((False, images), (True, images_last)):
+        model, state = eqx_model(channels_last)
+        model = eqx.nn.inference_mode(model)
+        suffix = " channels_last" if channels_last else ""
+        for name, m in (
+            (f"eqx_bn{suffix}", model),
+            (f"eqx_bn folded{suffix}", eqx_bn.fold_batch_norms(model, state)),
+        ):
+            params, static = eqx.partition(m, eqx.is_array)
+
+            def forward(params, x, static=static, state=state):
+                model = eqx.combine(params, static)
+                return jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)[
+                    0
+                ]
+
+            candidates[name] = (forward, params, x)
+    frozen = (FLAX, "eqx_bn folded", "eqx_bn folded channels_last")
+    for name in frozen:
+        forward, params, x = candidates[name]
+        candidates[f"{name}, frozen"] = (
+            lambda x, forward=forward, params=params: forward(params, x),
+            None,
+            x,
+        )
+    calls, executables, compile_s = {}, {}, {}
+    for name, (forward, params, x) in candidates.items():
+        args = (x,) if params is None else (params, x)
+        exe, seconds = compiled(jax.jit(forward), *args)
+        calls[name] = functools.partial(exe, *args)
+        executables[name], compile_s[name] = exe, f"{seconds:.2f}"
+    kinds = ((STEP_TRAFFIC, None), (LAYOUT_TRAFFIC, "(transpose|copy)"))
+    columns = {"compile s": compile_s}
+    for title, only in kinds:
+        columns[title] = {
+            name: f"{hlo_traffic(exe.as_text(), 1e6, 2**16, only):.0f}"
+            for name, exe in executables.items()
+        }
+    return calls, columns
+
+
 def mlp_steps(batch: int) -> tuple[dict, dict]:
     """The seed MLP on a tiny batch: eqx_bn.train against a plain jitted Flax step."""
     km = jax.random.key(2)
@@ -519,11 +662,13 @@ def table(
     rows: list[dict],
     columns: dict[str, dict[str, str]],
     failures: dict[str, str] | None = None,
+    unit: str = "ms",
 ) -> str:
     """A Markdown table of `rows`, with `columns` (title -> competitor -> text) added,
     and a line for each competitor that failed."""
     with_bound = "bound" in rows[0]
-    head = ["competitor", "ms / call", "best ms", "spread", "vs flax.linen"]
+    per = "call" if unit == "ms" else "compile"
+    head = ["competitor", f"{unit} / {per}", f"best {unit}", "spread", "vs flax.linen"]
     head += ["vs 8-pass bound"] if with_bound else []
     head += list(columns)
     lines = [
@@ -554,7 +699,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default=None, help="also write the table here")
     parser.add_argument(
         "--only",
-        choices=("layer", "resnet", "mlp"),
+        choices=("layer", "resnet", "compile", "inference", "mlp"),
         action="append",
         help="run only these cases (repeatable; default: all, and no resnet with "
         "--quick, whose compile alone would take most of the smoke test's time)",
@@ -566,6 +711,9 @@ def main(argv: list[str] | None = None) -> str:
         shapes = [((8, 16, 8, 8), jnp.float32)]
         names = (FLAX, "eqx_bn (vmap)", EQX_LAST)
         resnet = dict(batch=4, size=16, stage_sizes=(1,), filters=4)
+        resnet18 = dict(batch=2, size=32, filters=4)
+        compile_rounds = 1
+        inference = dict(batch=2, size=32, filters=4)
     else:
         rounds, target = args.rounds or 9, 0.1
         shapes = [
@@ -578,10 +726,12 @@ def main(argv: list[str] | None = None) -> str:
         ]
         names = None
         resnet = dict(batch=64, size=32, stage_sizes=(2, 2, 2, 2), filters=16)
+        resnet18 = dict(batch=8, size=224, filters=64)
+        compile_rounds = max(3, rounds // 3)
+        inference = dict(batch=4, size=224, filters=64)
     mlp_batch = 8
-    cases = set(
-        args.only or (("layer", "mlp") if args.quick else ("layer", "resnet", "mlp"))
-    )
+    everything = ("layer", "resnet", "compile", "inference", "mlp")
+    cases = set(args.only or (("layer", "mlp") if args.quick else everything))
 
     out = [
         "## eqx_bn benchmarks",
@@ -620,6 +770,24 @@ def main(argv: list[str] | None = None) -> str:
             f"resnet step, ResNet{list(resnet['stage_sizes'])} with "
             f"{resnet['filters']} filters, N={resnet['batch']}, "
             f"{resnet['size']}x{resnet['size']}x3, SGD+momentum"
+        )
+        rows = summarise(measure(calls, rounds, target * 5), False)
+        emit(table(title, rows, columns))
+    if "compile" in cases:
+        r18 = resnet18
+        rows, columns = measure_compiles(resnet_compiles(**r18), compile_rounds)
+        title = (
+            f"resnet-18 train step compile, {r18['filters']} filters, "
+            f"N={r18['batch']}, {r18['size']}x{r18['size']}x3, 1000 classes: seconds "
+            "to trace, lower and compile from cold"
+        )
+        emit(table(title, rows, columns, unit="s"))
+    if "inference" in cases:
+        calls, columns = resnet_inference(**inference)
+        title = (
+            f"resnet-18 inference, {inference['filters']} filters, "
+            f"N={inference['batch']}, {inference['size']}x{inference['size']}x3, "
+            "1000 classes: Flax's eval against eqx_bn, unfolded and folded"
         )
         rows = summarise(measure(calls, rounds, target * 5), False)
         emit(table(title, rows, columns))

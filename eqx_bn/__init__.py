@@ -11,6 +11,10 @@ from equinox.nn import (
 
 from . import interop as interop, models as models, train as train
 from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
+from ._fold import (
+    FoldedBatchNorm as FoldedBatchNorm,
+    fold_batch_norms as fold_batch_norms,
+)
 from ._typing import typecheck as typecheck
 
 try:

@@ -35,7 +35,7 @@ class SeedMLP(eqx.Module):
     """
 
     dense_0: eqx.nn.Linear
-    norm: BatchNorm
+    norm: BatchNorm = eqx.field(metadata={"fold_into": "dense_0"})
     dense_1: eqx.nn.Linear
 
     def __init__(

@@ -61,11 +61,14 @@ class ResNetBlock(eqx.Module):
     """
 
     conv_0: eqx.nn.Conv2d
-    norm_0: BatchNorm
+    # `fold_into`: the convolution whose output each norm takes (fold_batch_norms).
+    norm_0: BatchNorm = eqx.field(metadata={"fold_into": "conv_0"})
     conv_1: eqx.nn.Conv2d
-    norm_1: BatchNorm
+    norm_1: BatchNorm = eqx.field(metadata={"fold_into": "conv_1"})
     conv_proj: eqx.nn.Conv2d | None = eqx.field(metadata={"flax_name": "conv_proj"})
-    norm_proj: BatchNorm | None = eqx.field(metadata={"flax_name": "norm_proj"})
+    norm_proj: BatchNorm | None = eqx.field(
+        metadata={"flax_name": "norm_proj", "fold_into": "conv_proj"}
+    )
     channels_last: bool = eqx.field(static=True)
 
     def __init__(
@@ -151,7 +154,9 @@ class ResNet(eqx.Module):
     """
 
     conv_init: eqx.nn.Conv2d = eqx.field(metadata={"flax_name": "conv_init"})
-    bn_init: BatchNorm = eqx.field(metadata={"flax_name": "bn_init"})
+    bn_init: BatchNorm = eqx.field(
+        metadata={"flax_name": "bn_init", "fold_into": "conv_init"}
+    )
     blocks: tuple[ResNetBlock, ...]
     head: eqx.nn.Linear
     stage_sizes: tuple[int, ...] = eqx.field(static=True)
