@@ -1,7 +1,8 @@
-"""Flax checkpoints for Equinox models: read/write Flax's msgpack and Orbax formats,
-and convert between Flax variables and an `eqx_bn` model with its `eqx.nn.State`.
+"""Flax and PyTorch checkpoints for Equinox models: read/write Flax's msgpack and
+Orbax formats, PyTorch's `torch.save` files and safetensors, and convert between them
+and an `eqx_bn` model with its `eqx.nn.State`.
 
-Nothing here imports Flax.
+Nothing here imports Flax or torch.
 """
 
 from .checkpoint import read_checkpoint as read_checkpoint
@@ -18,3 +19,9 @@ from .msgpack import (
     write_msgpack as write_msgpack,
 )
 from .orbax import read_orbax as read_orbax, write_orbax as write_orbax
+from .safetensors import (
+    read_safetensors as read_safetensors,
+    to_safetensors_bytes as to_safetensors_bytes,
+    write_safetensors as write_safetensors,
+)
+from .torch import read_torch as read_torch
