@@ -1,12 +1,14 @@
-"""Flax variables <-> an Equinox model and its State: `load_flax`, `export_flax`.
+"""Another framework's variables <-> an Equinox model and its State.
 
-The data path: nested dicts of arrays -> `paths.pair` pairs each Flax variable with a
-leaf of the model (or a `RunningStats` field in the State) -> every pair is checked ->
-`layers` re-lays each array -> one `eqx.tree_at` for the model and one for the State.
-Nothing of Flax is imported here.
+The engine (`load_pairs`, `export_pairs`) serves every naming scheme; `load_flax`,
+`export_flax` and `flax_paths` are its Flax linen front-end. The data path: nested
+dicts of arrays -> `paths.pair` pairs each variable with a leaf of the model (or a
+`RunningStats` field in the State) -> every pair is checked -> `layers` re-lays each
+array -> one `eqx.tree_at` for the model and one for the State. Nothing of Flax is
+imported here.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -15,14 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._typing import typecheck
-from .paths import Entry, FlaxMapping, Pairing, get_at, natural_key, pair
+from .paths import (
+    LINEN,
+    Entry,
+    FlaxMapping,
+    Naming,
+    Pairing,
+    get_at,
+    natural_key,
+    pair,
+)
 
 COLLECTIONS = ("params", "batch_stats")
 """The Flax collections a model and its State correspond to."""
 
 
 class ConversionError(ValueError):
-    """Flax variables and an Equinox model do not correspond.
+    """A checkpoint's variables (Flax, NNX, PyTorch) and an Equinox model do not
+    correspond.
 
     Raised once, listing every problem with its Flax path, the Equinox leaf it is
     paired with, and the expected and actual shape and dtype. Nothing is loaded when
@@ -30,8 +42,8 @@ class ConversionError(ValueError):
 
     **Attributes** (tuples of strings, one line per problem):
 
-    - `missing`: variables the model needs that the Flax variables lack.
-    - `unexpected`: Flax variables that nothing in the model pairs with.
+    - `missing`: variables the model needs that the checkpoint lacks.
+    - `unexpected`: checkpoint variables that nothing in the model pairs with.
     - `mismatched`: pairs whose shape or dtype differ.
     - `extra`: top-level entries that are not `params`/`batch_stats` (`step`,
         `opt_state` of a saved TrainState...).
@@ -84,7 +96,7 @@ def _is_wrapped(variables: Mapping, pairing: Pairing) -> bool:
         return False
     if "batch_stats" in inner and "batch_stats" in variables:
         return False
-    return not any(e.flax_path[1] == "params" for e in pairing.entries)
+    return not any(e.path[1] == "params" for e in pairing.entries)
 
 
 def _split_variables(
@@ -106,9 +118,13 @@ def _split_variables(
     return flat, sorted(extra, key=natural_key)
 
 
-def _under(path: tuple[str, ...], scopes: tuple[tuple[str, ...], ...]) -> bool:
-    # path is (collection, *scopes, name); an ignored scope excludes its whole subtree.
-    return any(path[1 : 1 + len(s)] == s for s in scopes)
+def _under(
+    path: tuple[str, ...], scopes: tuple[tuple[str, ...], ...], naming: Naming
+) -> bool:
+    # An ignored scope excludes its whole subtree; in linen paths start with the
+    # collection, which scopes in `mapping` leave out.
+    start = 1 if naming.collections else 0
+    return any(path[start : start + len(s)] == s for s in scopes)
 
 
 def _target(entry: Entry, model: eqx.Module, state: eqx.nn.State) -> Any:
@@ -134,9 +150,9 @@ def _as_numpy(value: Any) -> np.ndarray | None:
         return None
 
 
-def _fix_hint(strict: bool) -> str:
+def _fix_hint(strict: bool, naming: Naming) -> str:
     hint = (
-        "See the pairing with `eqx_bn.interop.flax_paths(model)`; change it with "
+        f"See the pairing with `{naming.paths_function}(model)`; change it with "
         "`mapping=`"
     )
     return hint + (
@@ -220,34 +236,78 @@ def load_flax(
     """
     pairing = pair(model, mapping)
     flat, extra = _split_variables(variables, pairing)
-    entries = [e for e in pairing.entries if not _under(e.flax_path, pairing.ignored)]
-    wanted = {e.flax_path for e in entries}
+    return load_pairs(
+        model,
+        state,
+        flat,
+        pairing,
+        LINEN,
+        strict=strict,
+        cast=cast,
+        extra=() if ignore_extra else extra,
+    )
+
+
+def load_pairs(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    flat: Mapping[tuple[str, ...], Any],
+    pairing: Pairing,
+    naming: Naming,
+    *,
+    strict: bool,
+    cast: bool,
+    extra: Sequence[str] = (),
+) -> tuple[eqx.Module, eqx.nn.State]:
+    """The engine under every `load_*`: checks every pair, then builds.
+
+    **Arguments:**
+
+    - `model`, `state`: as for `load_flax`; not modified.
+    - `flat`: the checkpoint's arrays by path (`("params", "Dense_0", "kernel")`, or
+        `("layer1", "0", "bn1", "weight")`), as `pairing`'s entries name them.
+    - `pairing`: `paths.pair(model, mapping, naming)`.
+    - `naming`: the naming scheme, for the messages.
+    - `strict`, `cast`: as for `load_flax`.
+    - `extra`: top-level entries of the checkpoint that are neither variables nor
+        to be ignored (reported, with the hint to skip them).
+
+    **Returns:**
+
+    New `(model, state)` with exactly the original structure, shapes and dtypes.
+
+    **Raises:**
+
+    - `ConversionError`: listing every problem, before anything is built.
+    """
+    entries = [
+        e for e in pairing.entries if not _under(e.path, pairing.ignored, naming)
+    ]
+    wanted = {e.path for e in entries}
+    sep = naming.separator
 
     missing, mismatched, loaded = [], [], []
     for entry in entries:
         target = _target(entry, model, state)
-        want_shape = entry.layout.flax_shape(tuple(target.shape))
+        want_shape = entry.layout.external_shape(tuple(target.shape))
         want = _describe(want_shape, target.dtype)
-        if entry.flax_path not in flat:
+        where = f"{entry.name(sep)} -> {entry.eqx_name}"
+        if entry.path not in flat:
             if strict:
-                missing.append(
-                    f"{entry.flax_name} -> {entry.eqx_name}: expected {want}"
-                )
+                missing.append(f"{where}: expected {want}")
             continue
-        value = _as_numpy(flat[entry.flax_path])
+        value = _as_numpy(flat[entry.path])
         if value is None or value.dtype == object:
-            got = type(flat[entry.flax_path]).__name__
-            mismatched.append(
-                f"{entry.flax_name} -> {entry.eqx_name}: expected {want}, got a {got}"
-            )
+            got = type(flat[entry.path]).__name__
+            mismatched.append(f"{where}: expected {want}, got a {got}")
             continue
         bad_shape = tuple(value.shape) != tuple(want_shape)
         bad_dtype = value.dtype != np.dtype(target.dtype) and not cast
         if bad_shape or bad_dtype:
             relaid = bad_shape and entry.layout.name != "identity"
-            note = " (in Flax's layout)" if relaid else ""
+            note = f" (in {naming.framework}'s layout)" if relaid else ""
             mismatched.append(
-                f"{entry.flax_name} -> {entry.eqx_name}: expected {want}{note}, got "
+                f"{where}: expected {want}{note}, got "
                 f"{_describe(value.shape, value.dtype)}"
                 + ("" if bad_shape else "; pass cast=True to convert")
             )
@@ -257,43 +317,44 @@ def load_flax(
     unexpected = []
     if strict:
         for path, value in flat.items():
-            if path not in wanted and not _under(path, pairing.ignored):
+            if path not in wanted and not _under(path, pairing.ignored, naming):
                 arr = _as_numpy(value)
                 got = (
                     type(value).__name__
                     if arr is None
                     else _describe(arr.shape, arr.dtype)
                 )
-                unexpected.append(f"{'/'.join(path)}: {got}")
+                unexpected.append(f"{sep.join(path)}: {got}")
         unexpected.sort(key=natural_key)
-    extras = [] if ignore_extra else extra
     unsupported = list(pairing.problems) if strict else []
 
-    if missing or unexpected or mismatched or extras or unsupported:
+    if missing or unexpected or mismatched or extra or unsupported:
         raise _error(
             type(model).__name__,
+            naming,
             strict,
             missing,
             unexpected,
             mismatched,
-            extras,
+            list(extra),
             unsupported,
         )
     return _build(model, state, loaded)
 
 
-def _error(name, strict, missing, unexpected, mismatched, extras, unsupported):
+def _error(name, naming, strict, missing, unexpected, mismatched, extras, unsupported):
+    source = naming.source
     sections = [
-        ("Missing from the Flax variables (the model needs them)", missing),
+        (f"Missing from the {source} (the model needs them)", missing),
         (
-            "Unexpected in the Flax variables (nothing in the model pairs with them)",
+            f"Unexpected in the {source} (nothing in the model pairs with them)",
             unexpected,
         ),
         ("Mismatched shape or dtype", mismatched),
         ("Layers with no conversion rule", unsupported),
     ]
     count = len(missing) + len(unexpected) + len(mismatched) + len(unsupported)
-    lines = [f"Cannot load the Flax variables into {name}:"]
+    lines = [f"Cannot load the {source} into {name}:"]
     for title, items in sections:
         if items:
             lines.append(f"{title}:")
@@ -301,11 +362,12 @@ def _error(name, strict, missing, unexpected, mismatched, extras, unsupported):
     if extras:
         count += len(extras)
         lines.append(
-            "Entries other than params/batch_stats (a saved TrainState?): "
-            f"{', '.join(extras)}; pass ignore_extra=True to skip them."
+            f"Entries other than {'/'.join(naming.collections) or 'variables'} "
+            f"(a saved TrainState?): {', '.join(extras)}; pass ignore_extra=True to "
+            "skip them."
         )
     lines.insert(1, f"{count} problem{'s' if count != 1 else ''}.")
-    lines.append(_fix_hint(strict))
+    lines.append(_fix_hint(strict, naming))
     return ConversionError(
         "\n".join(lines),
         missing=tuple(missing),
@@ -384,19 +446,42 @@ def export_flax(
     - `ConversionError`: when the model has layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
     """
-    pairing = pair(model, mapping)
-    if pairing.problems:
-        raise _error(type(model).__name__, True, [], [], [], [], pairing.problems)
     variables: dict[str, dict] = {}
-    for entry in pairing.entries:
-        if _under(entry.flax_path, pairing.ignored):
-            continue
-        leaf = np.asarray(_target(entry, model, state))
+    for path, array in export_pairs(model, state, pair(model, mapping), LINEN).items():
         node = variables
-        for key in entry.flax_path[:-1]:
+        for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[entry.flax_path[-1]] = np.ascontiguousarray(entry.layout.to_flax(leaf))
+        node[path[-1]] = array
     return variables
+
+
+def export_pairs(
+    model: eqx.Module, state: eqx.nn.State, pairing: Pairing, naming: Naming
+) -> dict[tuple[str, ...], np.ndarray]:
+    """The engine under every `export_*`: each paired leaf in the other layout.
+
+    **Returns:**
+
+    `{path: numpy array}` in the model's order, scopes `mapping` ignores left out.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    """
+    if pairing.problems:
+        raise _error(
+            type(model).__name__, naming, True, [], [], [], [], pairing.problems
+        )
+    # `np.asarray(order="C")`, not `np.ascontiguousarray`, which makes a 0-d
+    # parameter 1-d.
+    return {
+        entry.path: np.asarray(
+            entry.layout.to_external(np.asarray(_target(entry, model, state))),
+            order="C",
+        )
+        for entry in pairing.entries
+        if not _under(entry.path, pairing.ignored, naming)
+    }
 
 
 @typecheck
@@ -430,11 +515,20 @@ def flax_paths(
     - `ConversionError`: when the model has layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
     """
-    pairing = pair(model, mapping)
+    return paths_of(pair(model, mapping), LINEN, type(model).__name__)
+
+
+def paths_of(pairing: Pairing, naming: Naming, model_name: str) -> dict[str, str]:
+    """The engine under every `*_paths`: each external name -> its Equinox leaf.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    """
     if pairing.problems:
-        raise _error(type(model).__name__, True, [], [], [], [], pairing.problems)
+        raise _error(model_name, naming, True, [], [], [], [], pairing.problems)
     return {
-        e.flax_name: e.eqx_name
+        e.name(naming.separator): e.eqx_name
         for e in pairing.entries
-        if not _under(e.flax_path, pairing.ignored)
+        if not _under(e.path, pairing.ignored, naming)
     }
