@@ -25,3 +25,8 @@ from .safetensors import (
     write_safetensors as write_safetensors,
 )
 from .torch import read_torch as read_torch
+from .torch_names import (
+    export_torch as export_torch,
+    load_torch as load_torch,
+    torch_paths as torch_paths,
+)
