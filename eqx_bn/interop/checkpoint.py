@@ -47,7 +47,7 @@ def read_checkpoint(
         return read_orbax(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no such checkpoint file or directory: {path!r}")
-    kind = _file_kind(path)
+    kind = checkpoint_kind(path)
     if kind == "torch":
         return read_torch(path)
     if kind == "safetensors":
@@ -55,7 +55,7 @@ def read_checkpoint(
     return read_msgpack(path, progress=progress)
 
 
-def _file_kind(path: str) -> str:
+def checkpoint_kind(path: str) -> str:
     """Which reader: `torch`, `safetensors` or `msgpack`, from the first bytes."""
     if path.endswith(".safetensors"):
         return "safetensors"

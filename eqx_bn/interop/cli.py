@@ -1,14 +1,16 @@
-"""`eqx-bn-convert` / `python -m eqx_bn.interop`: a Flax checkpoint -> an Equinox file.
+"""`eqx-bn-convert` / `python -m eqx_bn.interop`: a Flax or PyTorch checkpoint -> an
+Equinox file.
 
 ```
 python -m eqx_bn.interop CHECKPOINT OUTPUT --model my_models:make_resnet
 ```
 
-reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory), builds the model and
-its State with `my_models.make_resnet()` (which returns `(model, state)`, e.g. from
-`eqx.nn.make_with_state`), loads the Flax variables into them with
-`eqx_bn.interop.load_flax`, and writes `eqx.tree_serialise_leaves((model, state))` to
-`OUTPUT`. Read it back with
+reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory, or a PyTorch
+`torch.save` / `.safetensors` file holding a state_dict), builds the model and its
+State with `my_models.make_resnet()` (which returns `(model, state)`, e.g. from
+`eqx.nn.make_with_state`), loads the values into them with
+`eqx_bn.interop.load_flax` (or `load_torch`), and writes
+`eqx.tree_serialise_leaves((model, state))` to `OUTPUT`. Read it back with
 
 ```python
 model, state = eqx.tree_deserialise_leaves("OUTPUT", my_models.make_resnet())
@@ -28,9 +30,10 @@ import equinox as eqx
 import jax
 
 from .atomic import atomic_write
-from .checkpoint import read_checkpoint
+from .checkpoint import checkpoint_kind, read_checkpoint
 from .convert import ConversionError, load_flax
 from .errors import CheckpointError
+from .torch_names import load_torch
 
 # Files smaller than this are read without a progress bar: it would only flash.
 _PROGRESS_MIN_BYTES = 64 * 2**20
@@ -44,13 +47,16 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Convert a Flax checkpoint (a msgpack file or an Orbax directory) into "
+            "Convert a Flax checkpoint (a msgpack file or an Orbax directory) or a "
+            "PyTorch state_dict (torch.save or .safetensors file) into "
             "an Equinox model file written with eqx.tree_serialise_leaves. Load it "
             "with eqx.tree_deserialise_leaves(OUTPUT, factory())."
         ),
     )
     parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="Flax msgpack file or Orbax directory"
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="Flax msgpack file or Orbax directory, or PyTorch .pt/.safetensors file",
     )
     parser.add_argument("output", metavar="OUTPUT", help="the Equinox file to write")
     parser.add_argument(
@@ -214,14 +220,20 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
         f"read {args.checkpoint}: {len(arrays)} values, "
         f"{_size(sum(getattr(a, 'nbytes', 0) for a in arrays))}"
     )
-    model, state = load_flax(
-        model,
-        state,
-        variables,
-        strict=True,
-        ignore_extra=args.ignore_extra,
-        cast=args.cast,
-    )
+    if (
+        os.path.isfile(args.checkpoint)
+        and checkpoint_kind(args.checkpoint) != "msgpack"
+    ):
+        model, state = load_torch(model, state, variables, cast=args.cast)
+    else:
+        model, state = load_flax(
+            model,
+            state,
+            variables,
+            strict=True,
+            ignore_extra=args.ignore_extra,
+            cast=args.cast,
+        )
     say(f"loaded into {type(model).__name__}")
     try:
         with atomic_write(args.output) as f:
