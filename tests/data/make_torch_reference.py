@@ -16,10 +16,15 @@ It writes:
   of the mean cross-entropy for every parameter). Each quantity is computed in
   float64 (stored rounded to float32, the reference) and in float32; `err/...`
   holds the largest difference between the two, the rounding error of PyTorch's own
-  float32 computation, against which the tests measure eqx_bn's;
+  float32 computation, `round/...` how far float32 rounding at every layer moves
+  the float64 result (see `_Round`), and `terms/...` the size of the terms that
+  make each result (see `_term_sizes`): the tests measure eqx_bn's error against
+  these;
 - `batch_norm.npz`: `torch.nn.BatchNorm2d` (momentum 0.1) on a small batch, in
   float64 and float32 as above: output, running statistics and gradients, for the
   whole batch and for the examples a mask keeps;
+- `torchvision_keys.json`: the state_dict names, shapes and dtypes of
+  torchvision's `resnet18`, `resnet34` and `resnet50`;
 - `features.pt` and `features.npz`: a checkpoint dict exercising the reader
   (bfloat16, float16, float8, uint16, views with strides and offsets, a storage
   shared by several tensors, an `nn.Parameter`, nested plain values) and the
@@ -28,6 +33,7 @@ It writes:
 
 import collections
 import copy
+import json
 import pathlib
 
 import numpy as np
@@ -85,13 +91,116 @@ def _train_step(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict:
     return out
 
 
-def _with_error(f64: dict, f32: dict, prefix: str) -> dict:
-    """The float64 values as float32 references, and float32's error per entry."""
+def _with_error(f64: dict, f32: dict, prefix: str, rounded=(), terms=None) -> dict:
+    """The float64 values as float32 references, float32's error per entry, the
+    largest effect of modelled float32 rounding (see `_Round`) and the size of the
+    terms summed (see `_term_sizes`) per entry."""
     out = {}
     for k, ref in f64.items():
         out[f"{prefix}{k}"] = ref.astype(np.float32)
         out[f"{prefix}err/{k}"] = np.float64(np.max(np.abs(f32[k] - ref)))
+        if rounded:
+            spread = max(np.max(np.abs(r[k] - ref)) for r in rounded)
+            out[f"{prefix}round/{k}"] = np.float64(spread)
+        if terms is not None:
+            out[f"{prefix}terms/{k}"] = np.float64(terms[k])
     return out
+
+
+def _term_sizes(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict:
+    """For each result, the largest sum of the absolute values of the terms that a
+    float32 reduction adds up to make one of its elements (a logit, a running
+    statistic, a gradient entry). Rounding in such a sum costs a few float32
+    epsilons of it, however much the terms cancel: the gradient of a convolution
+    before a BatchNorm is often thousands of times smaller than its terms."""
+    net = copy.deepcopy(net).to(torch.float64)
+    seen: dict[str, list] = {}
+
+    def hook(name):
+        def save(module, inputs, output):
+            seen[name] = [inputs[0].detach()]
+            output.register_hook(lambda g: seen[name].append(g.detach()))
+            return output.clone()  # later in-place ops (relu, +=) act on the copy
+
+        return save
+
+    layers = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+    for name, m in net.named_modules():
+        if isinstance(m, layers):
+            m.register_forward_hook(hook(name))
+    out = {}
+    for mode in ("eval", "train"):
+        seen.clear()
+        net.train(mode == "train")
+        logits = net(x)
+        fc_in = seen["fc"][0].abs()
+        sizes = (fc_in @ net.fc.weight.abs().T + net.fc.bias.abs()).detach()
+        out[f"{mode}_logits"] = float(sizes.max())
+    net.zero_grad()
+    nn.functional.cross_entropy(logits, labels).backward()
+    for name, m in net.named_modules():
+        if not isinstance(m, layers):
+            continue
+        inp, grad = seen[name][0].abs(), seen[name][1].abs()
+        if isinstance(m, nn.Conv2d):
+            w = nn.grad.conv2d_weight(
+                inp, m.weight.shape, grad, m.stride, m.padding, m.dilation, m.groups
+            )
+            out[f"grad/{name}.weight"] = float(w.max())
+        elif isinstance(m, nn.Linear):
+            out[f"grad/{name}.weight"] = float((grad.T @ inp).max())
+            out[f"grad/{name}.bias"] = float(grad.sum(0).max())
+        else:
+            x_in = seen[name][0]
+            mean = x_in.mean((0, 2, 3), keepdim=True)
+            xhat = (x_in - mean) / (x_in.var((0, 2, 3), keepdim=True) + m.eps).sqrt()
+            out[f"grad/{name}.weight"] = float((grad * xhat.abs()).sum((0, 2, 3)).max())
+            out[f"grad/{name}.bias"] = float(grad.sum((0, 2, 3)).max())
+            old = (m.running_mean - 0.1 * mean.flatten()) / 0.9  # before the step
+            out[f"state/{name}.running_mean"] = float(
+                (0.9 * old.abs() + 0.1 * inp.mean((0, 2, 3))).max()
+            )
+            out[f"state/{name}.running_var"] = float(m.running_var.abs().max())
+    return out
+
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+class _Round(torch.autograd.Function):
+    """float32 rounding modelled in float64: a random relative error of up to
+    float32's epsilon on a layer's output, and again on its gradient going back.
+
+    PyTorch's CPU kernels accumulate BatchNorm's sums (forward and backward) in
+    float64, so its float32 error says little about how accurate a float32
+    computation can be. How far the float64 result moves under these rounding
+    errors at every layer does: a computation is "correct within float32 rounding"
+    when its error is of that size.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * (1 + EPS32 * (2 * torch.rand_like(x) - 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1 + EPS32 * (2 * torch.rand_like(grad) - 1))
+
+
+def _rounded_copy(net: nn.Module) -> nn.Module:
+    net = copy.deepcopy(net).to(torch.float64)
+    for m in net.modules():
+        if not list(m.children()):
+            m.register_forward_hook(lambda mod, inp, out: _Round.apply(out))
+    return net
+
+
+def _results(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict:
+    net.eval()
+    with torch.no_grad():
+        res = {"eval_logits": _numpy(net(x))}
+    res.update(_train_step(net, x, labels))
+    return res
 
 
 def narrow_nets(gen: torch.Generator) -> dict:
@@ -110,10 +219,10 @@ def narrow_nets(gen: torch.Generator) -> dict:
                     m.bias.uniform_(-0.3, 0.3, generator=gen)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         for _ in range(2):
-            x = torch.randn(8, 3, 24, 24, generator=gen)
-            labels = torch.randint(0, NUM_CLASSES, (8,), generator=gen)
+            batch = torch.randn(8, 3, 24, 24, generator=gen)
+            targets = torch.randint(0, NUM_CLASSES, (8,), generator=gen)
             opt.zero_grad()
-            nn.functional.cross_entropy(net(x), labels).backward()
+            nn.functional.cross_entropy(net(batch), targets).backward()
             opt.step()
         state_dict = net.state_dict()
         torch.save(state_dict, OUT / f"narrow_{name}.pt")
@@ -126,13 +235,20 @@ def narrow_nets(gen: torch.Generator) -> dict:
         results = {}
         for dtype in (torch.float64, torch.float32):
             copied = copy.deepcopy(net).to(dtype)
-            copied.eval()
-            with torch.no_grad():
-                res = {"eval_logits": _numpy(copied(x.to(dtype)))}
-            res.update(_train_step(copied, x.to(dtype), labels))
-            results[dtype] = res
+            results[dtype] = _results(copied, x.to(dtype), labels)
+        rounded = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            rounded.append(_results(_rounded_copy(net), x.double(), labels))
+        terms = _term_sizes(net, x.double(), labels)
         arrays.update(
-            _with_error(results[torch.float64], results[torch.float32], f"{name}/")
+            _with_error(
+                results[torch.float64],
+                results[torch.float32],
+                f"{name}/",
+                rounded,
+                terms,
+            )
         )
     return arrays
 
@@ -216,12 +332,25 @@ def features(gen: torch.Generator) -> dict:
     return expected
 
 
+def torchvision_keys() -> dict:
+    out = {}
+    for name in ("resnet18", "resnet34", "resnet50"):
+        net = getattr(torchvision.models, name)()
+        out[name] = {
+            k: [list(v.shape), str(v.dtype).removeprefix("torch.")]
+            for k, v in net.state_dict().items()
+        }
+    return out
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     np.savez(OUT / "narrow_reference.npz", **narrow_nets(gen))
     np.savez(OUT / "batch_norm.npz", **batch_norm(gen))
     np.savez(OUT / "features.npz", **features(gen))
+    with open(OUT / "torchvision_keys.json", "w") as f:
+        json.dump(torchvision_keys(), f, indent=0)
     for path in sorted(OUT.iterdir()):
         print(f"{path.name}: {path.stat().st_size / 1024:.1f} KiB")
 
