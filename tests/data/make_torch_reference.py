@@ -34,6 +34,7 @@ It writes:
 import collections
 import copy
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -168,8 +169,8 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 class _Round(torch.autograd.Function):
-    """float32 rounding modelled in float64: a random relative error of up to
-    float32's epsilon on a layer's output, and again on its gradient going back.
+    """float32 rounding modelled in float64: the given error on a layer's output,
+    and a random relative error of `scale` on its gradient going back.
 
     PyTorch's CPU kernels accumulate BatchNorm's sums (forward and backward) in
     float64, so its float32 error says little about how accurate a float32
@@ -179,19 +180,47 @@ class _Round(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x):
-        return x * (1 + EPS32 * (2 * torch.rand_like(x) - 1))
+    def forward(ctx, x, noise, scale):
+        ctx.scale = scale
+        return x + noise
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * (1 + EPS32 * (2 * torch.rand_like(grad) - 1))
+        noise = ctx.scale * (2 * torch.rand_like(grad) - 1)
+        return grad * (1 + noise), None, None
+
+
+def _rounding(module: nn.Module, inputs: tuple, output: torch.Tensor):
+    """A forward hook: the typical rounding error of a float32 layer, `sqrt(K)`
+    epsilons of the sum of the absolute values of the `K` terms of each output of
+    a convolution or linear layer, one epsilon of the others' outputs."""
+    x = inputs[0]
+    if isinstance(module, nn.Conv2d):
+        k = module.in_channels // module.groups * math.prod(module.kernel_size)
+        size = nn.functional.conv2d(
+            x.abs(),
+            module.weight.abs(),
+            None,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+        )
+    elif isinstance(module, nn.Linear):
+        k = module.in_features
+        size = x.abs() @ module.weight.abs().T + module.bias.abs()
+    else:
+        k, size = 1, output.abs()
+    scale = EPS32 * math.sqrt(k)
+    noise = scale * size.detach() * (2 * torch.rand_like(output) - 1)
+    return _Round.apply(output, noise, scale)
 
 
 def _rounded_copy(net: nn.Module) -> nn.Module:
     net = copy.deepcopy(net).to(torch.float64)
     for m in net.modules():
         if not list(m.children()):
-            m.register_forward_hook(lambda mod, inp, out: _Round.apply(out))
+            m.register_forward_hook(_rounding)
     return net
 
 
