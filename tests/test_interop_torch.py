@@ -9,6 +9,7 @@ exact. That is "equal to PyTorch within float32 rounding", without assuming whic
 float32 rounding order is the right one.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -740,6 +741,7 @@ print("ok")
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_cli_converts_a_torch_checkpoint(tmp_path):
     factory = tmp_path / "narrow.py"
     factory.write_text(
@@ -764,3 +766,41 @@ def test_cli_converts_a_torch_checkpoint(tmp_path):
     np.testing.assert_array_equal(
         state.get(model.bn1.state_index).var, sd["bn1.running_var"]
     )
+
+
+def _load_example():
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples"
+    spec = importlib.util.spec_from_file_location(
+        "torch_to_equinox", path / "torch_to_equinox.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_torch_to_equinox_example_without_torch(tmp_path, monkeypatch):
+    """The example's --smoke run on the recorded checkpoint, without torch: what it
+    saves loads back into the same model, for Equinox and through safetensors."""
+    example = _load_example()
+    # As if torch were not installed. (Not through sys.modules: scikit-learn's
+    # scipy looks torch up there.)
+    monkeypatch.setattr(example, "torch", None)
+    out = example.main(["--smoke", "--out", str(tmp_path)])
+    assert out["source"] == str(DATA / "narrow_basic.pt")
+    assert out["steps"] == 5 and out["torch_diff"] is None
+    model, state = eqx.nn.make_with_state(TorchResNet)(
+        "basic", (1, 1, 1, 1), 10, width=2, key=jax.random.key(1)
+    )
+    saved, saved_state = eqx.tree_deserialise_leaves(out["eqx_path"], (model, state))
+    exported = read_safetensors(out["safetensors_path"])
+    assert int(exported["bn1.num_batches_tracked"]) == 5
+    again, again_state = load_torch(model, state, exported)
+    for a, b in zip(
+        jax.tree.leaves((saved, saved_state)), jax.tree.leaves((again, again_state))
+    ):
+        np.testing.assert_array_equal(a, b)
+    # The backbone came from the checkpoint and was fine-tuned from there.
+    original = read_torch(DATA / "narrow_basic.pt")
+    assert not np.array_equal(saved.conv1.weight, original["conv1.weight"])
+    np.testing.assert_allclose(saved.conv1.weight, original["conv1.weight"], atol=0.05)

@@ -194,3 +194,13 @@ def test_batch_norm_one_value_per_channel_like_torch():
     )
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn(jnp.ones((1, 2, 1, 1)), st)
+
+
+def test_torch_to_equinox_example_with_torch(tmp_path):
+    """With torch, the example makes its checkpoint with torchvision's classes, and
+    torch reproduces the fine-tuned model's logits from the exported file."""
+    from test_interop_torch import _load_example
+
+    out = _load_example().main(["--smoke", "--out", str(tmp_path)])
+    assert out["source"] == str(tmp_path / "torch_resnet.pt")
+    assert out["torch_diff"] is not None and out["torch_diff"] < 1e-4
