@@ -156,7 +156,9 @@ def _decode(data: memoryview, origin: str) -> dict[str, np.ndarray]:
             f"{len(body)} (truncated, or bytes appended?)"
         )
     out = {}
-    for name, (dtype, shape, begin, end) in entries.items():
+    # By name, as the `safetensors` package lists them (the file orders them by
+    # dtype size for alignment).
+    for name, (dtype, shape, begin, end) in sorted(entries.items()):
         array = np.frombuffer(body[begin:end], dtype=dtype.newbyteorder("<"))
         array = array.astype(dtype, copy=False).reshape(shape)
         array.flags.writeable = False
@@ -174,7 +176,7 @@ def read_safetensors(source: str | os.PathLike | bytes | bytearray) -> dict[str,
 
     **Returns:**
 
-    `{name: array}`, flat, as stored (e.g. `"layer1.0.bn1.running_var"`): read-only
+    `{name: array}`, flat, sorted by name (e.g. `"layer1.0.bn1.running_var"`): read-only
     numpy arrays of the stored dtype (`BF16` and the float8 types as `ml_dtypes`).
     The header's `__metadata__` is not returned.
 
