@@ -467,6 +467,20 @@ def test_unpickler_accepts_only_tensor_globals(tmp_path, pickle_bytes, message):
         read_torch(path)
 
 
+def test_pickle_cannot_change_what_names_resolve_to(tmp_path):
+    """BUILD (setting attributes) on a resolved name is refused, so one file cannot
+    change how the next one is read (here: FloatStorage's dtype)."""
+    evil = b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeK\x01sb."
+    with pytest.raises(CheckpointError, match="sets attributes on torch.FloatStorage"):
+        read_torch(_torch_zip(tmp_path / "evil.pt", evil))
+    evil = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x01\x00\x00\x00aK\x01sb."
+    with pytest.raises(CheckpointError, match="sets attributes"):
+        read_torch(_torch_zip(tmp_path / "evil2.pt", evil))
+    data = np.arange(4, dtype=np.float32).tobytes()
+    ok = _torch_zip(tmp_path / "ok.pt", _tensor_pickle(), {"0": data})
+    np.testing.assert_array_equal(read_torch(ok)["w"], [[0, 1], [2, 3]])
+
+
 def _tensor_pickle(
     storage_type=b"FloatStorage", numel=4, size=(2, 2), stride=(2, 1), bare=False
 ):

@@ -80,21 +80,57 @@ _MAX_DEPTH = 100
 _LEGACY_TORCH = b"\x80\x02\x8a"
 
 
-class _StorageType:
-    """What a storage class name in the pickle resolves to: its element dtype
-    (`None` for `torch.storage.UntypedStorage`, which holds bytes)."""
+class _Resolved:
+    """What a name in the pickle resolves to. Shared by every read, so it must not
+    be changed by one: pickle's BUILD opcode (which sets attributes) is refused."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise CheckpointError(f"the pickle sets attributes on {self!r}")
+
+
+class _StorageType(_Resolved):
+    """A storage class name: its element dtype (`None` for
+    `torch.storage.UntypedStorage`, which holds bytes)."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype: np.dtype | None):
         self.name = name
         self.dtype = dtype
 
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
 
-class _TorchDtype:
-    """What `torch.float32` and the other dtype names resolve to."""
+
+class _TorchDtype(_Resolved):
+    """`torch.float32` and the other dtype names."""
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str):
         self.name = name
         self.dtype = _TORCH_DTYPES[name]
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _Function(_Resolved):
+    """A rebuild function of `torch._utils`, implemented here."""
+
+    __slots__ = ("name", "function")
+
+    def __init__(self, name: str, function: Any):
+        self.name = name
+        self.function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"torch._utils.{self.name}"
 
 
 class _Storage:
@@ -214,10 +250,15 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
 
 _GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): _StateDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    **{
+        ("torch._utils", name): _Function(name, function)
+        for name, function in (
+            ("_rebuild_tensor_v2", _rebuild_tensor_v2),
+            ("_rebuild_tensor_v3", _rebuild_tensor_v3),
+            ("_rebuild_parameter", _rebuild_parameter),
+            ("_rebuild_parameter_with_state", _rebuild_parameter),
+        )
+    },
     ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None),
     **{("torch", n): _StorageType(n, d) for n, d in _STORAGE_TYPES.items()},
     **{("torch", n): _TorchDtype(n) for n in _TORCH_DTYPES},
