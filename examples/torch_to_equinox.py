@@ -126,10 +126,20 @@ def main(argv=None) -> dict:
         # 2. Read it without torch and convert it; the head is replaced.
         state_dict = read_torch(source)
         width = state_dict["conv1.weight"].shape[0]
-        model, state = eqx.nn.make_with_state(TorchResNet)(
-            "basic", LAYERS, 10, width=width, key=jax.random.key(0)
+        key_head, key = jax.random.split(jax.random.key(0))
+        # Built abstractly (no random initialisation): the checkpoint fills it ...
+        model, state = eqx.filter_eval_shape(
+            eqx.nn.make_with_state(TorchResNet),
+            "basic",
+            LAYERS,
+            10,
+            width=width,
+            key=key,
         )
+        # ... except the head, which is left out and replaced by a new one.
         model, state = load_torch(model, state, state_dict, mapping={"fc": None})
+        head = eqx.nn.Linear(model.fc.in_features, 10, key=key_head)
+        model = eqx.tree_at(lambda m: m.fc, model, head)
         print(
             f"loaded {len(state_dict)} entries into {type(model).__name__} "
             f"(width={width}); new 10-class head"
