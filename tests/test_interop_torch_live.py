@@ -144,10 +144,9 @@ def test_train_step_equals_torch(case):
     )
 
 
+@pytest.mark.parametrize("case", ["resnet18"], indirect=True)
 def test_channels_last_model_equals_torch(case):
     name, net, refs, *_, from_pt, from_st, model, state = case
-    if name != "resnet18":
-        pytest.skip("one architecture is enough for the layout")
     model, state = eqx.filter_eval_shape(
         eqx.nn.make_with_state(TorchResNet18),
         NUM_CLASSES,
@@ -204,3 +203,21 @@ def test_torch_to_equinox_example_with_torch(tmp_path):
     out = _load_example().main(["--smoke", "--out", str(tmp_path)])
     assert out["source"] == str(tmp_path / "torch_resnet.pt")
     assert out["torch_diff"] is not None and out["torch_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("case", ["resnet18"], indirect=True)
+def test_load_torch_takes_torch_tensors(case):
+    """A state_dict of torch tensors (parameters requiring grad, bfloat16) loads
+    as its numpy form does."""
+    name, net, refs, *_, from_pt, from_st, model, state = case
+    params = dict(net.named_parameters())  # requires_grad=True
+    buffers = dict(net.named_buffers())
+    loaded, _ = load_torch(model, state, {**params, **buffers})
+    np.testing.assert_array_equal(loaded.fc.weight, from_pt["fc.weight"])
+    half = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in net.state_dict().items()
+    }
+    loaded, _ = load_torch(model, state, half, cast=True)
+    want = half["layer1.0.conv1.weight"].float().numpy()
+    np.testing.assert_array_equal(loaded.layer1[0].conv1.weight, want)

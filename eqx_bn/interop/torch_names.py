@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
+import ml_dtypes
 import numpy as np
 
 from .._batch_norm import BatchNorm
@@ -109,8 +110,6 @@ def _as_numpy(value: Any) -> Any:
         torch = sys.modules["torch"]
         tensor = value.detach().cpu()
         if tensor.dtype == torch.bfloat16:
-            import ml_dtypes
-
             return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return tensor.numpy()
     return value
