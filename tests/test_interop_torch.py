@@ -568,6 +568,36 @@ def test_corrupt_torch_files(tmp_path):
         read_torch(tensor_only)
 
 
+@pytest.mark.parametrize("file", ["features.pt", "narrow_basic.safetensors"])
+def test_mangled_files_give_checkpoint_errors(tmp_path, file):
+    """Random byte changes, cuts and insertions: a CheckpointError or a result,
+    never another exception."""
+    raw = (DATA / file).read_bytes()
+    read = read_torch if file.endswith(".pt") else read_safetensors
+    rng = np.random.default_rng(0)
+    path = tmp_path / file
+    errors = 0
+    for _ in range(1000):
+        data = bytearray(raw)
+        kind = rng.integers(3)
+        if kind == 0:
+            for at in rng.integers(len(data), size=rng.integers(1, 4)):
+                data[at] = int(rng.integers(256))
+        elif kind == 1:
+            data = data[: rng.integers(len(data))]
+        else:
+            at = rng.integers(len(data))
+            data[at:at] = (
+                rng.integers(0, 256, rng.integers(1, 9)).astype(np.uint8).tobytes()
+            )
+        path.write_bytes(bytes(data))
+        try:
+            read(path)
+        except CheckpointError:
+            errors += 1
+    assert errors > 500  # most mangled files are caught
+
+
 def _safetensors(header, body=b"", length=None):
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw) if length is None else length) + raw + body

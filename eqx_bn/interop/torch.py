@@ -20,7 +20,9 @@ that build numpy arrays; any other name is refused before anything is called.
 import math
 import os
 import pickle
+import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from typing import Any
 
@@ -430,7 +432,9 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
                 tree = unpickler.load()
     except CheckpointError as e:
         raise CheckpointError(f"{origin}: {e}") from None
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, NotImplementedError, zlib.error) as e:
+        # NotImplementedError: a corrupt header names a zip feature or compression
+        # method that zipfile does not have (torch.save stores records uncompressed).
         raise CheckpointError(
             f"{origin} is truncated or corrupt: not a readable zip archive ({e}); "
             "was the write interrupted?"
@@ -448,6 +452,8 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
         OSError,
         RecursionError,
         MemoryError,
+        OverflowError,
+        struct.error,
     ) as e:
         raise CheckpointError(
             f"{origin}: cannot be read ({type(e).__name__}: {e})"
