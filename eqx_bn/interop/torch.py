@@ -135,8 +135,10 @@ class _Function(_Resolved):
         return f"torch._utils.{self.name}"
 
 
-class _Storage:
+class _Storage(_Resolved):
     """One storage: its bytes, read from `data/<key>` when the pickle names it."""
+
+    __slots__ = ("key", "data", "dtype")
 
     def __init__(self, key: str, data: bytes, dtype: np.dtype | None):
         self.key = key
@@ -144,7 +146,7 @@ class _Storage:
         self.dtype = dtype
 
 
-class _Tensor:
+class _Tensor(_Resolved):
     """A rebuilt tensor. Pickle's BUILD opcode on it is refused (a tensor has no
     state to set), so only the values computed here end up in the result."""
 
@@ -153,8 +155,8 @@ class _Tensor:
     def __init__(self, array: np.ndarray):
         self.array = array
 
-    def __setstate__(self, state: Any) -> None:
-        raise CheckpointError("the pickle sets attributes on a tensor")
+    def __repr__(self) -> str:
+        return "a tensor"
 
 
 class _StateDict(OrderedDict):
