@@ -313,15 +313,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return jnp.reshape(y, shape), state
 
         self._check_axes_bound()
-        if self.unbiased_running_var and mask is None:
-            n = self._replicas() * int(np.prod([x.shape[a] for a in axes]))
-            if n == 1:
-                raise ValueError(
-                    "BatchNorm(unbiased_running_var=True): expected more than 1 "
-                    f"value per channel in training, got x of shape {shape} (as "
-                    "PyTorch, the unbiased variance of one element is undefined). "
-                    "Train on a larger batch, or use inference mode."
-                )
         cfg = TrainConfig(
             reduction=Reduction(
                 axes,
@@ -334,6 +325,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
             stat_dtype=self._stat_dtype(x),
             out_dtype=out_dtype,
         )
+        if self.unbiased_running_var and mask is None:
+            n = self._replicas() * int(np.prod([x.shape[a] for a in axes]))
+            if n == 1:
+                raise ValueError(
+                    "BatchNorm(unbiased_running_var=True): expected more than 1 "
+                    f"value per channel in training, got x of shape {shape} (as "
+                    "PyTorch, the unbiased variance of one element is undefined). "
+                    "Train on a larger batch, or use inference mode."
+                )
         try:
             y, stats = train_normalize(cfg, x, mask, self.scale, self.bias)
         except (NotImplementedError, AssertionError, ValueError) as err:
