@@ -1,8 +1,7 @@
-"""Flax and PyTorch checkpoints for Equinox models: read/write Flax's msgpack and
-Orbax formats, PyTorch's `torch.save` files and safetensors, and convert between them
-and an `eqx_bn` model with its `eqx.nn.State`.
+"""Flax checkpoints for Equinox models: read/write Flax's msgpack and Orbax formats,
+and convert between Flax variables and an `eqx_bn` model with its `eqx.nn.State`.
 
-Nothing here imports Flax or torch.
+Nothing here imports Flax.
 """
 
 from .checkpoint import read_checkpoint as read_checkpoint

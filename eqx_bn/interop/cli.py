@@ -1,16 +1,14 @@
-"""`eqx-bn-convert` / `python -m eqx_bn.interop`: a Flax or PyTorch checkpoint -> an
-Equinox file.
+"""`eqx-bn-convert` / `python -m eqx_bn.interop`: a Flax checkpoint -> an Equinox file.
 
 ```
 python -m eqx_bn.interop CHECKPOINT OUTPUT --model my_models:make_resnet
 ```
 
-reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory, or a PyTorch
-`torch.save` / `.safetensors` file holding a state_dict), builds the model and its
-State with `my_models.make_resnet()` (which returns `(model, state)`, e.g. from
-`eqx.nn.make_with_state`), loads the values into them with
-`eqx_bn.interop.load_flax` (or `load_torch`), and writes
-`eqx.tree_serialise_leaves((model, state))` to `OUTPUT`. Read it back with
+reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory), builds the model and
+its State with `my_models.make_resnet()` (which returns `(model, state)`, e.g. from
+`eqx.nn.make_with_state`), loads the Flax variables into them with
+`eqx_bn.interop.load_flax`, and writes `eqx.tree_serialise_leaves((model, state))` to
+`OUTPUT`. Read it back with
 
 ```python
 model, state = eqx.tree_deserialise_leaves("OUTPUT", my_models.make_resnet())
@@ -47,8 +45,7 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Convert a Flax checkpoint (a msgpack file or an Orbax directory) or a "
-            "PyTorch state_dict (torch.save or .safetensors file) into "
+            "Convert a Flax checkpoint (a msgpack file or an Orbax directory) into "
             "an Equinox model file written with eqx.tree_serialise_leaves. Load it "
             "with eqx.tree_deserialise_leaves(OUTPUT, factory())."
         ),
