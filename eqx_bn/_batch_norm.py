@@ -157,6 +157,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     use_fast_variance: bool = eqx.field(static=True)
     force_float32_reductions: bool = eqx.field(static=True)
     channels_last: bool = eqx.field(static=True)
+    unbiased_running_var: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -174,6 +175,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         force_float32_reductions: bool = True,
         axis_index_groups: AxisIndexGroups | None = None,
         channels_last: bool = False,
+        unbiased_running_var: bool = False,
         bias_init: Initializer = jax.nn.initializers.zeros,
         scale_init: Initializer = jax.nn.initializers.ones,
         key: PRNGKeyArray | None = None,
@@ -203,6 +205,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
             layout (`axis=-1`). XLA's CPU and GPU convolutions work channels last,
             so a network whose convolutions are channels last avoids a transpose
             around each of them.
+        - `unbiased_running_var`: update the running variance with the unbiased
+            batch variance, $\frac{n}{n-1}$ times the biased one ($n$ valid
+            elements per channel, over the batch, the spatial axes and every named
+            axis), as PyTorch's `BatchNorm` does; the output still uses the biased
+            one. With `momentum=0.9` (PyTorch's `momentum=0.1`) a training step
+            then gives `torch.nn.BatchNorm2d`'s outputs and running statistics.
+            As PyTorch, training on one element per channel is refused; a mask
+            that leaves one element keeps that channel's running variance.
         - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
         - `key`: passed to the initialisers; only needed when they are random.
 
@@ -238,6 +248,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.use_fast_variance = use_fast_variance
         self.force_float32_reductions = force_float32_reductions
         self.channels_last = bool(channels_last)
+        self.unbiased_running_var = bool(unbiased_running_var)
 
     @property
     def use_bias(self) -> bool:
@@ -335,6 +346,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
             stat_dtype=self._stat_dtype(x),
             out_dtype=out_dtype,
         )
+        if self.unbiased_running_var and mask is None:
+            n = self._replicas() * int(np.prod([x.shape[a] for a in axes]))
+            if n == 1:
+                raise ValueError(
+                    "BatchNorm(unbiased_running_var=True): expected more than 1 "
+                    f"value per channel in training, got x of shape {shape} (as "
+                    "PyTorch, the unbiased variance of one element is undefined). "
+                    "Train on a larger batch, or use inference mode."
+                )
         try:
             y, stats = train_normalize(cfg, x, mask, self.scale, self.bias)
         except (NotImplementedError, AssertionError, ValueError) as err:
@@ -393,12 +413,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         finite = jnp.isfinite(stats.mean) & jnp.isfinite(stats.var)
         has_data = (stats.count > 0) & finite
+        batch_var, var_ok = stats.var, has_data
+        if self.unbiased_running_var:
+            # PyTorch's running variance: unbiased, undefined for one element.
+            n = stats.count
+            batch_var = stats.var * (n / jnp.maximum(n - 1, jnp.ones_like(n)))
+            var_ok = has_data & (n > 1)
         new = []
-        for old, batch in ((running.mean, stats.mean), (running.var, stats.var)):
+        for old, batch, ok in (
+            (running.mean, stats.mean, has_data),
+            (running.var, batch_var, var_ok),
+        ):
             decayed = self.momentum * old
             # Standard promotion happens at the sum, as in Flax's expression.
             avg = decayed + ((1 - self.momentum) * batch).astype(decayed.dtype)
-            new.append(jnp.where(has_data, avg, old).astype(old.dtype))
+            new.append(jnp.where(ok, avg, old).astype(old.dtype))
         return RunningStats(*new)
 
     def _running_dtype(self) -> np.dtype:

@@ -1,8 +1,9 @@
-"""Flax checkpoints for Equinox models: read/write Flax's msgpack and Orbax formats,
-and convert between Flax variables (linen) or state (NNX) and an `eqx_bn` model with
-its `eqx.nn.State`.
+"""Flax and PyTorch checkpoints for Equinox models: read/write Flax's msgpack and
+Orbax formats, `torch.save` files and safetensors, and convert between Flax variables
+(linen), Flax NNX state or a PyTorch state_dict and an `eqx_bn` model with its
+`eqx.nn.State`.
 
-Nothing here imports Flax.
+Nothing here imports Flax or torch.
 """
 
 from .checkpoint import read_checkpoint as read_checkpoint
@@ -20,3 +21,14 @@ from .msgpack import (
 )
 from .nnx import export_nnx as export_nnx, nnx_paths as nnx_paths
 from .orbax import read_orbax as read_orbax, write_orbax as write_orbax
+from .safetensors import (
+    read_safetensors as read_safetensors,
+    to_safetensors_bytes as to_safetensors_bytes,
+    write_safetensors as write_safetensors,
+)
+from .torch import read_torch as read_torch
+from .torch_names import (
+    export_torch as export_torch,
+    load_torch as load_torch,
+    torch_paths as torch_paths,
+)

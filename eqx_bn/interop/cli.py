@@ -1,14 +1,15 @@
-"""`eqx-bn-convert` / `python -m eqx_bn.interop`: a Flax checkpoint -> an Equinox file.
+"""`eqx-bn-convert` / `python -m eqx_bn.interop`: a Flax or PyTorch checkpoint -> an
+Equinox file.
 
 ```
 python -m eqx_bn.interop CHECKPOINT OUTPUT --model my_models:make_resnet
 ```
 
 reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory, holding linen
-variables or NNX state), builds the model and its State with
-`my_models.make_resnet()` (which returns `(model, state)`, e.g. from
-`eqx.nn.make_with_state`), loads the checkpoint into them with
-`eqx_bn.interop.load_flax`, and writes `eqx.tree_serialise_leaves((model, state))` to
+variables or NNX state; or a PyTorch `torch.save` / `.safetensors` state_dict),
+builds the model and its State with `my_models.make_resnet()` (which returns
+`(model, state)`, e.g. from `eqx.nn.make_with_state`), loads the checkpoint into
+them with `eqx_bn.interop.load_flax` (or `load_torch`), and writes `eqx.tree_serialise_leaves((model, state))` to
 `OUTPUT`. Read it back with
 
 ```python
@@ -29,9 +30,10 @@ import equinox as eqx
 import jax
 
 from .atomic import atomic_write
-from .checkpoint import read_checkpoint
+from .checkpoint import checkpoint_kind, read_checkpoint
 from .convert import ConversionError, load_flax
 from .errors import CheckpointError
+from .torch_names import load_torch
 
 # Files smaller than this are read without a progress bar: it would only flash.
 _PROGRESS_MIN_BYTES = 64 * 2**20
@@ -52,7 +54,9 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="Flax msgpack file or Orbax directory"
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="Flax msgpack file or Orbax directory, or PyTorch .pt/.safetensors file",
     )
     parser.add_argument("output", metavar="OUTPUT", help="the Equinox file to write")
     parser.add_argument(
@@ -223,15 +227,21 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
         f"read {args.checkpoint}: {len(arrays)} values, "
         f"{_size(sum(getattr(a, 'nbytes', 0) for a in arrays))}"
     )
-    model, state = load_flax(
-        model,
-        state,
-        variables,
-        strict=True,
-        ignore_extra=args.ignore_extra,
-        cast=args.cast,
-        layout=args.layout,
-    )
+    if (
+        os.path.isfile(args.checkpoint)
+        and checkpoint_kind(args.checkpoint) != "msgpack"
+    ):
+        model, state = load_torch(model, state, variables, cast=args.cast)
+    else:
+        model, state = load_flax(
+            model,
+            state,
+            variables,
+            strict=True,
+            ignore_extra=args.ignore_extra,
+            cast=args.cast,
+            layout=args.layout,
+        )
     say(f"loaded into {type(model).__name__}")
     try:
         with atomic_write(args.output) as f:

@@ -1,4 +1,5 @@
-"""Equinox models that mirror common Flax models, for conversion and examples."""
+"""Equinox models that mirror common Flax and torchvision models, for conversion
+and examples."""
 
 from ._layout import channels_last_conv as channels_last_conv
 from .mlp import SeedMLP as SeedMLP
@@ -7,4 +8,12 @@ from .resnet import (
     ResNet18 as ResNet18,
     ResNet34 as ResNet34,
     ResNetBlock as ResNetBlock,
+)
+from .torchvision_resnet import (
+    BasicBlock as BasicBlock,
+    Bottleneck as Bottleneck,
+    TorchResNet as TorchResNet,
+    TorchResNet18 as TorchResNet18,
+    TorchResNet34 as TorchResNet34,
+    TorchResNet50 as TorchResNet50,
 )

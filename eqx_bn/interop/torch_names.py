@@ -1,0 +1,321 @@
+"""PyTorch `state_dict` names <-> an Equinox model and its State.
+
+PyTorch names a variable by the attribute path of its module, joined with dots:
+`layer1.0.bn1.running_var`, `downsample.0.weight`, `fc.bias`. The `TORCH` naming
+pairs these with the model's fields by name (list and tuple items by index, an
+`eqx.nn.Sequential`'s layers by index directly, as `nn.Sequential`'s), and the
+rules here say what each layer kind holds in PyTorch:
+
+- `nn.Conv*d` <-> `eqx.nn.Conv*`: the weight is `(out, in / groups, *kernel)` on
+  both sides; the bias `(out,)` is `(out, 1, ..., 1)` in Equinox;
+- `nn.Linear` <-> `eqx.nn.Linear`: identical (`(out, in)`, `(out,)`);
+- `nn.BatchNorm*d` <-> `eqx_bn.BatchNorm`: `weight`/`bias` <-> `scale`/`bias`,
+  `running_mean`/`running_var` <-> the State; `num_batches_tracked` is accepted on
+  load and written back on export;
+- `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`, `nn.Embedding`: `weight`/`bias`;
+- a plain array field of a custom module <-> an `nn.Parameter` of that name.
+
+The check-and-build engine is `convert.load_pairs` / `export_pairs`, shared with
+Flax: the same strictness and the one `ConversionError` listing every problem.
+"""
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import ml_dtypes
+import numpy as np
+
+from .._batch_norm import BatchNorm
+from .._typing import typecheck
+from .convert import ConversionError, export_pairs, load_pairs, paths_of
+from .layers import IDENTITY, VECTOR, Layout, Rule, Slot, parameter_slots
+from .paths import NameMapping, Naming, Pairing, pair
+
+TORCH_NAME = "torch_name"
+"""The `eqx.field` metadata key with which a field declares its PyTorch name."""
+
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+
+LINEAR_WEIGHT = Layout(
+    "Linear weight (out, in) <-> Equinox (out, in), or (in,) for a scalar output",
+    external_shape=lambda shape: shape if len(shape) == 2 else (1, *shape),
+    to_eqx=lambda a, shape: np.reshape(a, shape),
+    to_external=lambda a: a if a.ndim == 2 else np.reshape(a, (1, *a.shape)),
+)
+"""`eqx.nn.Linear(..., out_features="scalar")` keeps its weight as `(in,)`."""
+
+
+def _params(layer: eqx.Module, pairs: tuple[tuple[str, str, Layout], ...]):
+    return parameter_slots(layer, pairs, collection=None)
+
+
+def _batch_norm(layer: BatchNorm) -> list[Slot]:
+    return _params(
+        layer, (("weight", "scale", IDENTITY), ("bias", "bias", IDENTITY))
+    ) + [
+        Slot(None, "running_mean", "mean", IDENTITY, in_state=True),
+        Slot(None, "running_var", "var", IDENTITY, in_state=True),
+    ]
+
+
+def _linear(layer: eqx.nn.Linear) -> list[Slot]:
+    return _params(
+        layer, (("weight", "weight", LINEAR_WEIGHT), ("bias", "bias", VECTOR))
+    )
+
+
+def _conv(layer: eqx.nn.Conv) -> list[Slot]:
+    return _params(layer, (("weight", "weight", IDENTITY), ("bias", "bias", VECTOR)))
+
+
+def _weight_bias(layer: eqx.Module) -> list[Slot]:
+    return _params(layer, (("weight", "weight", IDENTITY), ("bias", "bias", IDENTITY)))
+
+
+TORCH_RULES: tuple[Rule, ...] = (
+    Rule(BatchNorm, "BatchNorm2d", _batch_norm),
+    Rule(eqx.nn.Linear, "Linear", _linear),
+    Rule(eqx.nn.Conv, "Conv2d", _conv),  # also Conv1d/2d/3d, which subclass it
+    Rule(eqx.nn.LayerNorm, "LayerNorm", _weight_bias),
+    Rule(eqx.nn.GroupNorm, "GroupNorm", _weight_bias),
+    Rule(eqx.nn.RMSNorm, "RMSNorm", _weight_bias),
+    Rule(eqx.nn.Embedding, "Embedding", _weight_bias),
+)
+"""The layer kinds converted automatically to and from PyTorch, first match wins."""
+
+TORCH = Naming(
+    framework="PyTorch",
+    source="PyTorch state_dict",
+    separator=".",
+    collections=(),
+    rules=TORCH_RULES,
+    numbered=False,
+    sequential=(),
+    metadata_key=TORCH_NAME,
+    paths_function="eqx_bn.interop.torch_paths",
+)
+"""PyTorch: dotted attribute paths, `nn.Sequential` layers by index."""
+
+
+def _batch_norm_scopes(pairing: Pairing) -> list[tuple[str, ...]]:
+    """The scopes of the model's BatchNorms (they hold `num_batches_tracked`)."""
+    return [e.path[:-1] for e in pairing.entries if e.state_field == "var"]
+
+
+def _as_numpy(value: Any) -> Any:
+    """A torch tensor as numpy, bfloat16 included, without importing torch."""
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        torch = sys.modules["torch"]
+        tensor = value.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+    return value
+
+
+def _flat_state_dict(state_dict: Mapping, prefix: str) -> dict[tuple[str, ...], Any]:
+    nested = sorted(str(k) for k, v in state_dict.items() if isinstance(v, Mapping))
+    if nested:
+        raise ConversionError(
+            "The PyTorch state_dict holds nested dicts under "
+            f"{', '.join(map(repr, nested))}: it looks like a whole training "
+            "checkpoint. Pass the model's state_dict alone, e.g. "
+            f"`checkpoint[{nested[0]!r}]`."
+        )
+    flat = {}
+    for key, value in state_dict.items():
+        key = str(key)
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix) :]
+        flat[tuple(key.split("."))] = _as_numpy(value)
+    if prefix and not flat:
+        raise ConversionError(
+            f"No key of the PyTorch state_dict starts with prefix={prefix!r}."
+        )
+    return flat
+
+
+def _prefix_hint(flat: Mapping[tuple[str, ...], Any], pairing: Pairing) -> str:
+    firsts = {path[0] for path in flat}
+    if len(firsts) == 1 and not any(e.path[0] in firsts for e in pairing.entries):
+        (first,) = firsts
+        return (
+            f" Every key starts with {first + '.'!r} (a model saved inside a "
+            f"wrapper, e.g. nn.DataParallel): pass prefix={first + '.'!r}."
+        )
+    return ""
+
+
+@typecheck
+def load_torch(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    state_dict: Mapping,
+    *,
+    mapping: NameMapping | None = None,
+    strict: bool = True,
+    cast: bool = False,
+    prefix: str = "",
+) -> tuple[eqx.Module, eqx.nn.State]:
+    """Loads a PyTorch `state_dict` into an Equinox model and its State.
+
+    The model gives the structure, shapes and dtypes; the state_dict gives the
+    values, paired by name: the field `model.layer1[0].bn1` is PyTorch's
+    `layer1.0.bn1`, an `eqx.nn.Sequential`'s layers are `0`, `1`, ... as in
+    `nn.Sequential`. A BatchNorm's `running_mean`/`running_var` go into the
+    State; its `num_batches_tracked` is accepted (and may be absent, as PyTorch
+    allows). torch is not needed: pass what [`eqx_bn.interop.read_torch`][] or
+    [`eqx_bn.interop.read_safetensors`][] returns, or torch tensors.
+
+    For PyTorch's numerics, the model's BatchNorms should be built with
+    `momentum=0.9` (PyTorch's `momentum=0.1`), `eps=1e-5` and
+    `unbiased_running_var=True`, as [`eqx_bn.models.TorchResNet`][]'s are.
+
+    !!! Example
+
+        ```python
+        state_dict = eqx_bn.interop.read_torch("resnet18.pth")
+        model, state = eqx.nn.make_with_state(eqx_bn.models.TorchResNet18)(key=key)
+        model, state = eqx_bn.interop.load_torch(model, state, state_dict)
+        ```
+
+    **Arguments:**
+
+    - `model`: the Equinox model; it is not modified.
+    - `state`: its `eqx.nn.State` (from `eqx.nn.make_with_state`); not modified.
+    - `state_dict`: `{"layer1.0.conv1.weight": array, ...}`, flat, as
+        `module.state_dict()` gives it (numpy or JAX arrays, or torch tensors).
+    - `mapping`: overrides of the pairing, `{dotted_scope: selector}`:
+        `{"classifier": lambda m: m.fc}`; `None` as selector leaves the scope out
+        on both sides (e.g. a new head). See `eqx_bn.interop.paths.pair`.
+    - `strict`: require every paired model leaf to be in the state_dict and every
+        entry of it to be used, as `load_state_dict(strict=True)`. With
+        `strict=False`, leaves without a value keep theirs and unused entries are
+        skipped; shapes and dtypes are still checked.
+    - `cast`: convert values whose dtype differs from the model's (e.g. a
+        bfloat16 or float16 checkpoint into a float32 model) instead of raising.
+    - `prefix`: read only the keys starting with it, without it (`"module."` for
+        a model saved inside `nn.DataParallel`, `"model."` for a Lightning one).
+
+    **Returns:**
+
+    `(model, state)`: new objects with exactly the original structure, shapes and
+    dtypes, holding the PyTorch values.
+
+    **Raises:**
+
+    - `ConversionError`: listing every missing, unexpected, mis-shaped or
+        mistyped entry (with its PyTorch name, the Equinox leaf, the expected and
+        the actual shape/dtype), and layers with no conversion rule; also for a
+        whole training checkpoint (`{"state_dict": ..., "epoch": ...}`) passed in
+        place of the state_dict.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    pairing = pair(model, mapping, TORCH)
+    flat = _flat_state_dict(state_dict, prefix)
+    for scope in _batch_norm_scopes(pairing):
+        flat.pop((*scope, NUM_BATCHES_TRACKED), None)
+    try:
+        return load_pairs(model, state, flat, pairing, TORCH, strict=strict, cast=cast)
+    except ConversionError as e:
+        hint = _prefix_hint(flat, pairing) if e.unexpected else ""
+        if not hint:
+            raise
+        raise ConversionError(
+            str(e) + hint,
+            missing=e.missing,
+            unexpected=e.unexpected,
+            mismatched=e.mismatched,
+            extra=e.extra,
+            unsupported=e.unsupported,
+        ) from None
+
+
+@typecheck
+def export_torch(
+    model: eqx.Module,
+    state: eqx.nn.State,
+    *,
+    mapping: NameMapping | None = None,
+    num_batches_tracked: int | None = 0,
+) -> dict[str, np.ndarray]:
+    """Writes an Equinox model and its State as a PyTorch `state_dict`.
+
+    The inverse of [`eqx_bn.interop.load_torch`][]. The result holds numpy arrays;
+    in PyTorch load it with
+    `module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})`, or
+    write it with [`eqx_bn.interop.write_safetensors`][] and read it with
+    `safetensors.torch.load_file`.
+
+    **Arguments:**
+
+    - `model`, `state`: as for `load_torch`.
+    - `mapping`: the same overrides as for `load_torch`.
+    - `num_batches_tracked`: the value written as every BatchNorm's
+        `num_batches_tracked` (an int64 scalar, as PyTorch keeps it): the number
+        of training steps taken, if PyTorch should know it (it only matters for
+        a PyTorch BatchNorm with `momentum=None`). `None` leaves the entries out;
+        `load_state_dict` then needs `strict=False`.
+
+    **Returns:**
+
+    `{"conv1.weight": array, ..., "bn1.num_batches_tracked": array(0), ...}` in
+    the model's order, PyTorch's shapes: writable numpy arrays of their own.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model,
+        or a negative `num_batches_tracked`.
+    """
+    if num_batches_tracked is not None and num_batches_tracked < 0:
+        raise ValueError(
+            "export_torch: num_batches_tracked must be >= 0, got "
+            f"{num_batches_tracked}."
+        )
+    pairing = pair(model, mapping, TORCH)
+    out = {}
+    for path, array in export_pairs(model, state, pairing, TORCH).items():
+        # Writable, so that `torch.from_numpy` takes it without a warning.
+        out[".".join(path)] = np.array(array)
+        if path[-1] == "running_var" and num_batches_tracked is not None:
+            scope = ".".join(path[:-1])
+            key = f"{scope}.{NUM_BATCHES_TRACKED}" if scope else NUM_BATCHES_TRACKED
+            out[key] = np.array(num_batches_tracked, dtype=np.int64)
+    return out
+
+
+@typecheck
+def torch_paths(
+    model: eqx.Module, *, mapping: NameMapping | None = None
+) -> dict[str, str]:
+    """The pairing `load_torch` and `export_torch` use, to read and debug it.
+
+    !!! Example
+
+        ```python
+        >>> eqx_bn.interop.torch_paths(model)
+        {'conv1.weight': 'model.conv1.weight', 'bn1.weight': 'model.bn1.scale', ...
+         'bn1.running_mean': 'state[model.bn1.state_index].mean', ...}
+        ```
+
+    **Arguments:**
+
+    - `model`: the Equinox model.
+    - `mapping`: overrides, as for `load_torch`.
+
+    **Returns:**
+
+    A dict from each PyTorch state_dict key (without `num_batches_tracked`) to the
+    Equinox leaf it pairs with, in the model's order.
+
+    **Raises:**
+
+    - `ConversionError`: when the model has layers with no conversion rule.
+    - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
+    """
+    return paths_of(pair(model, mapping, TORCH), TORCH, type(model).__name__)
