@@ -9,8 +9,8 @@ reads `CHECKPOINT` (a Flax msgpack file or an Orbax directory, holding linen
 variables or NNX state; or a PyTorch `torch.save` / `.safetensors` state_dict),
 builds the model and its State with `my_models.make_resnet()` (which returns
 `(model, state)`, e.g. from `eqx.nn.make_with_state`), loads the checkpoint into
-them with `eqx_bn.interop.load_flax` (or `load_torch`), and writes `eqx.tree_serialise_leaves((model, state))` to
-`OUTPUT`. Read it back with
+them with `eqx_bn.interop.load_flax` (or `load_torch`), and writes
+`eqx.tree_serialise_leaves((model, state))` to `OUTPUT`. Read it back with
 
 ```python
 model, state = eqx.tree_deserialise_leaves("OUTPUT", my_models.make_resnet())
