@@ -1,5 +1,6 @@
 """What every example shares: the same command line (`--smoke`, `--out`), progress
-that suits where the output goes, and the runtime printed at the end.
+that suits where the output goes, the runtime printed at the end, and the data
+(scikit-learn's digits, which ship with it: the examples run offline).
 
 Examples import it as `_common` (Python puts the script's folder on `sys.path`;
 the tests put `examples/` there too).
@@ -13,6 +14,9 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 DEFAULT_OUT = pathlib.Path("outputs")
@@ -96,3 +100,41 @@ def runtime(name: str) -> Iterator[dict[str, float]]:
     finally:
         timing["seconds"] = time.perf_counter() - start
         print(f"{name}: runtime {timing['seconds']:.1f} s", flush=True)
+
+
+def digits(
+    train_limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 grey 8x8 images, 10 classes), split 80/20 the same
+    way in every example (stratified, fixed seed).
+
+    **Arguments:**
+
+    - `train_limit`: keep only this many training images (for `--smoke`).
+
+    **Returns:**
+
+    `(x_train, y_train, x_test, y_test)`: images `(N, 8, 8)` float32 in [0, 1] (add
+    the channel axis where the model's layout puts it) and int32 labels; 1437
+    training and 360 held-out images.
+    """
+    data = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        (data.images / 16.0).astype(np.float32),
+        data.target.astype(np.int32),
+        test_size=0.2,
+        random_state=0,
+        stratify=data.target,
+    )
+    return x_train[:train_limit], y_train[:train_limit], x_test, y_test
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch of shuffled, equally sized batches (the last partial one dropped,
+    so that a jitted step is compiled once)."""
+    order = rng.permutation(len(x))
+    for i in range(len(x) // batch_size):
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        yield x[idx], y[idx]

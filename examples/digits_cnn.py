@@ -21,9 +21,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from _common import Progress, parser, runtime
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from _common import Progress, batches, digits, parser, runtime
 
 import eqx_bn
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
@@ -77,28 +75,9 @@ def loss_fn(model, state, batch):
 
 
 def load(smoke: bool):
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
-    split = train_test_split(
-        images,
-        digits.target.astype(np.int32),
-        test_size=0.2,
-        random_state=0,
-        stratify=digits.target,
-    )
-    x_train, x_test, y_train, y_test = split
-    if smoke:
-        x_train, y_train = x_train[:512], y_train[:512]
-    return x_train, y_train, x_test, y_test
-
-
-def batches(x, y, batch_size, rng):
-    """One epoch of shuffled, equally sized batches (the last partial one dropped,
-    so that the step is compiled once)."""
-    order = rng.permutation(len(x))
-    for i in range(len(x) // batch_size):
-        idx = order[i * batch_size : (i + 1) * batch_size]
-        yield x[idx], y[idx]
+    """The digits, channels first: `(N, 1, 8, 8)`."""
+    x_train, y_train, x_test, y_test = digits(512 if smoke else None)
+    return x_train[:, None], y_train, x_test[:, None], y_test
 
 
 def evaluate(eval_step, ts, x, y):

@@ -48,8 +48,6 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import eqx_bn
 
@@ -164,18 +162,8 @@ def count_correct(model, state, x, y):
 
 def load_data(smoke):
     """Digits as `(N, 1, 8, 8)` float32 in [0, 1]: 1437 training, 360 held out."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images,
-        digits.target.astype(np.int32),
-        test_size=0.2,
-        random_state=0,
-        stratify=digits.target,
-    )
-    if smoke:
-        x_train, y_train = x_train[:256], y_train[:256]
-    return x_train, y_train, x_test, y_test
+    x_train, y_train, x_test, y_test = _common.digits(256 if smoke else None)
+    return x_train[:, None], y_train, x_test[:, None], y_test
 
 
 def epoch_batches(n, batch, rng):

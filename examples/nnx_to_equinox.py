@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import Progress, parser, runtime
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from _common import Progress, batches, digits, parser, runtime
 
 import eqx_bn
 from eqx_bn.interop import export_nnx, load_flax, read_checkpoint, write_msgpack
@@ -134,29 +132,14 @@ def nnx_parts():
 
 
 def load(smoke):
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images,
-        digits.target.astype(np.int32),
-        test_size=0.2,
-        random_state=0,
-        stratify=digits.target,
-    )
-    if smoke:
-        x_train, y_train = x_train[:256], y_train[:256]
-    return x_train, y_train, x_test, y_test
+    """The digits, channels last as NNX's Conv takes them: `(N, 8, 8, 1)`."""
+    x_train, y_train, x_test, y_test = digits(256 if smoke else None)
+    return x_train[..., None], y_train, x_test[..., None], y_test
 
 
-def batches(x, y, epochs, seed):
+def epochs_of_batches(x, y, epochs, seed):
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(len(x) // BATCH):
-            idx = order[i * BATCH : (i + 1) * BATCH]
-            out.append((x[idx], y[idx]))
-    return out
+    return [batch for _ in range(epochs) for batch in batches(x, y, BATCH, rng)]
 
 
 def channels_first(images):
@@ -181,7 +164,7 @@ def main(argv=None) -> dict:
 def _run(args) -> dict:
     epochs = 1 if args.smoke else 4
     x_train, y_train, x_test, y_test = load(args.smoke)
-    data = batches(x_train, y_train, 2 * epochs, seed=1)
+    data = epochs_of_batches(x_train, y_train, 2 * epochs, seed=1)
     nnx_batches, eqx_batches = data[: len(data) // 2], data[len(data) // 2 :]
     NnxCNN, nnx_train, nnx_logits = nnx_parts()
 

@@ -27,9 +27,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import optax
-from _common import Progress, parser, runtime
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from _common import Progress, digits, parser, runtime
 
 from eqx_bn.interop import export_torch, load_torch, read_torch, write_safetensors
 from eqx_bn.models import TorchResNet
@@ -80,21 +78,12 @@ def make_torch_checkpoint(path: pathlib.Path, width: int = 8) -> None:
 
 def load_images(smoke: bool):
     """The digits as 3-channel 24x24 images, channels first as in PyTorch."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    images = np.kron(images, np.ones((3, 3), np.float32))  # 8x8 -> 24x24
-    images = np.repeat(images[:, None], 3, axis=1)  # grey -> RGB
-    split = train_test_split(
-        images,
-        digits.target.astype(np.int32),
-        test_size=0.2,
-        random_state=0,
-        stratify=digits.target,
-    )
-    x_train, x_test, y_train, y_test = split
-    if smoke:
-        x_train, y_train = x_train[:256], y_train[:256]
-    return x_train, y_train, x_test, y_test
+    x_train, y_train, x_test, y_test = digits(256 if smoke else None)
+
+    def rgb(images):  # 8x8 -> 24x24, grey -> RGB
+        return np.repeat(np.kron(images, np.ones((3, 3), np.float32))[:, None], 3, 1)
+
+    return rgb(x_train), y_train, rgb(x_test), y_test
 
 
 def loss_fn(model, state, batch):

@@ -24,10 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import Progress, parser, runtime
+from _common import Progress, digits, parser, runtime
 from jaxtyping import Array, Float, Int, PRNGKeyArray, TypeCheckError
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import eqx_bn
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
@@ -96,19 +94,9 @@ def loss_fn(
 
 
 def load(smoke: bool):
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
-    split = train_test_split(
-        images,
-        digits.target.astype(np.int32),
-        test_size=0.2,
-        random_state=0,
-        stratify=digits.target,
-    )
-    x_train, x_test, y_train, y_test = split
-    if smoke:
-        x_train, y_train = x_train[:256], y_train[:256]
-    return x_train, y_train, x_test, y_test
+    """The digits, channels first: `(N, 1, 8, 8)`."""
+    x_train, y_train, x_test, y_test = digits(256 if smoke else None)
+    return x_train[:, None], y_train, x_test[:, None], y_test
 
 
 def summary(err: TypeCheckError) -> str:
