@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import eqx_bn
-from eqx_bn.models import ResNet, SeedMLP
+from eqx_bn.models import ResNet, SeedMLP, TorchResNet
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 
@@ -196,6 +196,21 @@ def test_resnet_matches_unfolded(resnets, channels_last):
     y = eqx.filter_jit(_per_example)(folded, x, state)
     # Four convolutions deep, each within its own rounding (<= 64 ulps of the
     # output's scale); a missing statistic would be off by O(1).
+    np.testing.assert_allclose(y, ref, rtol=0, atol=64 * EPS * jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_torchvision_resnet_folds_every_norm(block):
+    """torchvision's layout declares every pair, the projection's too."""
+    model, state = eqx.nn.make_with_state(TorchResNet)(
+        block, (1, 1, 1, 1), 5, width=4, key=jax.random.key(4)
+    )
+    model, state = _randomise(model, state)
+    folded = eqx_bn.fold_batch_norms(model, state)
+    assert not any(_is_bn(v) for v in jax.tree.leaves(folded, is_leaf=_is_bn))
+    x = jax.random.normal(jax.random.key(5), (2, 3, 32, 32))
+    ref = _per_example(model, x, state)
+    y = eqx.filter_jit(_per_example)(folded, x, state)
     np.testing.assert_allclose(y, ref, rtol=0, atol=64 * EPS * jnp.max(jnp.abs(ref)))
 
 

@@ -12,6 +12,7 @@ from .resnet import (
 from .torchvision_resnet import (
     BasicBlock as BasicBlock,
     Bottleneck as Bottleneck,
+    Downsample as Downsample,
     TorchResNet as TorchResNet,
     TorchResNet18 as TorchResNet18,
     TorchResNet34 as TorchResNet34,

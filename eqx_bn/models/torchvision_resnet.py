@@ -3,9 +3,11 @@
 Every field is named as the submodule of torchvision's model, so that the model's
 leaves pair with a torchvision `state_dict()` without a mapping: `conv1`, `bn1`,
 `layer1` ... `layer4` (tuples of blocks: `layer1.0.conv1.weight`), each block's
-`conv1`/`bn1`/`conv2`/`bn2` (and `conv3`/`bn3` in a bottleneck), `downsample` (a
-tuple: `downsample.0` the 1x1 convolution, `downsample.1` its BatchNorm), and the
-head `fc`. Layers without parameters (`relu`, `maxpool`, `avgpool`) are functions.
+`conv1`/`bn1`/`conv2`/`bn2` (and `conv3`/`bn3` in a bottleneck), `downsample`
+(`downsample.0` the 1x1 convolution, `downsample.1` its BatchNorm), and the head
+`fc`. Each BatchNorm declares the convolution it follows (`fold_into`), so
+`eqx_bn.fold_batch_norms` folds all of them for inference. Layers without
+parameters (`relu`, `maxpool`, `avgpool`) are functions.
 
 The BatchNorms have PyTorch's semantics: `momentum=0.9` (PyTorch's 0.1), `eps=1e-5`
 and the unbiased running variance (`unbiased_running_var=True`), so a training step
@@ -82,31 +84,44 @@ def _max_pool(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
     )
 
 
+class Downsample(eqx.Module):
+    """torchvision's `downsample`, `nn.Sequential(conv1x1, BatchNorm2d)`: the
+    residual's projection where a block changes the shape. Its fields are named
+    `0` and `1` in PyTorch."""
+
+    conv: eqx.nn.Conv2d = eqx.field(metadata={"torch_name": "0"})
+    bn: BatchNorm = eqx.field(metadata={"torch_name": "1", "fold_into": "conv"})
+
+    def __call__(
+        self, x: Float[Array, "h w c"], state: eqx.nn.State, *, inference: bool | None
+    ) -> tuple[Float[Array, "h2 w2 c2"], eqx.nn.State]:
+        return self.bn(channels_last_conv(self.conv, x), state, inference=inference)
+
+
 def _downsample(
     in_channels: int,
     out_channels: int,
     stride: int,
     axis_name: str | None,
     key: PRNGKeyArray,
-) -> tuple[eqx.nn.Conv2d, BatchNorm] | None:
+) -> Downsample | None:
     if stride == 1 and in_channels == out_channels:
         return None
-    return (
+    return Downsample(
         _conv(in_channels, out_channels, 1, stride, key=key),
         _bn(out_channels, axis_name),
     )
 
 
 def _residual(
-    downsample: tuple[eqx.nn.Conv2d, BatchNorm] | None,
+    downsample: Downsample | None,
     x: Array,
     state: eqx.nn.State,
     inference: bool | None,
 ) -> tuple[Array, eqx.nn.State]:
     if downsample is None:
         return x, state
-    conv, bn = downsample
-    return bn(channels_last_conv(conv, x), state, inference=inference)
+    return downsample(x, state, inference=inference)
 
 
 class BasicBlock(eqx.Module):
@@ -114,10 +129,10 @@ class BasicBlock(eqx.Module):
     BN, plus the residual (through `downsample` where the shape changes), relu."""
 
     conv1: eqx.nn.Conv2d
-    bn1: BatchNorm
+    bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
     conv2: eqx.nn.Conv2d
-    bn2: BatchNorm
-    downsample: tuple[eqx.nn.Conv2d, BatchNorm] | None
+    bn2: BatchNorm = eqx.field(metadata={"fold_into": "conv2"})
+    downsample: Downsample | None
 
     expansion = 1
 
@@ -165,12 +180,12 @@ class Bottleneck(eqx.Module):
     the stride), BN, relu, 1x1 conv to `4 * planes`, BN, plus the residual, relu."""
 
     conv1: eqx.nn.Conv2d
-    bn1: BatchNorm
+    bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
     conv2: eqx.nn.Conv2d
-    bn2: BatchNorm
+    bn2: BatchNorm = eqx.field(metadata={"fold_into": "conv2"})
     conv3: eqx.nn.Conv2d
-    bn3: BatchNorm
-    downsample: tuple[eqx.nn.Conv2d, BatchNorm] | None
+    bn3: BatchNorm = eqx.field(metadata={"fold_into": "conv3"})
+    downsample: Downsample | None
 
     expansion = 4
 
@@ -234,7 +249,7 @@ class TorchResNet(eqx.Module):
     """
 
     conv1: eqx.nn.Conv2d
-    bn1: BatchNorm
+    bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
     layer1: tuple[BasicBlock | Bottleneck, ...]
     layer2: tuple[BasicBlock | Bottleneck, ...]
     layer3: tuple[BasicBlock | Bottleneck, ...]
