@@ -233,10 +233,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         shape = (input_size,)
         self.scale = scale_init(key, shape, param_dtype) if use_scale else None
         self.bias = bias_init(key, shape, param_dtype) if use_bias else None
-        stat_dtype = jnp.float32 if force_float32_reductions else param_dtype
-        self.state_index = eqx.nn.StateIndex(
-            RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
-        )
         self.inference = inference
         self.input_size = input_size
         self.axis_name = _canonical_axis_name(axis_name)
@@ -249,6 +245,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.force_float32_reductions = force_float32_reductions
         self.channels_last = bool(channels_last)
         self.unbiased_running_var = bool(unbiased_running_var)
+        stat_dtype = self._running_dtype()  # reads the fields set above
+        self.state_index = eqx.nn.StateIndex(
+            RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
+        )
 
     @property
     def use_bias(self) -> bool:
@@ -431,10 +431,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return RunningStats(*new)
 
     def _running_dtype(self) -> np.dtype:
-        """The dtype of the running averages that `__init__` puts in the State."""
-        return np.dtype(
-            jnp.float32 if self.force_float32_reductions else self.param_dtype
-        )
+        """The dtype of the running averages that `__init__` puts in the State
+        (`param_dtype` as JAX stores it: float64 is float32 without x64)."""
+        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
     def _stat_dtype(self, x: Array) -> np.dtype:
         dtype = x.dtype if self.dtype is None else self.dtype
@@ -484,10 +484,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
             except ValueError:
                 fits = False
             if not fits:
+                per_example = (
+                    f" or ({x.shape[0]},), one flag per example"
+                    if self.axis_name is None and x.ndim > 1
+                    else ""
+                )
                 raise ValueError(
                     f"BatchNorm: mask of shape {mask.shape} does not broadcast to x's "
-                    f"shape {x.shape}. Expected a boolean mask broadcastable to x "
-                    "(under vmap, one scalar per example)."
+                    f"shape {x.shape}. Expected a boolean mask broadcastable to x"
+                    f"{per_example} (under vmap, one scalar per example)."
                 )
         return channel_axis
 

@@ -97,24 +97,19 @@ def check_dtypes(x: Array, mask: Array | None) -> None:
 
 
 def per_example_mask(x: Array, mask: Array) -> Array:
-    """With `axis_name=None`, a 1-d mask is one flag per example, as under vmap.
+    """With `axis_name=None`, a `(batch,)` mask is one flag per example, as under
+    vmap.
 
     Under `jax.vmap` a per-example mask is a scalar, so the batched mask is
     `(batch,)`. Broadcasting would align that with `x`'s *last* axis instead, and
     when that axis happens to have `batch` entries, mask the wrong elements without
-    a word: so `(batch,)` is read as `(batch, 1, ..., 1)`, and any other 1-d mask is
-    refused with the shapes that work.
+    a word: so `(batch,)` is read as `(batch, 1, ..., 1)`. Any other 1-d mask
+    broadcasts as usual (e.g. `(time,)`, shared by every example).
     """
     batch = x.shape[0]
     if mask.shape == (batch,):
         return jnp.reshape(mask, (batch,) + (1,) * (x.ndim - 1))
-    ones = ", 1" * (x.ndim - 1)
-    raise ValueError(
-        f"BatchNorm: mask of shape {mask.shape} does not fit x's shape {x.shape}. "
-        f"A 1-d mask is one flag per example, ({batch},); to mask single elements "
-        f"give the mask x's rank ({x.ndim} axes, size 1 where it is constant, e.g. "
-        f"({batch}{ones}) for whole examples)."
-    )
+    return mask
 
 
 def _describe(v: Any) -> str:

@@ -6,6 +6,7 @@ to update silently, broadcast silently, or fail one call later.
 """
 
 import re
+import warnings
 
 import equinox as eqx
 import flax.linen as nn
@@ -88,6 +89,19 @@ def test_state_cast_to_another_dtype_says_cast_it_back(inference):
     with pytest.raises(ValueError, match=re.escape("bfloat16[3]")) as e:
         bn(X, half, inference=inference)
     assert "a.astype(jnp.float32)" in str(e.value)
+
+
+def test_float64_param_dtype_without_x64_accepts_its_own_state():
+    """Without x64 JAX stores float64 as float32; the check expects what the layer
+    really put in its State (a regression: every call was refused)."""
+    with warnings.catch_warnings():  # JAX's own warnings that float64 is float32
+        warnings.filterwarnings("ignore", "Explicitly requested dtype float64")
+        bn, state = make(
+            3, axis_name=None, param_dtype=jnp.float64, force_float32_reductions=False
+        )
+        y, state = bn(X, state)
+        y, _ = bn(X, state, inference=True)
+    assert y.dtype == jnp.float32
 
 
 def test_ensemble_with_one_state_per_member_still_works():
