@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, Shaped
 
 from ._batch_norm import BatchNorm
+from ._checks import check_running, get_running
 from ._dtypes import promote
 from ._typing import typecheck
 
@@ -124,14 +125,19 @@ def _fold_pair(
             "layer and the BatchNorm of its output."
         )
     weight_dtype = layer.weight.dtype
-    if bn.dtype is not None and bn.dtype != weight_dtype:
+    # What the BatchNorm would output for this layer's output dtype: its `dtype`,
+    # or the promotion with its scale and bias.
+    bn_out = bn._out_dtype(jax.ShapeDtypeStruct((), weight_dtype))
+    if bn_out != weight_dtype:
         raise ValueError(
-            f"fold_batch_norms: {where}: the BatchNorm casts to {bn.dtype}, but "
+            f"fold_batch_norms: {where}: the BatchNorm outputs {bn_out}, but "
             f"the {type(layer).__name__}'s weights are {weight_dtype}, so the "
             "folded layer could not give the BatchNorm's dtype. Fold only layers "
-            "whose BatchNorm has dtype=None or the layer's own dtype."
+            "whose BatchNorm keeps the layer's dtype (dtype=None with parameters "
+            "of that dtype or narrower, or dtype= the layer's own)."
         )
-    running = state.get(bn.state_index)
+    running = get_running(state, bn.state_index)
+    check_running(running, bn.input_size, bn._running_dtype())
     # Folded in float32 (or wider) whatever the parameters' dtype, rounded once.
     dtype = promote(weight_dtype, running.mean.dtype, jnp.float32)
     mul = jax.lax.rsqrt(running.var.astype(dtype) + jnp.asarray(bn.eps, dtype))
@@ -236,8 +242,8 @@ def _fold_tree(tree, state, where: str):
     if isinstance(tree, eqx.Module):
         return _fold_module(tree, state, where)
     is_module = lambda v: isinstance(v, eqx.Module)  # noqa: E731
-    if jax.tree.leaves(tree, is_leaf=is_module) == [tree]:
-        return tree
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(tree, is_leaf=is_module)):
+        return tree  # an array, a scalar, None: nothing to fold
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_module)
     return jax.tree.unflatten(
         treedef,
@@ -275,7 +281,9 @@ def fold_batch_norms(model, state: eqx.nn.State):
     Pairs are found
 
     - in an `eqx.nn.Sequential`, by position: a Conv or Linear, then a BatchNorm;
-    - in `eqx_bn.models` (`ResNet`, `ResNetBlock`, `SeedMLP`), which declare theirs;
+    - in `eqx_bn.models` (`ResNet`, `ResNetBlock`, `SeedMLP`, the torchvision-layout
+        `TorchResNet`, `BasicBlock`, `Bottleneck`, `Downsample`), which declare
+        theirs;
     - in your own modules, when the BatchNorm's field names the layer it follows:
 
         ```python
@@ -305,7 +313,9 @@ def fold_batch_norms(model, state: eqx.nn.State):
 
     - `ValueError`: if a BatchNorm in `model` is in training mode; if a declared
         pair does not fit (no such field, a layer claimed twice, a channel count or
-        layout that differs); if a BatchNorm casts to a dtype other than the layer's.
+        layout that differs); if a BatchNorm would output another dtype than the
+        layer's (a `dtype=`, or parameters wider than the layer's weights); if the
+        State does not hold a BatchNorm's running statistics as the layer made them.
     - `TypeError`: if a declared pair is not a Conv/Linear and an `eqx_bn.BatchNorm`.
     """
     training = _training_norms(model)

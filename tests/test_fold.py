@@ -4,6 +4,8 @@ Every BatchNorm gets random running statistics, scale and bias first, so that a 
 that forgot any of them (or applied them to the wrong axis) would be far off.
 """
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -290,13 +292,41 @@ def _declared(conv, norm):
         (eqx.nn.Conv2d(3, 4, 1, key=jax.random.key(0)), eqx.nn.Identity(),
          TypeError, "not an eqx_bn.BatchNorm"),
         (eqx.nn.Conv2d(3, 4, 1, key=jax.random.key(0)),
-         eqx_bn.BatchNorm(4, dtype=jnp.bfloat16), ValueError, "casts to bfloat16"),
+         eqx_bn.BatchNorm(4, dtype=jnp.bfloat16), ValueError, "outputs bfloat16"),
+        # float32 scale and bias promote a bfloat16 layer's output (a regression:
+        # folding silently changed the output dtype).
+        (eqx.nn.Linear(3, 4, dtype=jnp.bfloat16, key=jax.random.key(0)),
+         eqx_bn.BatchNorm(4), ValueError, "outputs float32"),
     ],
 )  # fmt: skip
 def test_incompatible_declared_pair(conv, norm, error, match):
     model, state = _declared(conv, norm)
     with pytest.raises(error, match=match):
         eqx_bn.fold_batch_norms(model, state)
+
+
+def test_a_state_that_is_not_the_layers_is_refused(key):
+    """The State check of the BatchNorm itself, not a broadcast error (or, with a
+    batch of one, a silent fold) for a State vmapped with out_axes=0."""
+    model, state = _declared(eqx.nn.Conv2d(3, 4, 1, key=key), eqx_bn.BatchNorm(4))
+    stacked = jax.tree.map(lambda a: jnp.stack([a]), state)
+    with pytest.raises(ValueError, match=re.escape("out_axes=(0, None)")):
+        eqx_bn.fold_batch_norms(model, stacked)
+
+
+def test_tuple_of_one_array_is_left_alone(key):
+    # A regression: comparing leaves with `==` failed on a one-array tuple.
+    class WithTuple(eqx.Module):
+        extra: tuple
+        layers: eqx.nn.Sequential
+
+    model, state = eqx.nn.make_with_state(WithTuple)(
+        (jnp.arange(3.0),),
+        eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=key), eqx_bn.BatchNorm(4)]),
+    )
+    folded = eqx_bn.fold_batch_norms(eqx.nn.inference_mode(model), state)
+    np.testing.assert_array_equal(folded.extra[0], model.extra[0])
+    assert isinstance(folded.layers.layers[1], eqx_bn.FoldedBatchNorm)
 
 
 def test_declaration_errors(key):
