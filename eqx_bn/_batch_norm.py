@@ -525,9 +525,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return ""
 
     def _replicas(self) -> int:
-        """How many inputs the named axes reduce together (1 with no axis name)."""
+        """How many inputs the named axes reduce together (1 with no axis name;
+        with `axis_index_groups`, the size of one group: JAX's groups are equal)."""
         sizes = [jax.lax.axis_size(n) for n in _axis_names(self.axis_name)]
-        return int(np.prod(sizes, dtype=np.int64))
+        total = int(np.prod(sizes, dtype=np.int64))
+        if self.axis_index_groups is not None:
+            total //= len(self.axis_index_groups)
+        return total
 
     def _check_axes_bound(self) -> None:
         if self.axis_name is None:

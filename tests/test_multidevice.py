@@ -34,6 +34,7 @@ CHECKS = {
         "groups_pmap",
         "groups_shard_map",
         "groups_errors",
+        "unbiased_one_element_per_group_errors",
         "unbound_axis_errors",
     ],
     "sharding_checks.py": [

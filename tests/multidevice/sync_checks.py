@@ -416,6 +416,24 @@ def check_groups_errors():
         raise AssertionError("groups under shard_map(check_vma=True) should raise")
 
 
+@check
+def check_unbiased_one_element_per_group_errors():
+    """unbiased_running_var counts one group's elements, not the whole axis's: one
+    element per channel in each group is refused, as PyTorch refuses it (a
+    regression: the whole axis was counted and the variance silently kept)."""
+    singles = tuple((d,) for d in range(_harness.N_DEVICES))
+    bn, state = make("data", axis_index_groups=singles, unbiased_running_var=True)
+    x = X[: _harness.N_DEVICES, :, :1]  # one element per channel per device
+    try:
+        jax.pmap(lambda s, x: bn(x, s), axis_name="data", in_axes=(0, 0))(
+            stacked(state), x
+        )
+    except ValueError as err:
+        assert "expected more than 1 value per channel" in str(err), str(err)
+    else:
+        raise AssertionError("one element per group should raise")
+
+
 # -- axis names that are not bound ----------------------------------------------------
 
 
