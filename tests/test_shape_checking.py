@@ -207,6 +207,23 @@ def test_resnet_names_in_channels(resnet, channels_last):
     assert "expected in_channels=3" in str(e.value)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torchvision_resnet_names_in_channels(channels_last):
+    # The message used to show the shape after the model's internal move to
+    # channels last, not the image the user passed.
+    model, state = eqx.filter_eval_shape(
+        eqx.nn.make_with_state(eqx_bn.models.TorchResNet18),
+        num_classes=10,
+        channels_last=channels_last,
+        key=jax.random.key(0),
+    )
+    shape = (2, 32, 32, 1) if channels_last else (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="TorchResNet: the image has 1 channels") as e:
+        jax.eval_shape(batched(model), jnp.ones(shape), state)
+    assert f"(shape {shape[1:]})" in str(e.value)
+    assert "expected in_channels=3" in str(e.value)
+
+
 def test_resnet_channels_last_image_to_a_channels_first_model_names_the_flag(resnet):
     model, state = resnet(False)
     with pytest.raises(ValueError, match="channels_last=True"):

@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
 from .._typing import typecheck
-from ._layout import channels_last_conv
+from ._layout import channels_last_conv, check_image
 
 
 def _conv(module: eqx.nn.Conv, x: Array, channels_last: bool) -> Array:
@@ -251,7 +251,9 @@ class ResNet(eqx.Module):
         - `ValueError`: if the image's channel axis is not `in_channels` long.
         """
         del key
-        self._check_image(x)
+        check_image(
+            type(self).__name__, x, self.conv_init.in_channels, self.channels_last
+        )
         if not self.channels_last:
             x = jnp.moveaxis(x, 0, -1)
         x = channels_last_conv(self.conv_init, x)
@@ -260,30 +262,6 @@ class ResNet(eqx.Module):
         for block in self.blocks:
             x, state = block(x, state, inference=inference)
         return self.head(jnp.mean(x, axis=(0, 1))), state
-
-    def _check_image(self, x: Array) -> None:
-        """The channel count, named with its numbers (the annotation says only the
-        rank: jaxtyping cannot name the number that `in_channels` should be)."""
-        expected = self.conv_init.in_channels
-        axis = 2 if self.channels_last else 0
-        if x.shape[axis] == expected:
-            return
-        layout = (
-            "(height, width, channels)"
-            if self.channels_last
-            else "(channels, height, width)"
-        )
-        hint = ""
-        other = 0 if self.channels_last else 2
-        if x.shape[other] == expected:
-            hint = (
-                f" Axis {other} has {expected} entries: if those are the channels, "
-                f"build the model with channels_last={not self.channels_last}."
-            )
-        raise ValueError(
-            f"ResNet: the image has {x.shape[axis]} channels on axis {axis} (shape "
-            f"{x.shape}), expected in_channels={expected} as in {layout}.{hint}"
-        )
 
 
 def ResNet18(

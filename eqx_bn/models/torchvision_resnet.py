@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
 from .._typing import typecheck
-from ._layout import channels_last_conv
+from ._layout import channels_last_conv, check_image
 
 # torchvision initialises its convolutions with `kaiming_normal_(mode="fan_out",
 # nonlinearity="relu")`: an untruncated normal of variance 2 / fan_out.
@@ -352,6 +352,7 @@ class TorchResNet(eqx.Module):
         `(logits, state)`.
         """
         del key
+        check_image(type(self).__name__, x, self.conv1.in_channels, self.channels_last)
         if not self.channels_last:
             x = jnp.moveaxis(x, 0, -1)
         x = channels_last_conv(self.conv1, x)
