@@ -1,6 +1,5 @@
 """`eqx_bn.BatchNorm`: Flax's `nn.BatchNorm` numerics as an Equinox stateful layer."""
 
-import operator
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -223,8 +222,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             integer (or other non-floating) `dtype` or `param_dtype`, or groups
             given without an `axis_name`.
         """
-        check_config(input_size, momentum, eps, dtype, param_dtype)
-        input_size = operator.index(input_size)  # a NumPy or JAX integer too
+        input_size = check_config(input_size, momentum, eps, dtype, param_dtype)
         if axis_index_groups is not None and axis_name is None:
             raise ValueError(
                 "BatchNorm: axis_index_groups needs an axis_name to group along."
@@ -294,8 +292,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         - `ValueError`: if the channel axis is not `input_size` long, the mask
             does not broadcast to `x`, training needs a named axis that is not
-            bound, or `state` does not hold this layer's running statistics (a
-            State of another model, or one vmapped with `out_axes=0`).
+            bound, or `state` does not hold this layer's running statistics with
+            the shape and dtype the layer made them (a State of another model, one
+            vmapped with `out_axes=0`, or one cast to another dtype).
         - `TypeError`: if `x` is not floating point or `mask` not boolean (the
             message says how to convert them).
         """

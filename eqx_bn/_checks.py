@@ -63,8 +63,9 @@ def _floating_dtype(name: str, dtype: Any) -> None:
 
 def check_config(
     input_size: Any, momentum: Any, eps: Any, dtype: Any, param_dtype: Any
-) -> None:
-    """Raises a ValueError for a configuration `BatchNorm.__init__` cannot honour."""
+) -> int:
+    """Raises a ValueError for a configuration `BatchNorm.__init__` cannot honour;
+    returns `input_size` as an `int` (it may be a NumPy or JAX integer)."""
     size = _count(input_size)
     if size is None or size <= 0:
         raise ValueError(
@@ -78,6 +79,7 @@ def check_config(
         raise ValueError(f"BatchNorm: eps must be >= 0 and finite, got {eps}.")
     _floating_dtype("dtype", dtype)
     _floating_dtype("param_dtype", param_dtype)
+    return size
 
 
 def check_dtypes(x: Array, mask: Array | None) -> None:
