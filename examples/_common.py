@@ -103,7 +103,7 @@ def runtime(name: str) -> Iterator[dict[str, float]]:
 
 
 def digits(
-    train_limit: int | None = None,
+    train_limit: int | None = None, *, channels: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's digits (1797 grey 8x8 images, 10 classes), split 80/20 the same
     way in every example (stratified, fixed seed).
@@ -111,13 +111,15 @@ def digits(
     **Arguments:**
 
     - `train_limit`: keep only this many training images (for `--smoke`).
+    - `channels`: `"first"` for `(N, 1, 8, 8)` images, `"last"` for `(N, 8, 8, 1)`,
+        `None` for `(N, 8, 8)`.
 
     **Returns:**
 
-    `(x_train, y_train, x_test, y_test)`: images `(N, 8, 8)` float32 in [0, 1] (add
-    the channel axis where the model's layout puts it) and int32 labels; 1437
-    training and 360 held-out images.
+    `(x_train, y_train, x_test, y_test)`: float32 images in [0, 1] and int32
+    labels; 1437 training and 360 held-out images.
     """
+    axis = {None: None, "first": 1, "last": 3}[channels]
     data = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
         (data.images / 16.0).astype(np.float32),
@@ -126,6 +128,8 @@ def digits(
         random_state=0,
         stratify=data.target,
     )
+    if axis is not None:
+        x_train, x_test = np.expand_dims(x_train, axis), np.expand_dims(x_test, axis)
     return x_train[:train_limit], y_train[:train_limit], x_test, y_test
 
 

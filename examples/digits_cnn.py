@@ -74,12 +74,6 @@ def loss_fn(model, state, batch):
     return loss, (state, correct)
 
 
-def load(smoke: bool):
-    """The digits, channels first: `(N, 1, 8, 8)`."""
-    x_train, y_train, x_test, y_test = digits(512 if smoke else None)
-    return x_train[:, None], y_train, x_test[:, None], y_test
-
-
 def evaluate(eval_step, ts, x, y):
     loss, (_, correct) = eval_step(ts, (x, y))
     return float(loss), float(correct) / len(x)
@@ -110,7 +104,9 @@ def main(argv=None) -> dict:
 def run(args) -> dict:
     epochs = args.epochs or (2 if args.smoke else 15)
     batch_size = 64
-    x_train, y_train, x_test, y_test = load(args.smoke)
+    x_train, y_train, x_test, y_test = digits(
+        512 if args.smoke else None, channels="first"
+    )
     steps = epochs * (len(x_train) // batch_size)
     print(
         f"digits: {len(x_train)} training and {len(x_test)} held-out images, "

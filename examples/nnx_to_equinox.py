@@ -131,12 +131,6 @@ def nnx_parts():
 # -- The data -----------------------------------------------------------------------
 
 
-def load(smoke):
-    """The digits, channels last as NNX's Conv takes them: `(N, 8, 8, 1)`."""
-    x_train, y_train, x_test, y_test = digits(256 if smoke else None)
-    return x_train[..., None], y_train, x_test[..., None], y_test
-
-
 def epochs_of_batches(x, y, epochs, seed):
     rng = np.random.default_rng(seed)
     return [batch for _ in range(epochs) for batch in batches(x, y, BATCH, rng)]
@@ -163,7 +157,9 @@ def main(argv=None) -> dict:
 
 def _run(args) -> dict:
     epochs = 1 if args.smoke else 4
-    x_train, y_train, x_test, y_test = load(args.smoke)
+    x_train, y_train, x_test, y_test = digits(
+        256 if args.smoke else None, channels="last"
+    )
     data = epochs_of_batches(x_train, y_train, 2 * epochs, seed=1)
     nnx_batches, eqx_batches = data[: len(data) // 2], data[len(data) // 2 :]
     NnxCNN, nnx_train, nnx_logits = nnx_parts()

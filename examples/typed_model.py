@@ -93,12 +93,6 @@ def loss_fn(
     return loss, (state, correct)
 
 
-def load(smoke: bool):
-    """The digits, channels first: `(N, 1, 8, 8)`."""
-    x_train, y_train, x_test, y_test = digits(256 if smoke else None)
-    return x_train[:, None], y_train, x_test[:, None], y_test
-
-
 def summary(err: TypeCheckError) -> str:
     """jaxtyping's message without the dump of every argument: where, what it got,
     what was expected, and the size each named dimension was bound to."""
@@ -135,7 +129,9 @@ def main(argv=None) -> dict:
     with runtime("typed_model") as timing:
         epochs = 1 if args.smoke else 10
         batch_size = 64
-        x_train, y_train, x_test, y_test = load(args.smoke)
+        x_train, y_train, x_test, y_test = digits(
+            256 if args.smoke else None, channels="first"
+        )
         per_epoch = len(x_train) // batch_size
         model, state = eqx.nn.make_with_state(TypedCNN)(key=jax.random.key(0))
         schedule = optax.cosine_decay_schedule(1e-2, epochs * per_epoch)
