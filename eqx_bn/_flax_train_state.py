@@ -219,9 +219,11 @@ class _Loader:
         scalar of the same kind.
         """
         dtype = np.dtype(template.dtype)
-        if isinstance(node, (bool, int, float)) and template.shape == ():
-            kind = {bool: "b", int: "iu", float: "f"}[type(node)]
-            if dtype.kind in kind:
+        if isinstance(node, (bool, int, float, np.generic)) and template.shape == ():
+            # By dtype kind, not by `type(node)`: NumPy scalars (`np.float64` is
+            # even a float subclass) come as they are saved.
+            kind = np.asarray(node).dtype.kind
+            if kind == dtype.kind or (kind in "iu" and dtype.kind in "iu"):
                 return jnp.asarray(node, dtype)
         try:
             value = np.asarray(node)
@@ -247,10 +249,16 @@ def _expected(template: Any) -> str:
 
 
 def _step(value: Any, problems: _Problems) -> Any:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return jnp.asarray(value, jnp.int32)
-    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu":
-        return jnp.asarray(value, jnp.int32)
+    # Any integer scalar: a Python int, a NumPy one, or the jax.Array that Flax's
+    # `apply_gradients` leaves in `step` (as `to_state_dict` hands it over).
+    # A bool is an int to Python but never a step count.
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            arr = np.asarray(value)
+        except Exception:
+            arr = None
+        if arr is not None and arr.shape == () and arr.dtype.kind in "iu":
+            return jnp.asarray(arr, jnp.int32)
     problems.mismatched.append(f"step: expected an integer, got {_describe(value)}")
     return jnp.zeros((), jnp.int32)
 
