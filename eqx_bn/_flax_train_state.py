@@ -90,7 +90,7 @@ class _Problems:
                 self.unexpected,
             ),
             ("Mismatched shape, dtype or kind", self.mismatched),
-            ("Layers with no conversion rule", self.unsupported),
+            ("Layers and optimiser states with no conversion rule", self.unsupported),
         ]
         count = sum(len(items) for _, items in sections) + len(self.extra)
         lines = [
@@ -133,9 +133,10 @@ class _Loader:
         self.problems = problems
         trainable, self.rest = eqx.partition(model, eqx.is_inexact_array)
         self.param_def = jax.tree.structure(trainable)
+        self.param_shapes = _shapes(trainable)
 
     def is_param_shaped(self, template: Any) -> bool:
-        return jax.tree.structure(template) == self.param_def
+        return _laid_out_like(template, self.param_def, self.param_shapes)
 
     def params(self, template: Any, node: Any, path: str) -> Any:
         """A model-shaped subtree (`mu`, `trace`...) from Flax's params layout."""
@@ -162,6 +163,11 @@ class _Loader:
     def walk(self, template: Any, node: Any, path: str) -> Any:
         if self.is_param_shaped(template):
             return self.params(template, node, path)
+        if jax.tree.structure(template) == self.param_def and not isinstance(
+            template, jax.ShapeDtypeStruct
+        ):
+            self.problems.unsupported.append(_factored(path))
+            return template
         if template is None:
             if node is None or (isinstance(node, Mapping) and not node):
                 return None
@@ -242,6 +248,29 @@ class _Loader:
         return jnp.asarray(value)
 
 
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    return [tuple(x.shape) for x in jax.tree.leaves(tree)]
+
+
+def _laid_out_like(tree: Any, param_def: Any, param_shapes: list) -> bool:
+    """Whether `tree` holds one array per parameter, each of the parameter's shape
+    (SGD's `trace`, Adam's `mu`): then it converts to Flax's layout as the
+    parameters do. The tree structure alone is not enough: Adafactor's `v_row` and
+    `v_col` have it, but hold per-row and per-column statistics that a layout
+    change (a transposed kernel) must not be applied to, and that, for a square
+    kernel, have the very shapes a transposition would expect."""
+    return jax.tree.structure(tree) == param_def and _shapes(tree) == param_shapes
+
+
+def _factored(path: str) -> str:
+    return (
+        f"{path}: one array per parameter, but not of the parameters' shapes (e.g. "
+        "Adafactor's factored v_row/v_col): there is no rule to convert it between "
+        "the two layouts; resume with an optimiser whose state is shaped like the "
+        "parameters (SGD, Adam...)"
+    )
+
+
 def _expected(template: Any) -> str:
     if isinstance(template, jax.ShapeDtypeStruct):
         return _describe(template)
@@ -316,21 +345,26 @@ def export(
     """A Flax TrainState's state dict: `step`, `params`, `batch_stats`, `opt_state`."""
     variables = export_flax(model, state, mapping=mapping)
     trainable, rest = eqx.partition(model, eqx.is_inexact_array)
-    param_def = jax.tree.structure(trainable)
+    param_def, param_shapes = jax.tree.structure(trainable), _shapes(trainable)
 
-    def walk(node: Any) -> Any:
-        if jax.tree.structure(node) == param_def:
+    def walk(node: Any, path: str) -> Any:
+        if _laid_out_like(node, param_def, param_shapes):
             return export_flax(eqx.combine(node, rest), state, mapping=mapping)[
                 "params"
             ]
+        if jax.tree.structure(node) == param_def and not eqx.is_array(node):
+            message = _factored(path)
+            raise ConversionError(
+                f"TrainState.to_flax: cannot write {message}.", unsupported=(message,)
+            )
         if node is None:
             return None
         if _is_named_tuple(node):
-            return {k: walk(getattr(node, k)) for k in node._fields}
+            return {k: walk(getattr(node, k), f"{path}/{k}") for k in node._fields}
         if isinstance(node, (tuple, list)):
-            return {str(i): walk(v) for i, v in enumerate(node)}
+            return {str(i): walk(v, f"{path}/{i}") for i, v in enumerate(node)}
         if isinstance(node, dict):
-            return {str(k): walk(v) for k, v in node.items()}
+            return {str(k): walk(v, f"{path}/{k}") for k, v in node.items()}
         if eqx.is_array(node):
             return np.asarray(node)
         raise TypeError(
@@ -341,5 +375,5 @@ def export(
     return {
         "step": np.asarray(step),
         **variables,
-        "opt_state": walk(opt_state),
+        "opt_state": walk(opt_state, "opt_state"),
     }

@@ -413,7 +413,9 @@ class TrainState(eqx.Module):
 
         **Raises:**
 
-        - `ConversionError`: the model has layers with no conversion rule.
+        - `ConversionError`: the model has layers with no conversion rule, or the
+            optimiser state has parts not shaped like the parameters (Adafactor's
+            factored `v_row`/`v_col`).
         """
         return _flax_train_state.export(
             self.model, self.state, self.opt_state, self.step, mapping=mapping
