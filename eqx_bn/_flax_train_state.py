@@ -32,7 +32,9 @@ def _is_named_tuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """`float32[4, 3]` for an array (or anything with `shape` and `dtype`), `a
+    {type}` for anything else: how error messages name a leaf."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"{np.dtype(x.dtype).name}[{', '.join(map(str, x.shape))}]"
     return f"a {type(x).__name__}"
@@ -143,7 +145,7 @@ class _Loader:
         if not isinstance(node, Mapping):
             self.problems.mismatched.append(
                 f"{path}: expected parameters shaped like `params`, got "
-                f"{_describe(node)}"
+                f"{describe(node)}"
             )
             return template
         # The model with the optimiser's arrays in place of its parameters: its
@@ -171,7 +173,7 @@ class _Loader:
         if template is None:
             if node is None or (isinstance(node, Mapping) and not node):
                 return None
-            self.problems.unexpected.append(f"{path}: {_describe(node)}")
+            self.problems.unexpected.append(f"{path}: {describe(node)}")
             return None
         if _is_named_tuple(template):
             keys = list(template._fields)
@@ -200,7 +202,7 @@ class _Loader:
         if not isinstance(node, Mapping):
             fields = ", ".join(keys) if keys else "nothing"
             self.problems.mismatched.append(
-                f"{path}: expected a dict of {fields}, got {_describe(node)}"
+                f"{path}: expected a dict of {fields}, got {describe(node)}"
             )
             return templates
         out = []
@@ -215,7 +217,7 @@ class _Loader:
                 out.append(self.walk(template, node[key], where))
         for key in node:
             if key not in keys:
-                self.problems.unexpected.append(f"{path}/{key}: {_describe(node[key])}")
+                self.problems.unexpected.append(f"{path}/{key}: {describe(node[key])}")
         return out
 
     def leaf(self, template: jax.ShapeDtypeStruct, node: Any, path: str) -> Any:
@@ -237,12 +239,12 @@ class _Loader:
             value = None
         if value is None or value.dtype == object:
             self.problems.mismatched.append(
-                f"{path}: expected {_describe(template)}, got {_describe(node)}"
+                f"{path}: expected {describe(template)}, got {describe(node)}"
             )
             return template
         if value.shape != template.shape or value.dtype != dtype:
             self.problems.mismatched.append(
-                f"{path}: expected {_describe(template)}, got {_describe(value)}"
+                f"{path}: expected {describe(template)}, got {describe(value)}"
             )
             return template
         return jnp.asarray(value)
@@ -273,7 +275,7 @@ def _factored(path: str) -> str:
 
 def _expected(template: Any) -> str:
     if isinstance(template, jax.ShapeDtypeStruct):
-        return _describe(template)
+        return describe(template)
     return f"the optimiser's {type(template).__name__}"
 
 
@@ -288,7 +290,7 @@ def _step(value: Any, problems: _Problems) -> Any:
             arr = None
         if arr is not None and arr.shape == () and arr.dtype.kind in "iu":
             return jnp.asarray(arr, jnp.int32)
-    problems.mismatched.append(f"step: expected an integer, got {_describe(value)}")
+    problems.mismatched.append(f"step: expected an integer, got {describe(value)}")
     return jnp.zeros((), jnp.int32)
 
 
