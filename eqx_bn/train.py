@@ -208,9 +208,8 @@ def _matching_leaves(
         out.append(leaf)
     if problems:
         raise ValueError(
-            "TrainState.replace: shape or dtype changed: "
-            + "; ".join(problems)
-            + f". {fix}"
+            "TrainState.replace: new leaves that do not fit the held ones (shape, "
+            "dtype or kind): " + "; ".join(problems) + f". {fix}"
         )
     if treedef != expected:
         raise ValueError(
