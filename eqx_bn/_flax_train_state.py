@@ -32,7 +32,9 @@ def _is_named_tuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """`float32[4, 3]` for an array (or anything with `shape` and `dtype`), `a
+    {type}` for anything else: how error messages name a leaf."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"{np.dtype(x.dtype).name}[{', '.join(map(str, x.shape))}]"
     return f"a {type(x).__name__}"
@@ -90,7 +92,7 @@ class _Problems:
                 self.unexpected,
             ),
             ("Mismatched shape, dtype or kind", self.mismatched),
-            ("Layers with no conversion rule", self.unsupported),
+            ("Layers and optimiser states with no conversion rule", self.unsupported),
         ]
         count = sum(len(items) for _, items in sections) + len(self.extra)
         lines = [
@@ -133,16 +135,17 @@ class _Loader:
         self.problems = problems
         trainable, self.rest = eqx.partition(model, eqx.is_inexact_array)
         self.param_def = jax.tree.structure(trainable)
+        self.param_shapes = _shapes(trainable)
 
     def is_param_shaped(self, template: Any) -> bool:
-        return jax.tree.structure(template) == self.param_def
+        return _laid_out_like(template, self.param_def, self.param_shapes)
 
     def params(self, template: Any, node: Any, path: str) -> Any:
         """A model-shaped subtree (`mu`, `trace`...) from Flax's params layout."""
         if not isinstance(node, Mapping):
             self.problems.mismatched.append(
                 f"{path}: expected parameters shaped like `params`, got "
-                f"{_describe(node)}"
+                f"{describe(node)}"
             )
             return template
         # The model with the optimiser's arrays in place of its parameters: its
@@ -162,10 +165,15 @@ class _Loader:
     def walk(self, template: Any, node: Any, path: str) -> Any:
         if self.is_param_shaped(template):
             return self.params(template, node, path)
+        if jax.tree.structure(template) == self.param_def and not isinstance(
+            template, jax.ShapeDtypeStruct
+        ):
+            self.problems.unsupported.append(_factored(path))
+            return template
         if template is None:
             if node is None or (isinstance(node, Mapping) and not node):
                 return None
-            self.problems.unexpected.append(f"{path}: {_describe(node)}")
+            self.problems.unexpected.append(f"{path}: {describe(node)}")
             return None
         if _is_named_tuple(template):
             keys = list(template._fields)
@@ -194,7 +202,7 @@ class _Loader:
         if not isinstance(node, Mapping):
             fields = ", ".join(keys) if keys else "nothing"
             self.problems.mismatched.append(
-                f"{path}: expected a dict of {fields}, got {_describe(node)}"
+                f"{path}: expected a dict of {fields}, got {describe(node)}"
             )
             return templates
         out = []
@@ -209,7 +217,7 @@ class _Loader:
                 out.append(self.walk(template, node[key], where))
         for key in node:
             if key not in keys:
-                self.problems.unexpected.append(f"{path}/{key}: {_describe(node[key])}")
+                self.problems.unexpected.append(f"{path}/{key}: {describe(node[key])}")
         return out
 
     def leaf(self, template: jax.ShapeDtypeStruct, node: Any, path: str) -> Any:
@@ -219,9 +227,11 @@ class _Loader:
         scalar of the same kind.
         """
         dtype = np.dtype(template.dtype)
-        if isinstance(node, (bool, int, float)) and template.shape == ():
-            kind = {bool: "b", int: "iu", float: "f"}[type(node)]
-            if dtype.kind in kind:
+        if isinstance(node, (bool, int, float, np.generic)) and template.shape == ():
+            # By dtype kind, not by `type(node)`: NumPy scalars (`np.float64` is
+            # even a float subclass) come as they are saved.
+            kind = np.asarray(node).dtype.kind
+            if kind == dtype.kind or (kind in "iu" and dtype.kind in "iu"):
                 return jnp.asarray(node, dtype)
         try:
             value = np.asarray(node)
@@ -229,29 +239,58 @@ class _Loader:
             value = None
         if value is None or value.dtype == object:
             self.problems.mismatched.append(
-                f"{path}: expected {_describe(template)}, got {_describe(node)}"
+                f"{path}: expected {describe(template)}, got {describe(node)}"
             )
             return template
         if value.shape != template.shape or value.dtype != dtype:
             self.problems.mismatched.append(
-                f"{path}: expected {_describe(template)}, got {_describe(value)}"
+                f"{path}: expected {describe(template)}, got {describe(value)}"
             )
             return template
         return jnp.asarray(value)
 
 
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    return [tuple(x.shape) for x in jax.tree.leaves(tree)]
+
+
+def _laid_out_like(tree: Any, param_def: Any, param_shapes: list) -> bool:
+    """Whether `tree` holds one array per parameter, each of the parameter's shape
+    (SGD's `trace`, Adam's `mu`): then it converts to Flax's layout as the
+    parameters do. The tree structure alone is not enough: Adafactor's `v_row` and
+    `v_col` have it, but hold per-row and per-column statistics that a layout
+    change (a transposed kernel) must not be applied to, and that, for a square
+    kernel, have the very shapes a transposition would expect."""
+    return jax.tree.structure(tree) == param_def and _shapes(tree) == param_shapes
+
+
+def _factored(path: str) -> str:
+    return (
+        f"{path}: one array per parameter, but not of the parameters' shapes (e.g. "
+        "Adafactor's factored v_row/v_col): there is no rule to convert it between "
+        "the two layouts; resume with an optimiser whose state is shaped like the "
+        "parameters (SGD, Adam...)"
+    )
+
+
 def _expected(template: Any) -> str:
     if isinstance(template, jax.ShapeDtypeStruct):
-        return _describe(template)
+        return describe(template)
     return f"the optimiser's {type(template).__name__}"
 
 
 def _step(value: Any, problems: _Problems) -> Any:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return jnp.asarray(value, jnp.int32)
-    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu":
-        return jnp.asarray(value, jnp.int32)
-    problems.mismatched.append(f"step: expected an integer, got {_describe(value)}")
+    # Any integer scalar: a Python int, a NumPy one, or the jax.Array that Flax's
+    # `apply_gradients` leaves in `step` (as `to_state_dict` hands it over).
+    # A bool is an int to Python but never a step count.
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            arr = np.asarray(value)
+        except Exception:
+            arr = None
+        if arr is not None and arr.shape == () and arr.dtype.kind in "iu":
+            return jnp.asarray(arr, jnp.int32)
+    problems.mismatched.append(f"step: expected an integer, got {describe(value)}")
     return jnp.zeros((), jnp.int32)
 
 
@@ -308,21 +347,26 @@ def export(
     """A Flax TrainState's state dict: `step`, `params`, `batch_stats`, `opt_state`."""
     variables = export_flax(model, state, mapping=mapping)
     trainable, rest = eqx.partition(model, eqx.is_inexact_array)
-    param_def = jax.tree.structure(trainable)
+    param_def, param_shapes = jax.tree.structure(trainable), _shapes(trainable)
 
-    def walk(node: Any) -> Any:
-        if jax.tree.structure(node) == param_def:
+    def walk(node: Any, path: str) -> Any:
+        if _laid_out_like(node, param_def, param_shapes):
             return export_flax(eqx.combine(node, rest), state, mapping=mapping)[
                 "params"
             ]
+        if jax.tree.structure(node) == param_def and not eqx.is_array(node):
+            message = _factored(path)
+            raise ConversionError(
+                f"TrainState.to_flax: cannot write {message}.", unsupported=(message,)
+            )
         if node is None:
             return None
         if _is_named_tuple(node):
-            return {k: walk(getattr(node, k)) for k in node._fields}
+            return {k: walk(getattr(node, k), f"{path}/{k}") for k in node._fields}
         if isinstance(node, (tuple, list)):
-            return {str(i): walk(v) for i, v in enumerate(node)}
+            return {str(i): walk(v, f"{path}/{i}") for i, v in enumerate(node)}
         if isinstance(node, dict):
-            return {str(k): walk(v) for k, v in node.items()}
+            return {str(k): walk(v, f"{path}/{k}") for k, v in node.items()}
         if eqx.is_array(node):
             return np.asarray(node)
         raise TypeError(
@@ -333,5 +377,5 @@ def export(
     return {
         "step": np.asarray(step),
         **variables,
-        "opt_state": walk(opt_state),
+        "opt_state": walk(opt_state, "opt_state"),
     }

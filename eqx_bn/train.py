@@ -27,10 +27,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Int, PyTree
 
 from . import _flax_train_state
+from ._flax_train_state import describe
 from ._typing import typecheck
 
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
@@ -106,6 +108,23 @@ def _init(
 _UNSET: Any = object()
 
 
+def _strong(x: Any) -> Any:
+    """`x` without a weak type. A weakly typed leaf (`jnp.asarray(1e-4)`, what
+    Optax's `init` gives for a Python hyperparameter) is a different jit cache key
+    than the same dtype held strongly, and would compile every step once more."""
+    if isinstance(x, jax.Array) and x.weak_type:
+        return jax.lax.convert_element_type(x, x.dtype)
+    return x
+
+
+@jax.jit
+def _fresh(leaves: list) -> list:
+    # One compiled call: fresh buffers (jit would hand an unchanged input straight
+    # back), so that a donating step cannot delete what the caller still holds, nor
+    # be given one buffer twice (tied weights, one array for two hyperparameters).
+    return [jnp.array(_strong(x), copy=True) for x in leaves]
+
+
 def _check_optimizer(optimizer: Any, where: str) -> None:
     """Any object with `init` and `update` (a `GradientTransformation`,
     `optax.MultiSteps`...) is an optimiser; say how to fix anything else."""
@@ -129,10 +148,6 @@ def _check_optimizer(optimizer: Any, where: str) -> None:
         f"`update` methods (`optax.adam(1e-3)`, `optax.chain(...)`, "
         f"`optax.MultiSteps(...)`), got {type(optimizer).__name__}.{hint}"
     )
-
-
-def _leaf_description(x: Any) -> str:
-    return f"{jnp.dtype(x.dtype).name}[{', '.join(map(str, jnp.shape(x)))}]"
 
 
 def _paths(tree: PyTree) -> list[str]:
@@ -167,20 +182,34 @@ def _matching_leaves(
     out, problems = [], []
     for path, leaf, held in zip(paths, leaves, old):
         if isinstance(leaf, (bool, int, float)) and jnp.shape(held) == ():
+            kind, held_kind = np.asarray(leaf).dtype.kind, np.dtype(held.dtype).kind
+            # Only a lossless conversion: a float cast to an int32 slot (a
+            # learning rate built as `learning_rate=1`) would be truncated.
+            if not (
+                kind == held_kind
+                or (kind in "iu" and held_kind in "iuf")
+                or (kind == "b" and held_kind == "b")
+            ):
+                problems.append(
+                    f"{name}{path}: the held value is {describe(held)}, which cannot "
+                    f"hold the {type(leaf).__name__} {leaf!r} (it would be "
+                    "truncated); build the optimiser with a value of that kind, e.g. "
+                    "`learning_rate=1.0` rather than `learning_rate=1`"
+                )
+                out.append(leaf)
+                continue
             leaf = jnp.asarray(leaf, held.dtype)
         if not hasattr(leaf, "dtype") or (
             jnp.shape(leaf) != jnp.shape(held) or leaf.dtype != held.dtype
         ):
-            got = _leaf_description(leaf) if hasattr(leaf, "dtype") else type(leaf)
             problems.append(
-                f"{name}{path}: expected {_leaf_description(held)}, got {got}"
+                f"{name}{path}: expected {describe(held)}, got {describe(leaf)}"
             )
         out.append(leaf)
     if problems:
         raise ValueError(
-            "TrainState.replace: shape or dtype changed: "
-            + "; ".join(problems)
-            + f". {fix}"
+            "TrainState.replace: new leaves that do not fit the held ones (shape, "
+            "dtype or kind): " + "; ".join(problems) + f". {fix}"
         )
     if treedef != expected:
         raise ValueError(
@@ -188,7 +217,34 @@ def _matching_leaves(
             f"held one: the same leaves, but a different configuration (static "
             f"fields): {_first_difference(str(expected), str(treedef))}. {fix}"
         )
-    return tuple(out)
+    return tuple(_fresh(out))
+
+
+def _step(step: Any) -> Array:
+    """A new `step` for `TrainState.replace`: an integer that int32 holds."""
+    # `True` is an int to Python, and int32 would wrap (or refuse) a larger one.
+    is_int = not isinstance(step, (bool, np.bool_)) and (
+        isinstance(step, (int, np.integer))
+        or (
+            hasattr(step, "dtype")
+            and jnp.shape(step) == ()
+            and jnp.issubdtype(step.dtype, jnp.integer)
+        )
+    )
+    if not is_int:
+        raise ValueError(
+            f"TrainState.replace: `step` must be an integer, got {step!r}. Pass the "
+            "number of optimiser updates applied, e.g. `step=0`."
+        )
+    if isinstance(step, (int, np.integer)):
+        info = np.iinfo(np.int32)
+        if not info.min <= step <= info.max:
+            raise ValueError(
+                f"TrainState.replace: `step` must be an integer in int32's range "
+                f"[{info.min}, {info.max}] (the step is held as int32, as in Flax), "
+                f"got {step}."
+            )
+    return _fresh([jnp.asarray(step, jnp.int32)])[0]
 
 
 class TrainState(eqx.Module):
@@ -257,10 +313,10 @@ class TrainState(eqx.Module):
         state_leaves, state_def = jax.tree.flatten(state)
         opt_leaves, opt_def = jax.tree.flatten(opt_state)
         return cls(
-            param_leaves=tuple(param_leaves),
-            state_leaves=tuple(state_leaves),
-            opt_leaves=tuple(opt_leaves),
-            step=step,
+            param_leaves=tuple(map(_strong, param_leaves)),
+            state_leaves=tuple(map(_strong, state_leaves)),
+            opt_leaves=tuple(map(_strong, opt_leaves)),
+            step=_strong(step),
             structure=Structure(param_def, static, state_def, opt_def, optimizer),
         )
 
@@ -413,7 +469,9 @@ class TrainState(eqx.Module):
 
         **Raises:**
 
-        - `ConversionError`: the model has layers with no conversion rule.
+        - `ConversionError`: the model has layers with no conversion rule, or the
+            optimiser state has parts not shaped like the parameters (Adafactor's
+            factored `v_row`/`v_col`).
         """
         return _flax_train_state.export(
             self.model, self.state, self.opt_state, self.step, mapping=mapping
@@ -432,8 +490,14 @@ class TrainState(eqx.Module):
 
         Each new part must have the structure, shapes and dtypes of the held one,
         so that the optimiser state still fits the model and the compiled steps
-        are reused; the model's non-array configuration may change (e.g. a layer
-        frozen with `eqx.nn.inference_mode`).
+        are reused (arrays are held strongly typed, so `jnp.asarray(1e-4)` does
+        not compile them again); the model's non-array configuration may change
+        (e.g. a layer frozen with `eqx.nn.inference_mode`), which compiles them
+        once more.
+
+        The new arrays are copied, as by `create`: what was passed in stays usable
+        whatever happens to the holder (even with `make_train_step(...,
+        donate=True)`), and one array given for two leaves is two buffers.
 
         !!! Example
 
@@ -450,8 +514,10 @@ class TrainState(eqx.Module):
         - `model`: a model shaped like `ts.model`.
         - `state`: an `eqx.nn.State` shaped like `ts.state`.
         - `opt_state`: an optimiser state shaped like `ts.opt_state` (Python
-            scalars are converted to the held dtype, e.g. a new learning rate).
-        - `step`: an integer.
+            scalars are converted to the held dtype when it holds them without
+            loss, e.g. a new learning rate: a float for an int32 hyperparameter is
+            refused, build the optimiser with `learning_rate=1.0` instead).
+        - `step`: an integer in int32's range (not a bool).
 
         **Returns:**
 
@@ -460,7 +526,8 @@ class TrainState(eqx.Module):
         **Raises:**
 
         - `ValueError`: a new part does not match the held one (the message names
-            the leaves that differ).
+            the leaves that differ), a Python float for an integer leaf, or a
+            `step` that is not an int32 integer.
         - `TypeError`: for another keyword, with the one to use (Flax's `params`
             and `batch_stats` are `model` and `state` here).
         """
@@ -509,18 +576,7 @@ class TrainState(eqx.Module):
                 opt_state, structure.opt_state, self.opt_leaves, "opt_state", fix
             )
         if step is not _UNSET:
-            if not (
-                isinstance(step, int)
-                or (
-                    hasattr(step, "dtype")
-                    and jnp.shape(step) == ()
-                    and jnp.issubdtype(step.dtype, jnp.integer)
-                )
-            ):
-                raise ValueError(
-                    f"TrainState.replace: `step` must be an integer, got {step!r}."
-                )
-            changes["step"] = jnp.asarray(step, jnp.int32)
+            changes["step"] = _step(step)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -707,25 +763,30 @@ def make_train_step(
     jitted = jax.jit(step, donate_argnums=(0,))
 
     def donating_step(ts: TrainState, batch: Any) -> tuple[TrainState, Array, Any]:
-        # All the holder's buffers are donated together: `step` tells for all. XLA's
-        # own error for a deleted buffer does not say where it came from.
-        if (
-            isinstance(ts, TrainState)
-            and isinstance(ts.step, jax.Array)
-            and not isinstance(ts.step, jax.core.Tracer)
-            and ts.step.is_deleted()
-        ):
-            raise ValueError(
-                "train_step: this TrainState was donated to an earlier step (made "
-                "with `make_train_step(..., donate=True)`), which reused its "
-                "buffers. Pass the TrainState that step returned "
-                "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
-                "without `donate=True` to keep old ones usable."
-            )
+        _check_not_donated(ts, "train_step")
         return jitted(ts, batch)
 
     donating_step.lower = jitted.lower  # type: ignore[attr-defined]
     return donating_step
+
+
+def _check_not_donated(ts: Any, where: str) -> None:
+    """A clear error for a `TrainState` given to a donating step earlier."""
+    # All the holder's buffers are donated together: `step` tells for all. XLA's
+    # own error for a deleted buffer does not say where it came from.
+    if (
+        isinstance(ts, TrainState)
+        and isinstance(ts.step, jax.Array)
+        and not isinstance(ts.step, jax.core.Tracer)
+        and ts.step.is_deleted()
+    ):
+        raise ValueError(
+            f"{where}: this TrainState was donated to an earlier step (made "
+            "with `make_train_step(..., donate=True)`), which reused its "
+            "buffers. Pass the TrainState that step returned "
+            "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
+            "without `donate=True` to keep old ones usable."
+        )
 
 
 @typecheck
@@ -752,10 +813,19 @@ def make_eval_step(fn: Callable[..., Any]) -> Callable[[TrainState, Any], Any]:
 
     **Returns:**
 
-    `eval_step(train_state, batch) -> out`, jitted; the `TrainState` is not donated.
+    `eval_step(train_state, batch) -> out`, jitted (its `lower` method compiles
+    ahead of time); the `TrainState` is not donated. Passing one that a donating
+    train step consumed raises a `ValueError` saying so.
     """
 
     def step(ts: TrainState, batch: Any) -> Any:
         return fn(eqx.nn.inference_mode(ts.model), ts.state, batch)
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+
+    def eval_step(ts: TrainState, batch: Any) -> Any:
+        _check_not_donated(ts, "eval_step")
+        return jitted(ts, batch)
+
+    eval_step.lower = jitted.lower  # type: ignore[attr-defined]
+    return eval_step

@@ -521,3 +521,62 @@ def test_docstring_examples_run():
         for block in blocks:
             exec(textwrap.dedent(block), namespace)
     assert int(namespace["ts"].step) == 2
+
+
+def test_replace_refuses_a_float_in_an_integer_slot():
+    """`inject_hyperparams(optax.sgd)(learning_rate=1)` holds an int32: 0.5 would be
+    truncated to a learning rate of 0, silently."""
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1)
+    _, _, ts = fresh_state(tx)
+    opt_state = ts.opt_state
+    opt_state.hyperparams["learning_rate"] = 0.5
+    with pytest.raises(ValueError, match=r"int32\[\].*`learning_rate=1.0`"):
+        ts.replace(opt_state=opt_state)
+    opt_state.hyperparams["learning_rate"] = 2  # an int in an int slot is fine
+    assert int(ts.replace(opt_state=opt_state).opt_state.hyperparams["learning_rate"])
+    with pytest.raises(ValueError, match="`step` must be an integer"):
+        ts.replace(step=True)
+    with pytest.raises(ValueError, match="int32's range"):
+        ts.replace(step=2**40)
+
+
+HYPER = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
+
+
+def test_weak_types_do_not_recompile():
+    """A weakly typed leaf is another jit cache key: a learning rate replaced with
+    `jnp.asarray(1e-4)`, or the hyperparameters as `create` (weak, from Optax's
+    `init` of Python floats) and `from_flax` (strong) give them, would each
+    compile the step again."""
+    counted = Counter(loss_fn)
+    train_step = make_train_step(counted)
+    model, state, ts = fresh_state(HYPER)
+    xs, ys = data(3)
+    ts, _, _ = train_step(ts, (xs[0], ys[0]))
+    opt_state = ts.opt_state
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(1e-4)  # weak float32
+    ts, _, _ = train_step(ts.replace(opt_state=opt_state), (xs[1], ys[1]))
+    assert counted.traces == 1
+    resumed = TrainState.from_flax(model, state, ts.to_flax(), HYPER)
+    train_step(resumed, (xs[2], ys[2]))
+    assert counted.traces == 1
+
+
+def test_replace_copies_what_a_donating_step_consumes():
+    """`replace`, like `create`, copies: a model kept aside (early stopping) and put
+    back survives a donating step, and one array given for two leaves is not one
+    buffer donated twice."""
+    model, _, ts = fresh_state(HYPER)
+    xs, ys = data(2)
+    donating = make_train_step(loss_fn, donate=True)
+    opt_state = ts.opt_state
+    rate = jnp.float32(0.05)
+    opt_state.hyperparams["learning_rate"] = opt_state.hyperparams["momentum"] = rate
+    ts = ts.replace(model=model, opt_state=opt_state)
+    new, _, _ = donating(ts, (xs[0], ys[0]))
+    kept = jax.tree.leaves(eqx.filter(model, eqx.is_array)) + [rate]
+    assert not any(x.is_deleted() for x in kept)
+    assert float(new.opt_state.hyperparams["momentum"]) == np.float32(0.05)
+    # An evaluation of the donated holder says what happened, not an XLA error.
+    with pytest.raises(ValueError, match="eval_step: this TrainState was donated"):
+        EVAL_STEP(ts, (xs[1], ys[1]))

@@ -50,9 +50,9 @@ class Net(eqx.Module):
     norm: eqx_bn.BatchNorm
     dense_1: eqx.nn.Linear
 
-    def __init__(self, key):
+    def __init__(self, key, in_size=3):
         k0, k1 = jax.random.split(key)
-        self.dense_0 = eqx.nn.Linear(3, 4, use_bias=False, key=k0)
+        self.dense_0 = eqx.nn.Linear(in_size, 4, use_bias=False, key=k0)
         self.norm = eqx_bn.BatchNorm(4, axis_name="batch")
         self.dense_1 = eqx.nn.Linear(4, 1, key=k1)
 
@@ -284,3 +284,59 @@ def test_an_abstract_model_is_enough(start):
     ts = TrainState.from_flax(*abstract, flax.serialization.to_state_dict(fts), tx)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ts))
     assert_flax_equal(ts.to_flax(), fts, exact=True)
+
+
+def test_a_stepped_flax_state_dict_is_read(start):
+    """After Flax's `apply_gradients` the step is a jax.Array: `to_state_dict` of a
+    stepped `TrainState` (the documented form) is read, not refused as no integer."""
+    variables, model, state = start
+    tx = OPTIMIZERS["sgd"]
+    fts = flax_train_state(variables, tx)
+    with flax_promotion():
+        fts, _ = flax_step(fts, batches(1)[0])
+    checkpoint = flax.serialization.to_state_dict(fts)
+    assert isinstance(checkpoint["step"], jax.Array)
+    ts = TrainState.from_flax(model, state, checkpoint, tx)
+    assert int(ts.step) == 1
+    assert_flax_equal(ts.to_flax(), fts, exact=True)
+    # A bool is still no step count.
+    with pytest.raises(ConversionError, match="step: expected an integer"):
+        TrainState.from_flax(model, state, {**checkpoint, "step": np.True_}, tx)
+
+
+def test_numpy_scalars_in_a_checkpoint_are_read(start):
+    """A hyperparameter or count saved as a NumPy scalar (`np.float64` is a float
+    subclass) is read as the Python scalar of its kind is."""
+    variables, model, state = start
+    tx = OPTIMIZERS["inject_hyperparams"]
+    checkpoint = as_numpy(
+        flax.serialization.to_state_dict(flax_train_state(variables, tx))
+    )
+    opt = checkpoint["opt_state"]
+    opt["hyperparams"]["learning_rate"] = np.float64(0.01)
+    opt["count"] = np.int64(3)
+    ts = TrainState.from_flax(model, state, checkpoint, tx)
+    assert float(ts.opt_state.hyperparams["learning_rate"]) == np.float32(0.01)
+    assert int(ts.opt_state.count) == 3
+    # A float scalar is still no integer count.
+    opt["count"] = np.float64(3.0)
+    with pytest.raises(ConversionError, match="opt_state/count: expected int32"):
+        TrainState.from_flax(model, state, checkpoint, tx)
+
+
+def test_adafactor_is_refused_not_resumed_wrongly():
+    """Adafactor's factored `v_row`/`v_col` have the parameters' tree structure but
+    not their shapes; with a square kernel (4x4 here) a layout conversion fits them
+    and would swap rows and columns silently. They are reported instead."""
+    tx = optax.adafactor(0.05, min_dim_size_to_factor=2)
+    with flax_promotion():
+        variables = FlaxNet().init(
+            jax.random.key(0), np.zeros((2, 4), np.float32), train=False
+        )
+        checkpoint = flax.serialization.to_state_dict(flax_train_state(variables, tx))
+    model, state = eqx.nn.make_with_state(Net)(jax.random.key(1), in_size=4)
+    with pytest.raises(ConversionError, match="Adafactor") as info:
+        TrainState.from_flax(model, state, checkpoint, tx)
+    assert any(u.startswith("opt_state/0/v_row: ") for u in info.value.unsupported)
+    with pytest.raises(ConversionError, match="opt_state/0/v_row: .*Adafactor"):
+        TrainState.create(model, state, tx).to_flax()
