@@ -662,6 +662,27 @@ def test_safetensors_duplicate_names_refused():
         read_safetensors(struct.pack("<Q", len(raw)) + raw + b"\0")
 
 
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ([0, 2**62, 2**62], "too large for any array"),
+        ([0, 10**30], "too large for any array"),
+        ([1] * 100, "100 axes"),
+    ],
+)
+def test_safetensors_forged_shapes_give_checkpoint_errors(shape, message):
+    """Zero-size shapes that numpy cannot make (it raises a plain ValueError)."""
+    data = _safetensors({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    with pytest.raises(CheckpointError, match=message):
+        read_safetensors(data)
+
+
+def test_safetensors_deeply_nested_header_gives_checkpoint_error():
+    raw = b'{"a":' + b"[" * 100_000
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_safetensors(struct.pack("<Q", len(raw)) + raw)
+
+
 def test_truncated_safetensors_file(tmp_path):
     raw = (DATA / "narrow_basic.safetensors").read_bytes()
     path = tmp_path / "cut.safetensors"
