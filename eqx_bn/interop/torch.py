@@ -15,6 +15,12 @@ of an untrusted file runs the file's code. Here the unpickler resolves only the
 names a saved state dict needs (the tensor and parameter rebuild functions, the
 storage and dtype names, `collections.OrderedDict`) to functions of this module
 that build numpy arrays; any other name is refused before anything is called.
+
+Memory and time stay bounded by the file's size: only uncompressed records are
+read (torch.save writes no other; a compressed one could be a zip bomb), each only
+after its size is checked against the pickle's, and the pickle's memo cannot make
+the reader copy a storage or walk a shared container over and over (see `_view`
+and `_plain`).
 """
 
 import io
@@ -371,10 +377,10 @@ def _read_record(
 class _Unpickler(pickle._Unpickler):
     """Resolves only `_GLOBALS`; storages come from the archive's records.
 
-    The pure-Python unpickler, as torch's own `weights_only` loader uses: the C one
-    allocates ahead from the memo indices and lengths a pickle declares (a 255-byte
-    pickle with memo index 2**26 takes a gigabyte), the Python one keeps its memo in
-    a dict and reads only the bytes present.
+    The pure-Python unpickler (torch's own `weights_only` loader is pure Python
+    too): the C one allocates ahead from the memo indices a pickle declares (a
+    255-byte pickle with memo index 2**26 takes a gigabyte), the Python one keeps
+    its memo in a dict and reads only the bytes present.
     """
 
     def __init__(
