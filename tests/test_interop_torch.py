@@ -568,6 +568,108 @@ def test_corrupt_torch_files(tmp_path):
         read_torch(tensor_only)
 
 
+def _rebuilds_pickle(numel, entries):
+    """A torch.save pickle of `{name: tensor}` for `(name, size, stride)` in
+    `entries`, all rebuilt from float32 storage "0" of `numel` elements; the rebuild
+    function and the storage are memoized, as torch's pickler does, so that each
+    entry costs a few dozen bytes."""
+    ints = lambda t: b"(" + b"".join(b"J" + struct.pack("<i", v) for v in t) + b"t"  # noqa: E731
+    out = [
+        b"\x80\x02}q\x00ctorch._utils\n_rebuild_tensor_v2\nq\x010"
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000"
+        b"X\x03\x00\x00\x00cpuJ" + struct.pack("<i", numel) + b"tQq\x020"
+    ]
+    for name, size, stride in entries:
+        out.append(b"X" + struct.pack("<I", len(name)) + name.encode())
+        out.append(b"h\x01(h\x02K\x00" + ints(size) + ints(stride) + b"\x89}tRs")
+    return b"".join(out) + b"."
+
+
+def test_views_of_one_storage_share_it_and_copies_are_bounded(tmp_path):
+    """A storage rebuilt many times for a few bytes each: contiguous views are not
+    copied, non-contiguous copies stop at the file's size."""
+    data = np.arange(32 * 32, dtype=np.float32).tobytes()
+    entries = [(f"w{i}", (32, 32), (32, 1)) for i in range(100)]
+    path = _torch_zip(
+        tmp_path / "c.pt", _rebuilds_pickle(32 * 32, entries), {"0": data}
+    )
+    sd = read_torch(path)
+    assert len(sd) == 100
+    assert np.shares_memory(sd["w0"], sd["w99"])
+    assert not sd["w0"].flags.writeable and sd["w0"].flags.c_contiguous
+    np.testing.assert_array_equal(sd["w7"].ravel(), np.arange(32 * 32))
+    # One transposed view of a storage is copied, as a real file has.
+    entries = [("t", (32, 32), (1, 32))]
+    path = _torch_zip(
+        tmp_path / "t.pt", _rebuilds_pickle(32 * 32, entries), {"0": data}
+    )
+    t = read_torch(path)["t"]
+    np.testing.assert_array_equal(t, np.arange(32 * 32).reshape(32, 32).T)
+    assert t.flags.c_contiguous and not t.flags.writeable
+    # 100 of them would copy 400 KB out of a file of a few KB.
+    entries = [(f"t{i}", (32, 32), (1, 32)) for i in range(100)]
+    path = _torch_zip(
+        tmp_path / "n.pt", _rebuilds_pickle(32 * 32, entries), {"0": data}
+    )
+    assert path.stat().st_size < 20_000
+    with pytest.raises(CheckpointError, match="would copy more than"):
+        read_torch(path)
+
+
+@pytest.mark.parametrize("record", ["data/0", "data.pkl"])
+def test_compressed_records_are_refused(tmp_path, record):
+    """torch.save stores records uncompressed; a compressed one could be a zip bomb
+    (zipfile inflates it whole before any size check), so it is not read."""
+    path = tmp_path / "x.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in [
+            ("data.pkl", _tensor_pickle()),
+            ("byteorder", b"little"),
+            ("data/0", np.zeros(4, np.float32).tobytes()),
+        ]:
+            method = zipfile.ZIP_BZIP2 if name == record else zipfile.ZIP_STORED
+            z.writestr(f"archive/{name}", data, compress_type=method)
+    with pytest.raises(CheckpointError, match=f"'archive/{record}' is compressed"):
+        read_torch(path)
+
+
+def test_shared_containers_cannot_expand_exponentially(tmp_path):
+    """x1 = [x0, x0], x2 = [x1, x1], ... through the memo: 2**22 values from a
+    pickle of 100 bytes, refused after a bounded number of steps."""
+    depth = 21
+    body = b"]q\x000" + b"".join(
+        b"(h" + bytes([i]) + b"h" + bytes([i]) + b"lq" + bytes([i + 1]) + b"0"
+        for i in range(depth)
+    )
+    evil = b"\x80\x02}(X\x01\x00\x00\x00a" + body + b"h" + bytes([depth]) + b"u."
+    with pytest.raises(CheckpointError, match="more than 1000"):
+        read_torch(_torch_zip(tmp_path / "x.pt", evil))
+
+
+def test_huge_memo_index_allocates_nothing(tmp_path):
+    """C's unpickler grows its memo to the largest index a pickle names (8 bytes
+    per slot) before storing anything; the pure-Python one keeps a dict."""
+    import tracemalloc
+
+    evil = b"\x80\x02}r" + struct.pack("<I", 2**24) + b"."
+    path = _torch_zip(tmp_path / "x.pt", evil)
+    tracemalloc.start()
+    try:
+        assert read_torch(path) == {}
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
+def test_only_a_record_named_data_pkl_is_the_pickle(tmp_path):
+    path = tmp_path / "x.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/xdata.pkl", b"\x80\x02}.")
+    with pytest.raises(CheckpointError, match="not a torch.save file"):
+        read_torch(path)
+
+
 @pytest.mark.parametrize("file", ["features.pt", "narrow_basic.safetensors"])
 def test_mangled_files_give_checkpoint_errors(tmp_path, file):
     """Random byte changes, cuts and insertions: a CheckpointError or a result,
@@ -660,6 +762,27 @@ def test_safetensors_duplicate_names_refused():
           b'"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'  # fmt: skip
     with pytest.raises(CheckpointError, match="twice"):
         read_safetensors(struct.pack("<Q", len(raw)) + raw + b"\0")
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ([0, 2**62, 2**62], "too large for any array"),
+        ([0, 10**30], "too large for any array"),
+        ([1] * 100, "100 axes"),
+    ],
+)
+def test_safetensors_forged_shapes_give_checkpoint_errors(shape, message):
+    """Zero-size shapes that numpy cannot make (it raises a plain ValueError)."""
+    data = _safetensors({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    with pytest.raises(CheckpointError, match=message):
+        read_safetensors(data)
+
+
+def test_safetensors_deeply_nested_header_gives_checkpoint_error():
+    raw = b'{"a":' + b"[" * 100_000
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_safetensors(struct.pack("<Q", len(raw)) + raw)
 
 
 def test_truncated_safetensors_file(tmp_path):

@@ -18,8 +18,9 @@ def read_checkpoint(
     """Reads a checkpoint: Flax msgpack, Orbax, PyTorch or safetensors.
 
     A directory is read with [`eqx_bn.interop.read_orbax`][]. A file is told by
-    its first bytes (and a `.safetensors` suffix): a zip archive or a pickle with
-    [`eqx_bn.interop.read_torch`][], a safetensors file with
+    its first bytes (and a `.safetensors` suffix): a zip archive, or a pickle
+    starting as torch.save's legacy format does (which `read_torch` refuses with
+    an explanation), with [`eqx_bn.interop.read_torch`][], a safetensors file with
     [`eqx_bn.interop.read_safetensors`][], anything else with
     [`eqx_bn.interop.read_msgpack`][]. The tree is returned as stored: a saved
     Flax `TrainState` gives `{"params": ..., "batch_stats": ..., "step": ...,
@@ -38,8 +39,8 @@ def read_checkpoint(
 
     **Raises:**
 
-    - `CheckpointError`: `path` does not exist, or cannot be read (see the two
-        readers).
+    - `CheckpointError`: `path` does not exist, or cannot be read (see the four
+        readers: `read_orbax`, `read_torch`, `read_safetensors`, `read_msgpack`).
     - `ImportError`: `path` is a directory and `orbax-checkpoint` is not installed.
     """
     path = os.fspath(path)

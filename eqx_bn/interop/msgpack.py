@@ -31,6 +31,7 @@ from jaxtyping import PyTree
 from .._typing import typecheck
 from .atomic import atomic_write
 from .errors import CheckpointError
+from .shapes import shape_problem as _shape_problem
 
 _EXT_NDARRAY = 1
 _EXT_NATIVE_COMPLEX = 2
@@ -43,10 +44,6 @@ _MAX_CHUNK_BYTES = 2**30
 # from exhausting the Python stack.
 _MAX_DEPTH = 100
 _READ_BLOCK = 16 * 2**20
-# numpy's limits on one array: its number of axes, and its size in bytes (which it
-# also computes for a zero-size array, from the non-zero dimensions).
-_MAX_NDIM = 64
-_MAX_BYTES = int(np.iinfo(np.intp).max)
 
 ProgressCallback = Callable[[int, int], None]
 """Called as `progress(bytes_read, total_bytes)` while a file is read."""
@@ -81,22 +78,6 @@ _SUPPORTED = frozenset(_DTYPES.values())
 
 def _where(path: tuple[str, ...]) -> str:
     return f"at '{'/'.join(path)}'" if path else "at the top level"
-
-
-def _shape_problem(shape: Any, itemsize: int) -> str | None:
-    """What is wrong with a declared array shape, or None if numpy can hold it.
-
-    A forged shape can multiply to 0 with a huge dimension (`[0, 2**62]`) or make
-    numpy's byte count overflow even when it holds no element; numpy refuses both
-    with a plain ValueError, which would reach the caller without the tree path.
-    """
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        return f"shape {shape!r} is not a list of non-negative ints"
-    if len(shape) > _MAX_NDIM:
-        return f"shape has {len(shape)} axes, more than numpy's {_MAX_NDIM}"
-    if math.prod(d for d in shape if d) * itemsize > _MAX_BYTES:
-        return f"shape {tuple(shape)} is too large for any array on this machine"
-    return None
 
 
 class _Invalid:

@@ -27,6 +27,7 @@ import numpy as np
 from .._typing import typecheck
 from .atomic import atomic_write
 from .errors import CheckpointError
+from .shapes import shape_problem
 
 _CODES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -84,6 +85,12 @@ def _header(data: memoryview, origin: str) -> tuple[dict[str, Any], int]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{origin}: its header is not valid JSON ({e})") from None
+    except RecursionError:
+        # json.loads recurses once per nesting level; a real header nests three.
+        raise CheckpointError(
+            f"{origin}: its header is nested too deeply to be a safetensors header "
+            "(a tensor entry is one JSON object of lists)"
+        ) from None
     return header, 8 + n
 
 
@@ -103,8 +110,11 @@ def _entry(
             f"{', '.join(_CODES)}"
         )
     shape, offsets = info["shape"], info["data_offsets"]
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+    # A forged shape (`[0, 2**62, 2**62]`, 100 axes) must not reach numpy, which
+    # refuses it with a plain ValueError rather than a CheckpointError.
+    problem = shape_problem(shape, dtype.itemsize)
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2

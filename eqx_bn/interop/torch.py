@@ -15,8 +15,15 @@ of an untrusted file runs the file's code. Here the unpickler resolves only the
 names a saved state dict needs (the tensor and parameter rebuild functions, the
 storage and dtype names, `collections.OrderedDict`) to functions of this module
 that build numpy arrays; any other name is refused before anything is called.
+
+Memory and time stay bounded by the file's size: only uncompressed records are
+read (torch.save writes no other; a compressed one could be a zip bomb), each only
+after its size is checked against the pickle's, and the pickle's memo cannot make
+the reader copy a storage or walk a shared container over and over (see `_view`
+and `_plain`).
 """
 
+import io
 import math
 import os
 import pickle
@@ -31,6 +38,7 @@ import numpy as np
 
 from .._typing import typecheck
 from .errors import CheckpointError
+from .shapes import shape_problem
 
 # torch's names of its dtypes (`str(torch.float32)` without `torch.`), as numpy.
 _TORCH_DTYPES: dict[str, np.dtype] = {
@@ -77,6 +85,12 @@ _STORAGE_TYPES: dict[str, np.dtype] = {
 }
 
 _MAX_DEPTH = 100
+# How many values `_plain` may visit beyond one per byte of the pickle. A tree
+# without shared parts has fewer values than its pickle has bytes (each takes at
+# least an opcode); only a pickle that reuses one container many times through its
+# memo (x1 = [x0, x0], x2 = [x1, x1], ...: exponential in the file's size) needs
+# more. A real state_dict has at most a few thousand entries.
+_MAX_EXTRA_VALUES = 1_000_000
 # How torch.save's legacy format starts: pickle protocol 2, then its magic number
 # as a LONG1.
 _LEGACY_TORCH = b"\x80\x02\x8a"
@@ -135,15 +149,27 @@ class _Function(_Resolved):
         return f"torch._utils.{self.name}"
 
 
+class _Budget:
+    """The bytes that tensors may still copy out of their storages in one read."""
+
+    __slots__ = ("left", "total")
+
+    def __init__(self, total: int):
+        self.left = total
+        self.total = total
+
+
 class _Storage(_Resolved):
-    """One storage: its bytes, read from `data/<key>` when the pickle names it."""
+    """One storage: its bytes, read from `data/<key>` when the pickle names it, and
+    the copy budget of the read it belongs to."""
 
-    __slots__ = ("key", "data", "dtype")
+    __slots__ = ("key", "data", "dtype", "budget")
 
-    def __init__(self, key: str, data: bytes, dtype: np.dtype | None):
+    def __init__(self, key: str, data: bytes, dtype: np.dtype | None, budget: _Budget):
         self.key = key
         self.data = data
         self.dtype = dtype
+        self.budget = budget
 
 
 class _Tensor(_Resolved):
@@ -183,7 +209,13 @@ def _view(
     dtype: np.dtype,
 ) -> _Tensor:
     """The tensor `storage[offset:]` viewed with `size` and `stride` (in elements),
-    copied out of the storage so that views of one storage do not alias."""
+    as a read-only, C-contiguous array.
+
+    A contiguous view is returned as it is, sharing the storage's bytes: a pickle
+    can rebuild one storage any number of times for a few bytes each, and copying
+    each would let a small file fill the memory. Only non-contiguous views (e.g. a
+    transposed weight) are copied, at most the read's budget of bytes in all.
+    """
     if not isinstance(storage, _Storage):
         raise CheckpointError(
             "a tensor is rebuilt from something that is not a storage"
@@ -196,9 +228,14 @@ def _view(
         )
     if any(d < 0 for d in size) or any(s < 0 for s in stride):
         raise CheckpointError(f"a tensor has negative size {size} or stride {stride}")
+    problem = shape_problem(list(size), dtype.itemsize)
+    if problem is not None:
+        raise CheckpointError(f"a tensor's {problem}")
     numel = len(storage.data) // dtype.itemsize
     if math.prod(size) == 0:
-        return _Tensor(np.zeros(size, dtype))
+        array = np.zeros(size, dtype)
+        array.flags.writeable = False
+        return _Tensor(array)
     last = offset + sum((d - 1) * s for d, s in zip(size, stride))
     if last >= numel:
         raise CheckpointError(
@@ -219,6 +256,17 @@ def _view(
         strides=tuple(s * dtype.itemsize for s in stride),
         writeable=False,
     )
+    if view.flags.c_contiguous:
+        return _Tensor(view)
+    budget = storage.budget
+    if view.nbytes > budget.left:
+        raise CheckpointError(
+            f"its non-contiguous tensors would copy more than {budget.total} bytes "
+            "out of their storages, the size of the file: the pickle rebuilds "
+            "views of one storage over and over. A file saved by torch.save copies "
+            "far less; save contiguous tensors (`tensor.contiguous()`)"
+        )
+    budget.left -= view.nbytes
     array = np.array(view, order="C")
     array.flags.writeable = False
     return _Tensor(array)
@@ -283,14 +331,67 @@ def _to_little_endian(data: bytes, dtype: np.dtype | None, key: str) -> bytes:
     return np.frombuffer(data, dtype=f">u{unit}").astype(f"<u{unit}").tobytes()
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only `_GLOBALS`; storages come from the archive's records."""
+def _read_record(
+    archive: zipfile.ZipFile, name: str, limit: int, size: int | None = None
+) -> bytes:
+    """The bytes of one record, read only if they are stored uncompressed and fit in
+    the file, so that what is read never exceeds the file's own size.
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, big: bool):
+    **Arguments:**
+
+    - `archive`: the open torch.save archive.
+    - `name`: the record's name in it.
+    - `limit`: the size of the file in bytes.
+    - `size`: the record's expected size in bytes, if known.
+
+    **Returns:**
+
+    The record's bytes.
+
+    **Raises:**
+
+    - `KeyError`: there is no such record.
+    - `CheckpointError`: the record is compressed, larger than the file, or not
+        `size` bytes.
+    """
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        # zipfile would decompress the whole record before any size check: a few
+        # hundred bytes of bzip2 can expand to gigabytes.
+        raise CheckpointError(
+            f"record {name!r} is compressed (zip method {info.compress_type}); "
+            "torch.save stores every record uncompressed, and a compressed one is "
+            "not read because it could expand without bound. Load the file with "
+            "torch and save it again with torch.save."
+        )
+    if info.compress_size != info.file_size or info.file_size > limit:
+        raise CheckpointError(
+            f"record {name!r} declares {info.file_size} bytes ({info.compress_size} "
+            f"stored) in a file of {limit} bytes: the zip directory is corrupt"
+        )
+    if size is not None and info.file_size != size:
+        raise CheckpointError(f"record {name!r} holds {info.file_size} bytes")
+    return archive.read(info)
+
+
+class _Unpickler(pickle._Unpickler):
+    """Resolves only `_GLOBALS`; storages come from the archive's records.
+
+    The pure-Python unpickler (torch's own `weights_only` loader is pure Python
+    too): the C one allocates ahead from the memo indices a pickle declares (a
+    255-byte pickle with memo index 2**26 takes a gigabyte), the Python one keeps
+    its memo in a dict and reads only the bytes present.
+    """
+
+    def __init__(
+        self, file, archive: zipfile.ZipFile, prefix: str, big: bool, limit: int
+    ):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
         self._big = big
+        self._limit = limit
+        self._budget = _Budget(limit)
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -319,30 +420,51 @@ class _Unpickler(pickle.Unpickler):
         if key in self._storages:
             return self._storages[key]
         record = f"{self._prefix}data/{key}"
+        dtype = kind.dtype
+        itemsize = 1 if dtype is None else dtype.itemsize
         try:
-            data = self._archive.read(record)
+            info = self._archive.getinfo(record)
         except KeyError:
             raise CheckpointError(
                 f"storage {key!r} is missing: no record {record!r} in the archive"
             ) from None
-        dtype = kind.dtype
-        itemsize = 1 if dtype is None else dtype.itemsize
-        if len(data) != numel * itemsize:
+        # Checked before reading, so that a record's bytes are read only when the
+        # pickle and the zip directory agree on their size.
+        if info.file_size != numel * itemsize:
             raise CheckpointError(
                 f"storage {key!r} declares {numel} elements of {itemsize} bytes "
-                f"but its record holds {len(data)} bytes"
+                f"but its record holds {info.file_size} bytes"
             )
+        data = _read_record(self._archive, record, self._limit, numel * itemsize)
         if self._big:
             data = _to_little_endian(data, dtype, key)
-        self._storages[key] = _Storage(key, data, dtype)
+        self._storages[key] = _Storage(key, data, dtype, self._budget)
         return self._storages[key]
 
 
-def _plain(node: Any, path: tuple[str, ...]) -> Any:
+class _Count:
+    """The values `_plain` may still visit."""
+
+    __slots__ = ("left", "total")
+
+    def __init__(self, total: int):
+        self.left = total
+        self.total = total
+
+
+def _plain(node: Any, path: tuple[str, ...], count: _Count) -> Any:
     """The unpickled tree with numpy arrays for tensors and plain dicts."""
     where = f"at {'.'.join(path)!r}" if path else "at the top level"
     if len(path) > _MAX_DEPTH:
         raise CheckpointError(f"{where}: nested deeper than {_MAX_DEPTH}")
+    count.left -= 1
+    if count.left < 0:
+        raise CheckpointError(
+            f"{where}: the pickle holds more than {count.total} values once its "
+            "shared lists and dicts are expanded (one container reused over and "
+            "over, e.g. x1 = [x0, x0], x2 = [x1, x1], ...); a state_dict has at "
+            "most a few thousand entries"
+        )
     if isinstance(node, _Tensor):
         return node.array
     if isinstance(node, dict):
@@ -350,10 +472,10 @@ def _plain(node: Any, path: tuple[str, ...]) -> Any:
         for key, value in node.items():
             if not isinstance(key, (str, int)):
                 raise CheckpointError(f"{where}: unsupported key {key!r}")
-            out[key] = _plain(value, (*path, str(key)))
+            out[key] = _plain(value, (*path, str(key)), count)
         return out
     if isinstance(node, (list, tuple)):
-        return type(node)(_plain(v, (*path, str(i))) for i, v in enumerate(node))
+        return type(node)(_plain(v, (*path, str(i)), count) for i, v in enumerate(node))
     if node is None or type(node) in (bool, int, float, str, bytes):
         return node
     raise CheckpointError(
@@ -363,7 +485,8 @@ def _plain(node: Any, path: tuple[str, ...]) -> Any:
 
 
 def _prefix(names: list[str], origin: str) -> str:
-    pickles = [n for n in names if n.endswith("data.pkl")]
+    # Not `endswith("data.pkl")`, which would take `archive/xdata.pkl` too.
+    pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     pickles = [n for n in pickles if n.count("/") <= 1]
     if len(pickles) != 1:
         raise CheckpointError(
@@ -380,7 +503,9 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
     No code from the file is run: the pickle inside may only rebuild tensors,
     parameters and dicts, lists and tuples of them with plain Python values (a
     `state_dict()`, or a dict such as `{"state_dict": ..., "epoch": 3}`). Anything
-    else, a whole `nn.Module` included, is refused.
+    else, a whole `nn.Module` included, is refused. Memory stays within a small
+    multiple of the file's size: records are read only uncompressed (as torch.save
+    writes them) and only when their size matches what the pickle declares.
 
     **Arguments:**
 
@@ -390,15 +515,20 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
     **Returns:**
 
     The saved dict with every tensor as a read-only, C-contiguous numpy array of
-    its dtype (`bfloat16` and the float8 types as `ml_dtypes`; views of one storage
-    are separate copies). A `state_dict()` gives `{"layer1.0.bn1.running_var":
+    its dtype (`bfloat16` and the float8 types as `ml_dtypes`; contiguous tensors
+    share their storage's bytes, non-contiguous ones are copied; `np.array(x)`
+    gives a writable copy). A `state_dict()` gives `{"layer1.0.bn1.running_var":
     array, ...}`, ready for [`eqx_bn.interop.load_torch`][].
 
     **Raises:**
 
     - `CheckpointError`: the file is missing, not a zip, truncated or corrupt, in
         the legacy (pre-1.6) format, holds something other than a dict at the top,
-        or names anything outside the accepted globals. Nothing is returned then.
+        or names anything outside the accepted globals; or it could make the
+        reader use memory or time out of proportion to its size (a compressed
+        record, which torch.save never writes; views copied beyond the file's
+        size; a structure expanding to more than a million values). Nothing is
+        returned then.
     """
     path = os.fspath(path)
     origin = f"checkpoint {path!r}"
@@ -426,12 +556,14 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
             prefix = _prefix(archive.namelist(), origin)
             order = b"little"
             if f"{prefix}byteorder" in archive.namelist():
-                order = archive.read(f"{prefix}byteorder").strip()
+                order = _read_record(archive, f"{prefix}byteorder", size).strip()
             if order not in (b"little", b"big"):
                 raise CheckpointError(f"{origin}: unknown byteorder {order!r}")
-            with archive.open(f"{prefix}data.pkl") as f:
-                unpickler = _Unpickler(f, archive, prefix, order == b"big")
-                tree = unpickler.load()
+            pickled = _read_record(archive, f"{prefix}data.pkl", size)
+            unpickler = _Unpickler(
+                io.BytesIO(pickled), archive, prefix, order == b"big", size
+            )
+            tree = unpickler.load()
     except CheckpointError as e:
         raise CheckpointError(f"{origin}: {e}") from None
     except (zipfile.BadZipFile, NotImplementedError, zlib.error) as e:
@@ -471,6 +603,6 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
             "a dict (a state_dict, or a dict holding one)"
         )
     try:
-        return _plain(tree, ())
+        return _plain(tree, (), _Count(len(pickled) + _MAX_EXTRA_VALUES))
     except CheckpointError as e:
         raise CheckpointError(f"{origin}: {e}") from None
