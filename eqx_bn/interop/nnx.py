@@ -17,13 +17,13 @@ Here too: the NNX naming scheme (`NNX`: attribute names, lists by index,
 Flax is imported here.
 """
 
+import dataclasses
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
 
-from .._batch_norm import BatchNorm
 from .._typing import typecheck
 from .convert import (
     ConversionError,
@@ -32,15 +32,7 @@ from .convert import (
     load_pairs,
     paths_of,
 )
-from .layers import (
-    CONV_KERNEL,
-    DENSE_KERNEL,
-    IDENTITY,
-    VECTOR,
-    Rule,
-    Slot,
-    parameter_slots,
-)
+from .layers import LINEN_RULES, Rule, Slot
 from .paths import LINEN, NameMapping, Naming, pair
 
 TreeLayout = Literal["auto", "linen", "nnx"]
@@ -191,59 +183,34 @@ NNX_NAME = "nnx_name"
 """The `eqx.field` metadata key with which a field declares its NNX attribute name."""
 
 
-def _linear(layer: eqx.nn.Linear) -> list[Slot]:
-    # nnx.Linear: kernel (in, out), bias (out,), as linen's Dense.
-    return parameter_slots(
-        layer,
-        (("kernel", "weight", DENSE_KERNEL), ("bias", "bias", VECTOR)),
-        collection=None,
+# NNX's layers hold the same variables as linen's, under the same names and in the
+# same layouts (nnx.Linear's kernel is linen Dense's); only there are no collections:
+# nnx.BatchNorm keeps its running statistics beside its parameters. So the rules are
+# linen's, with each slot's collection dropped, and only the class names differ.
+_NNX_KINDS = {"Dense": "Linear"}
+
+
+def _without_collection(
+    slots: Callable[[eqx.Module], list[Slot]],
+) -> Callable[[eqx.Module], list[Slot]]:
+    """A linen rule's slots function, giving the same slots with no collection."""
+
+    def nnx_slots(layer: eqx.Module) -> list[Slot]:
+        return [dataclasses.replace(slot, collection=None) for slot in slots(layer)]
+
+    return nnx_slots
+
+
+NNX_RULES: tuple[Rule, ...] = tuple(
+    Rule(
+        rule.eqx_type,
+        _NNX_KINDS.get(rule.kind, rule.kind),
+        _without_collection(rule.slots),
     )
-
-
-def _conv(layer: eqx.nn.Conv) -> list[Slot]:
-    # nnx.Conv: kernel (*spatial, in // groups, out), bias (out,).
-    return parameter_slots(
-        layer,
-        (("kernel", "weight", CONV_KERNEL), ("bias", "bias", VECTOR)),
-        collection=None,
-    )
-
-
-def _norm(layer: eqx.Module) -> list[Slot]:
-    return parameter_slots(
-        layer,
-        (("scale", "weight", IDENTITY), ("bias", "bias", IDENTITY)),
-        collection=None,
-    )
-
-
-def _embedding(layer: eqx.nn.Embedding) -> list[Slot]:
-    return parameter_slots(layer, (("embedding", "weight", IDENTITY),), collection=None)
-
-
-def _batch_norm(layer: BatchNorm) -> list[Slot]:
-    # nnx.BatchNorm keeps its running statistics beside its parameters.
-    slots = parameter_slots(
-        layer,
-        (("scale", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
-        collection=None,
-    )
-    return slots + [
-        Slot(None, "mean", "mean", IDENTITY, in_state=True),
-        Slot(None, "var", "var", IDENTITY, in_state=True),
-    ]
-
-
-NNX_RULES: tuple[Rule, ...] = (
-    Rule(BatchNorm, "BatchNorm", _batch_norm),
-    Rule(eqx.nn.Linear, "Linear", _linear),
-    Rule(eqx.nn.Conv, "Conv", _conv),  # also Conv1d/2d/3d, which subclass it
-    Rule(eqx.nn.LayerNorm, "LayerNorm", _norm),
-    Rule(eqx.nn.GroupNorm, "GroupNorm", _norm),
-    Rule(eqx.nn.RMSNorm, "RMSNorm", _norm),  # NNX's has no bias: use_bias=False
-    Rule(eqx.nn.Embedding, "Embed", _embedding),
+    for rule in LINEN_RULES
 )
-"""The layer kinds converted automatically to and from Flax NNX, first match wins."""
+"""The layer kinds converted automatically to and from Flax NNX, first match wins:
+linen's (`eqx_bn.interop.layers.LINEN_RULES`) without collections."""
 
 NNX = Naming(
     framework="Flax NNX",
