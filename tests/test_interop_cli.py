@@ -361,6 +361,10 @@ def test_torch_only_flag_refused_for_flax(models, msgpack_file, tmp_path, capsys
     args = (msgpack_file, tmp_path / "o.eqx", "--model", "cli_models:make", "-q")
     status, err = run(capsys, *args, "--prefix", "module.")
     assert status == 2 and "--prefix: only for PyTorch checkpoints" in err, err
+    # A missing file is said to be missing, not to be a Flax checkpoint.
+    args = (tmp_path / "missing.pt", tmp_path / "o.eqx", "--model", "cli_models:make")
+    status, err = run(capsys, *args, "--prefix", "module.")
+    assert status == 2 and "no such checkpoint file" in err, err
 
 
 def test_no_progress_bar_for_readers_without_progress(

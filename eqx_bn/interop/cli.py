@@ -228,6 +228,8 @@ def _size(n: float) -> str:
 def _check_flags(args: argparse.Namespace, is_torch: bool) -> None:
     """Refuses the flags that mean nothing for this kind of checkpoint, rather than
     ignore them: the user expects them to change something."""
+    if not os.path.exists(args.checkpoint):
+        return  # of no kind: read_checkpoint says it is missing
     if is_torch:
         given = [
             flag
