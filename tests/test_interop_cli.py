@@ -16,7 +16,7 @@ import pytest
 from flax.training import checkpoints, train_state
 from helpers import flax_promotion
 
-from eqx_bn.interop import cli
+from eqx_bn.interop import cli, export_torch
 
 PROG = "eqx-bn-convert"
 
@@ -275,3 +275,102 @@ def test_python_dash_m(models, flax_model, msgpack_file, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stderr
     assert_matches_flax(output, flax_model, module)
+
+
+# -- PyTorch checkpoints ---------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_state_dict(models):
+    """The CLI model's state_dict with values no fresh model has, and that model."""
+    model, state = models[1].make()
+    model = jax.tree.map(lambda a: a + 1 if eqx.is_array(a) else a, model)
+    return export_torch(model, state), model
+
+
+def _torch_save(tmp_path, tree):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "model.pt"
+    torch.save(jax.tree.map(torch.from_numpy, tree), path)
+    return path
+
+
+def _assert_loaded(output, module, expected):
+    model, _ = eqx.tree_deserialise_leaves(output, module.make())
+    np.testing.assert_array_equal(model.dense_0.weight, expected.dense_0.weight)
+    np.testing.assert_array_equal(model.dense_1.bias, expected.dense_1.bias)
+
+
+def test_torch_prefix_flag(models, torch_state_dict, tmp_path, capsys):
+    state_dict, expected = torch_state_dict
+    wrapped = {f"module.{k}": v for k, v in state_dict.items()}
+    path = _torch_save(tmp_path, wrapped)
+    output = tmp_path / "o.eqx"
+    status, err = run(capsys, path, output, "--model", "cli_models:make", "-q")
+    assert status == 2 and not output.exists()
+    assert err.endswith("On the command line: --prefix module..\n"), err
+    args = (path, output, "--model", "cli_models:make", "--prefix", "module.")
+    assert run(capsys, *args, "-q") == (0, "")
+    _assert_loaded(output, models[1], expected)
+
+
+def test_torch_training_checkpoint_key_flag(models, torch_state_dict, tmp_path, capsys):
+    state_dict, expected = torch_state_dict
+    path = _torch_save(tmp_path, {"state_dict": state_dict, "epoch": np.array(3)})
+    output = tmp_path / "o.eqx"
+    args = (path, output, "--model", "cli_models:make", "-q")
+    status, err = run(capsys, *args)
+    assert status == 2 and err.count("\n") == 1 and not output.exists()
+    assert "training checkpoint" in err and "--key state_dict" in err, err
+    status, err = run(capsys, *args, "--key", "nope")
+    assert status == 2 and "'epoch', 'state_dict'" in err, err
+    status, err = run(capsys, *args, "--key", "epoch")
+    assert status == 2 and "expected a dict" in err, err
+    assert run(capsys, *args, "--key", "state_dict") == (0, "")
+    _assert_loaded(output, models[1], expected)
+
+
+def test_key_flag_for_flax(models, flax_model, tmp_path, capsys):
+    path = tmp_path / "wrapped.msgpack"
+    path.write_bytes(fser.to_bytes({"model": flax_model[0], "step": 3}))
+    output = tmp_path / "o.eqx"
+    args = (path, output, "--model", "cli_models:make", "--key", "model", "-q")
+    assert run(capsys, *args) == (0, "")
+    assert_matches_flax(output, flax_model, models[1])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ignore-extra"], "--ignore-extra: only for Flax checkpoints"),
+        (["--layout", "linen"], "--layout: only for Flax checkpoints"),
+        (["--ignore-extra", "--layout", "auto"], "--ignore-extra and --layout: "),
+    ],
+)
+def test_flax_only_flags_refused_for_torch(
+    flags, message, models, torch_state_dict, tmp_path, capsys
+):
+    path = _torch_save(tmp_path, torch_state_dict[0])
+    args = (path, tmp_path / "o.eqx", "--model", "cli_models:make", "-q")
+    status, err = run(capsys, *args, *flags)
+    assert status == 2 and err.count("\n") == 1 and message in err, err
+    assert "is a PyTorch checkpoint" in err
+
+
+def test_torch_only_flag_refused_for_flax(models, msgpack_file, tmp_path, capsys):
+    args = (msgpack_file, tmp_path / "o.eqx", "--model", "cli_models:make", "-q")
+    status, err = run(capsys, *args, "--prefix", "module.")
+    assert status == 2 and "--prefix: only for PyTorch checkpoints" in err, err
+    # A missing file is said to be missing, not to be a Flax checkpoint.
+    args = (tmp_path / "missing.pt", tmp_path / "o.eqx", "--model", "cli_models:make")
+    status, err = run(capsys, *args, "--prefix", "module.")
+    assert status == 2 and "no such checkpoint file" in err, err
+
+
+def test_no_progress_bar_for_readers_without_progress(
+    models, torch_state_dict, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(cli, "_PROGRESS_MIN_BYTES", 0)
+    path = _torch_save(tmp_path, torch_state_dict[0])
+    status, err = run(capsys, path, tmp_path / "o.eqx", "--model", "cli_models:make")
+    assert status == 0 and "reading" not in err and "B/s" not in err, err

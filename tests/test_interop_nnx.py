@@ -605,6 +605,37 @@ def test_a_tree_nothing_pairs_with_is_an_error_even_when_not_strict(seed_mlp):
     assert info.value.unexpected == ("encoder/kernel",)
 
 
+def test_a_linen_train_state_with_integer_keys_in_opt_state_is_linen(seed_mlp, mlp):
+    # optax.multi_transform with integer labels keeps `inner_states: {0: ..., 1: ...}`:
+    # integer keys outside `params`/`batch_stats` say nothing about the layout.
+    model, state = seed_mlp
+    linen = export_flax(mlp.model, mlp.loaded_state)
+    labels = jax.tree.map(lambda _: 0, linen["params"])
+    tx = optax.multi_transform({0: optax.sgd(0.1), 1: optax.adam(1e-3)}, labels)
+    # As Orbax restores it: the dict keys as they were (`to_state_dict` would
+    # make them strings).
+    inner = tx.init(linen["params"]).inner_states
+    opt_state = {
+        "inner_states": {
+            k: flax.serialization.to_state_dict(v) for k, v in inner.items()
+        }
+    }
+    assert 0 in opt_state["inner_states"]
+    tree = {**linen, "step": np.array(3), "opt_state": opt_state}
+    loaded = load_flax(model, state, tree, ignore_extra=True)
+    _assert_bitwise(loaded, load_flax(model, state, linen))
+
+
+def test_an_unpaired_tree_says_why_it_was_read_as_nnx(seed_mlp):
+    model, state = seed_mlp
+    tree = {"encoder": {0: {"kernel": np.zeros((3, 4), np.float32)}}}
+    with pytest.raises(ConversionError, match="because they have integer keys"):
+        load_flax(model, state, tree)
+    tree = {"encoder": {"kernel": np.zeros((3, 4), np.float32)}}
+    with pytest.raises(ConversionError, match="because they have no `params`"):
+        load_flax(model, state, tree)
+
+
 # -- Strictness and errors -------------------------------------------------------------
 
 

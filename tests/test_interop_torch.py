@@ -887,6 +887,32 @@ def test_conv_bias_scalar_linear_and_sequential_names():
         np.testing.assert_array_equal(a, b)
 
 
+def test_num_batches_tracked_only_for_batch_norms():
+    """An array field called `running_var` that is no BatchNorm's statistic gets no
+    `num_batches_tracked` on export, as `load_torch` expects none for it."""
+
+    class Stats(eqx.Module):
+        running_var: jax.Array
+
+    class Net(eqx.Module):
+        stats: Stats
+        bn: eqx_bn.BatchNorm
+
+    model = Net(Stats(jnp.arange(3.0)), eqx_bn.BatchNorm(3, axis_name=None))
+    state = eqx.nn.State(model)
+    sd = export_torch(model, state)
+    assert list(sd) == [
+        "stats.running_var",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
+        "bn.num_batches_tracked",
+    ]
+    again, _ = load_torch(model, state, sd)
+    np.testing.assert_array_equal(again.stats.running_var, model.stats.running_var)
+
+
 def test_read_torch_needs_no_torch(tmp_path):
     """Reading and converting with torch made unimportable."""
     code = f"""

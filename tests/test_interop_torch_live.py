@@ -221,3 +221,21 @@ def test_load_torch_takes_torch_tensors(case):
     loaded, _ = load_torch(model, state, half, cast=True)
     want = half["layer1.0.conv1.weight"].float().numpy()
     np.testing.assert_array_equal(loaded.layer1[0].conv1.weight, want)
+
+
+def test_export_without_num_batches_tracked_loads_strictly_in_torch():
+    """`num_batches_tracked=None`, as export_torch's docstring says: torchvision's
+    ResNet-18 takes it with `strict=True` and keeps its own counts."""
+    model, state = eqx.nn.make_with_state(TorchResNet18)(
+        num_classes=NUM_CLASSES, key=jax.random.key(0)
+    )
+    exported = export_torch(model, state, num_batches_tracked=None)
+    net = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    net.bn1.num_batches_tracked.fill_(7)
+    result = net.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in exported.items()}, strict=True
+    )
+    assert not result.missing_keys and not result.unexpected_keys
+    assert int(net.bn1.num_batches_tracked) == 7
+    assert int(net.layer1[0].bn1.num_batches_tracked) == 0
+    np.testing.assert_array_equal(net.fc.weight.detach().numpy(), model.fc.weight)

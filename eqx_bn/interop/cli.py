@@ -22,8 +22,9 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -48,7 +49,8 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         prog=prog,
         description=(
             "Convert a Flax checkpoint (linen variables or NNX state, in a msgpack "
-            "file or an Orbax directory) into an Equinox model file written with "
+            "file or an Orbax directory) or a PyTorch state_dict (a torch.save or "
+            ".safetensors file) into an Equinox model file written with "
             "eqx.tree_serialise_leaves. Load it with "
             "eqx.tree_deserialise_leaves(OUTPUT, factory())."
         ),
@@ -69,10 +71,16 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--key",
+        metavar="NAME",
+        help="convert the checkpoint's entry NAME, e.g. state_dict for a training "
+        "checkpoint {'state_dict': ..., 'epoch': ...}",
+    )
+    parser.add_argument(
         "--ignore-extra",
         action="store_true",
-        help="skip entries other than params/batch_stats (step, opt_state, ... of "
-        "a saved TrainState)",
+        help="Flax only: skip entries other than params/batch_stats (step, "
+        "opt_state, ... of a saved TrainState)",
     )
     parser.add_argument(
         "--cast",
@@ -83,9 +91,14 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--layout",
         choices=("auto", "linen", "nnx"),
-        default="auto",
-        help="Flax linen variables or NNX state (nnx.state(model)); by default "
-        "told apart by the checkpoint's names",
+        help="Flax only: linen variables or NNX state (nnx.state(model)); by "
+        "default (auto) told apart by the checkpoint's names",
+    )
+    parser.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help="PyTorch only: read only the keys starting with PREFIX, without it "
+        "(module. for a model saved inside nn.DataParallel)",
     )
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="print nothing but errors"
@@ -170,7 +183,11 @@ def _progress(path: str, quiet: bool) -> tuple[Callable[[int, int], None] | None
     closes it."""
     if quiet or not os.path.isfile(path):
         return None, None
-    if os.path.getsize(path) < _PROGRESS_MIN_BYTES:
+    # Only the msgpack reader reports progress: any other bar would stay at 0.
+    if (
+        os.path.getsize(path) < _PROGRESS_MIN_BYTES
+        or checkpoint_kind(path) != "msgpack"
+    ):
         return None, None
     try:
         from tqdm import tqdm
@@ -208,11 +225,89 @@ def _size(n: float) -> str:
     raise AssertionError  # unreachable
 
 
+def _check_flags(args: argparse.Namespace, is_torch: bool) -> None:
+    """Refuses the flags that mean nothing for this kind of checkpoint, rather than
+    ignore them: the user expects them to change something."""
+    if not os.path.exists(args.checkpoint):
+        return  # of no kind: read_checkpoint says it is missing
+    if is_torch:
+        given = [
+            flag
+            for flag, value in (
+                ("--ignore-extra", args.ignore_extra),
+                ("--layout", args.layout),
+            )
+            if value
+        ]
+        kind, other = "a PyTorch checkpoint", "Flax"
+    else:
+        given = ["--prefix"] if args.prefix is not None else []
+        kind, other = "a Flax checkpoint", "PyTorch"
+    if given:
+        them = "them" if len(given) > 1 else "it"
+        raise _UsageError(
+            f"{' and '.join(given)}: only for {other} checkpoints, and "
+            f"{args.checkpoint!r} is {kind}; leave {them} out."
+        )
+
+
+def _entry(variables: Any, key: str) -> Any:
+    """The checkpoint's entry `key` (`--key`)."""
+    if not isinstance(variables, Mapping) or key not in variables:
+        names = ", ".join(map(repr, sorted(map(str, variables))))
+        raise _UsageError(
+            f"--key {key!r}: the checkpoint has no such entry; its top-level entries "
+            f"are {names or 'none'}."
+        )
+    entry = variables[key]
+    if not isinstance(entry, Mapping):
+        raise _UsageError(
+            f"--key {key!r}: that entry is a {type(entry).__name__}, expected a dict "
+            "of arrays (a state_dict or Flax variables)."
+        )
+    return entry
+
+
+# Where training scripts usually keep the model's state_dict in a checkpoint.
+_STATE_DICT_NAMES = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def _check_torch_top_level(variables: Mapping) -> None:
+    """A training checkpoint (`{"state_dict": ..., "epoch": ...}`) named with the
+    `--key` that picks its state_dict, before `load_torch` refuses it."""
+    nested = sorted(str(k) for k, v in variables.items() if isinstance(v, Mapping))
+    if not nested:
+        return
+    usual = [
+        name
+        for name, entry in variables.items()
+        if name in _STATE_DICT_NAMES
+        and isinstance(entry, Mapping)
+        and not any(isinstance(v, Mapping) for v in entry.values())
+    ]
+    if len(usual) == 1:
+        raise _UsageError(
+            f"The checkpoint holds the dict {usual[0]!r} beside other entries: it "
+            "looks like a whole training checkpoint. Convert its state_dict with "
+            f"--key {usual[0]}."
+        )
+    raise _UsageError(
+        f"The checkpoint holds nested dicts under {', '.join(map(repr, nested))}, "
+        "not a flat state_dict: pass --key NAME with the entry that holds the "
+        "model's state_dict."
+    )
+
+
 def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     # Fail before the (possibly long) read if the output cannot be written.
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
         raise _UsageError(f"cannot write {args.output!r}: no directory {directory!r}")
+    is_torch = (
+        os.path.isfile(args.checkpoint)
+        and checkpoint_kind(args.checkpoint) != "msgpack"
+    )
+    _check_flags(args, is_torch)
     model, state = _build(args.model)
     update, bar = _progress(args.checkpoint, args.quiet)
     try:
@@ -227,11 +322,14 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
         f"read {args.checkpoint}: {len(arrays)} values, "
         f"{_size(sum(getattr(a, 'nbytes', 0) for a in arrays))}"
     )
-    if (
-        os.path.isfile(args.checkpoint)
-        and checkpoint_kind(args.checkpoint) != "msgpack"
-    ):
-        model, state = load_torch(model, state, variables, cast=args.cast)
+    if args.key is not None:
+        variables = _entry(variables, args.key)
+    if is_torch:
+        if args.key is None:
+            _check_torch_top_level(variables)
+        model, state = load_torch(
+            model, state, variables, cast=args.cast, prefix=args.prefix or ""
+        )
     else:
         model, state = load_flax(
             model,
@@ -240,7 +338,7 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
             strict=True,
             ignore_extra=args.ignore_extra,
             cast=args.cast,
-            layout=args.layout,
+            layout=args.layout or "auto",
         )
     say(f"loaded into {type(model).__name__}")
     try:
@@ -278,14 +376,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         _convert(args, say)
     except (CheckpointError, ConversionError, _UsageError) as e:
         message = str(e)
-        flags = [
-            flag
-            for flag, wanted in [
-                ("--ignore-extra", bool(getattr(e, "extra", ()))),
-                ("--cast", any("cast=True" in m for m in getattr(e, "mismatched", ()))),
-            ]
-            if wanted
-        ]
+        flags = []
+        if getattr(e, "extra", ()):
+            flags.append("--ignore-extra")
+        if any("cast=True" in m for m in getattr(e, "mismatched", ())):
+            flags.append("--cast")
+        # load_torch's hint for a model saved in a wrapper: `pass prefix='module.'`.
+        prefix = re.search(r"pass prefix='([^']+)'", message)
+        if prefix is not None:
+            flags.append(f"--prefix {prefix.group(1)}")
         if flags:
             message += f"\nOn the command line: {' and '.join(flags)}."
         print(f"{parser.prog}: error: {message}", file=sys.stderr)

@@ -83,7 +83,7 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...]) -> dict[tuple[str, ...], An
     return flat
 
 
-def _is_wrapped(variables: Mapping, pairing: Pairing) -> bool:
+def _has_variables_in_params(variables: Mapping, pairing: Pairing) -> bool:
     """`{'params': {'params': ..., 'batch_stats': ...}}`: a whole `variables` dict
     given to `TrainState.create(params=variables)`, which Flax users do.
 
@@ -103,7 +103,7 @@ def _split_variables(
     variables: Mapping, pairing: Pairing
 ) -> tuple[dict[tuple[str, ...], Any], list[str]]:
     """The Flax leaves of `params`/`batch_stats`, and the names of other entries."""
-    if _is_wrapped(variables, pairing):
+    if _has_variables_in_params(variables, pairing):
         outer = {k: v for k, v in variables.items() if k != "params"}
         variables = {**outer, **variables["params"]}
     flat: dict[tuple[str, ...], Any] = {}
@@ -143,7 +143,9 @@ def _target(entry: Entry, model: eqx.Module, state: eqx.nn.State) -> Any:
     return getattr(stats, entry.state_field)
 
 
-def _as_numpy(value: Any) -> np.ndarray | None:
+def _numpy_or_none(value: Any) -> np.ndarray | None:
+    """`value` as a numpy array, or `None` when it is not array-like (reported as a
+    mismatch by the caller rather than raised here)."""
     try:
         return np.asarray(value)
     except Exception:
@@ -320,7 +322,7 @@ def load_pairs(
             if strict:
                 missing.append(f"{where}: expected {want}")
             continue
-        value = _as_numpy(flat[entry.path])
+        value = _numpy_or_none(flat[entry.path])
         if value is None or value.dtype == object:
             got = type(flat[entry.path]).__name__
             mismatched.append(f"{where}: expected {want}, got a {got}")
@@ -342,7 +344,7 @@ def load_pairs(
     if strict:
         for path, value in flat.items():
             if path not in wanted and not _under(path, pairing.ignored, naming):
-                arr = _as_numpy(value)
+                arr = _numpy_or_none(value)
                 got = (
                     type(value).__name__
                     if arr is None

@@ -17,13 +17,13 @@ Here too: the NNX naming scheme (`NNX`: attribute names, lists by index,
 Flax is imported here.
 """
 
+import dataclasses
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
 
-from .._batch_norm import BatchNorm
 from .._typing import typecheck
 from .convert import (
     ConversionError,
@@ -32,15 +32,7 @@ from .convert import (
     load_pairs,
     paths_of,
 )
-from .layers import (
-    CONV_KERNEL,
-    DENSE_KERNEL,
-    IDENTITY,
-    VECTOR,
-    Rule,
-    Slot,
-    parameter_slots,
-)
+from .layers import LINEN_RULES, Rule, Slot
 from .paths import LINEN, NameMapping, Naming, pair
 
 TreeLayout = Literal["auto", "linen", "nnx"]
@@ -79,7 +71,7 @@ def _variable(node: Any) -> tuple[bool, Any, bool]:
     return True, value, rng is not None and issubclass(kind, rng)
 
 
-def _is_wrapped(node: Any) -> bool:
+def _is_orbax_variable(node: Any) -> bool:
     """`{"value": array}`: how Orbax restores one `nnx.Variable`."""
     return (
         isinstance(node, Mapping)
@@ -97,7 +89,7 @@ def _leaves(tree: Mapping, prefix: tuple[str, ...], out: list) -> None:
         is_var, value, rng = _variable(node)
         if is_var:
             out.append((path, value, True, rng))
-        elif _is_wrapped(node):
+        elif _is_orbax_variable(node):
             out.append((path, node, False, False))
         elif isinstance(node, Mapping):
             _leaves(node, path, out)
@@ -126,14 +118,14 @@ def read_nnx(tree: Mapping) -> tuple[dict[tuple[str, ...], Any], set[tuple[str, 
     found: list = []
     _leaves(tree, (), found)
     unwrap = bool(found) and all(
-        not from_var and _is_wrapped(node) for _, node, from_var, _ in found
+        not from_var and _is_orbax_variable(node) for _, node, from_var, _ in found
     )
     flat: dict[tuple[str, ...], Any] = {}
     rng: set[tuple[str, ...]] = set()
     for path, node, _, is_rng in found:
         if unwrap:
             node = node[_WRAPPER]
-        elif _is_wrapped(node):
+        elif _is_orbax_variable(node):
             path, node = (*path, _WRAPPER), node[_WRAPPER]
         flat[path] = node
         if is_rng:
@@ -150,16 +142,33 @@ def read_nnx(tree: Mapping) -> tuple[dict[tuple[str, ...], Any], set[tuple[str, 
 
 def certainly_nnx(tree: Mapping) -> bool:
     """NNX for sure, whatever the model: an `nnx.State`, `nnx.Variable` leaves,
-    Orbax-wrapped leaves or integer keys, none of which a linen tree has."""
+    Orbax-wrapped leaves or integer keys in the model's variables, none of which a
+    linen tree has."""
+    return _nnx_evidence(tree) is not None
+
+
+def _nnx_evidence(tree: Mapping) -> str | None:
+    """Why `tree` is certainly NNX state (a phrase for messages), or `None`."""
     if is_nnx_state(tree):
-        return True
+        return "they are an `nnx.State`"
     found: list = []
     _leaves(tree, (), found)
     if any(from_var for _, _, from_var, _ in found):
-        return True
-    if found and all(_is_wrapped(node) for _, node, _, _ in found):
-        return True
-    return _has_int_keys(tree)
+        return "their leaves are `nnx.Variable`s"
+    if found and all(_is_orbax_variable(node) for _, node, _, _ in found):
+        return (
+            "every leaf is wrapped as `{'value': array}`, as Orbax restores NNX state"
+        )
+    if isinstance(tree.get("params"), Mapping):
+        # A linen TrainState: only `params`/`batch_stats` are the model's; the
+        # rest (`opt_state`) may well have integer keys, e.g. the `inner_states`
+        # of `optax.multi_transform` with integer labels.
+        scanned = [tree[name] for name in ("params", "batch_stats") if name in tree]
+    else:
+        scanned = [tree]
+    if any(_has_int_keys(node) for node in scanned):
+        return "they have integer keys (NNX list items), which linen names never are"
+    return None
 
 
 def _has_int_keys(tree: Any) -> bool:
@@ -174,59 +183,34 @@ NNX_NAME = "nnx_name"
 """The `eqx.field` metadata key with which a field declares its NNX attribute name."""
 
 
-def _linear(layer: eqx.nn.Linear) -> list[Slot]:
-    # nnx.Linear: kernel (in, out), bias (out,), as linen's Dense.
-    return parameter_slots(
-        layer,
-        (("kernel", "weight", DENSE_KERNEL), ("bias", "bias", VECTOR)),
-        collection=None,
+# NNX's layers hold the same variables as linen's, under the same names and in the
+# same layouts (nnx.Linear's kernel is linen Dense's); only there are no collections:
+# nnx.BatchNorm keeps its running statistics beside its parameters. So the rules are
+# linen's, with each slot's collection dropped, and only the class names differ.
+_NNX_KINDS = {"Dense": "Linear"}
+
+
+def _without_collection(
+    slots: Callable[[eqx.Module], list[Slot]],
+) -> Callable[[eqx.Module], list[Slot]]:
+    """A linen rule's slots function, giving the same slots with no collection."""
+
+    def nnx_slots(layer: eqx.Module) -> list[Slot]:
+        return [dataclasses.replace(slot, collection=None) for slot in slots(layer)]
+
+    return nnx_slots
+
+
+NNX_RULES: tuple[Rule, ...] = tuple(
+    Rule(
+        rule.eqx_type,
+        _NNX_KINDS.get(rule.kind, rule.kind),
+        _without_collection(rule.slots),
     )
-
-
-def _conv(layer: eqx.nn.Conv) -> list[Slot]:
-    # nnx.Conv: kernel (*spatial, in // groups, out), bias (out,).
-    return parameter_slots(
-        layer,
-        (("kernel", "weight", CONV_KERNEL), ("bias", "bias", VECTOR)),
-        collection=None,
-    )
-
-
-def _norm(layer: eqx.Module) -> list[Slot]:
-    return parameter_slots(
-        layer,
-        (("scale", "weight", IDENTITY), ("bias", "bias", IDENTITY)),
-        collection=None,
-    )
-
-
-def _embedding(layer: eqx.nn.Embedding) -> list[Slot]:
-    return parameter_slots(layer, (("embedding", "weight", IDENTITY),), collection=None)
-
-
-def _batch_norm(layer: BatchNorm) -> list[Slot]:
-    # nnx.BatchNorm keeps its running statistics beside its parameters.
-    slots = parameter_slots(
-        layer,
-        (("scale", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
-        collection=None,
-    )
-    return slots + [
-        Slot(None, "mean", "mean", IDENTITY, in_state=True),
-        Slot(None, "var", "var", IDENTITY, in_state=True),
-    ]
-
-
-NNX_RULES: tuple[Rule, ...] = (
-    Rule(BatchNorm, "BatchNorm", _batch_norm),
-    Rule(eqx.nn.Linear, "Linear", _linear),
-    Rule(eqx.nn.Conv, "Conv", _conv),  # also Conv1d/2d/3d, which subclass it
-    Rule(eqx.nn.LayerNorm, "LayerNorm", _norm),
-    Rule(eqx.nn.GroupNorm, "GroupNorm", _norm),
-    Rule(eqx.nn.RMSNorm, "RMSNorm", _norm),  # NNX's has no bias: use_bias=False
-    Rule(eqx.nn.Embedding, "Embed", _embedding),
+    for rule in LINEN_RULES
 )
-"""The layer kinds converted automatically to and from Flax NNX, first match wins."""
+"""The layer kinds converted automatically to and from Flax NNX, first match wins:
+linen's (`eqx_bn.interop.layers.LINEN_RULES`) without collections."""
 
 NNX = Naming(
     framework="Flax NNX",
@@ -350,12 +334,13 @@ def _unpaired(model, variables, flat, mapping) -> ConversionError:
             "`eqx_bn.interop.flax_paths(model)` (linen); pass layout='linen' if "
             "these are linen variables."
         )
+    why = _nnx_evidence(variables) or "they have no `params` collection at the top"
     names = ", ".join(sorted("/".join(p) for p in list(flat)[:5]))
     more = ", ..." if len(flat) > 5 else ""
     return ConversionError(
-        f"Cannot load these variables into {type(model).__name__}: with no `params` "
-        f"collection at the top they were read as Flax NNX state, but none of their "
-        f"names ({names}{more}) is one the model has. {hint}",
+        f"Cannot load these variables into {type(model).__name__}: they were read as "
+        f"Flax NNX state because {why}, but none of their names ({names}{more}) is "
+        f"one the model has. {hint}",
         unexpected=tuple("/".join(p) for p in flat),
     )
 

@@ -104,7 +104,7 @@ def _batch_norm_scopes(pairing: Pairing) -> list[tuple[str, ...]]:
     return [e.path[:-1] for e in pairing.entries if e.state_field == "var"]
 
 
-def _as_numpy(value: Any) -> Any:
+def _tensor_as_numpy(value: Any) -> Any:
     """A torch tensor as numpy, bfloat16 included, without importing torch."""
     if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
         torch = sys.modules["torch"]
@@ -131,7 +131,7 @@ def _flat_state_dict(state_dict: Mapping, prefix: str) -> dict[tuple[str, ...], 
             if not key.startswith(prefix):
                 continue
             key = key[len(prefix) :]
-        flat[tuple(key.split("."))] = _as_numpy(value)
+        flat[tuple(key.split("."))] = _tensor_as_numpy(value)
     if prefix and not flat:
         raise ConversionError(
             f"No key of the PyTorch state_dict starts with prefix={prefix!r}."
@@ -258,8 +258,10 @@ def export_torch(
     - `num_batches_tracked`: the value written as every BatchNorm's
         `num_batches_tracked` (an int64 scalar, as PyTorch keeps it): the number
         of training steps taken, if PyTorch should know it (it only matters for
-        a PyTorch BatchNorm with `momentum=None`). `None` leaves the entries out;
-        `load_state_dict` then needs `strict=False`.
+        a PyTorch BatchNorm with `momentum=None`). `None` leaves the entries out:
+        `load_state_dict` (even with `strict=True`) then keeps each BatchNorm's
+        own `num_batches_tracked`, `0` in a new module (PyTorch fills it in for a
+        state_dict without `_metadata`, as this one is).
 
     **Returns:**
 
@@ -278,11 +280,16 @@ def export_torch(
             f"{num_batches_tracked}."
         )
     pairing = pair(model, mapping, TORCH)
+    exported = export_pairs(model, state, pairing, TORCH)
+    # The BatchNorms `load_torch` takes `num_batches_tracked` from; PyTorch lists
+    # it after the scope's last entry (running_var).
+    scopes = set(_batch_norm_scopes(pairing))
+    last = {path[:-1]: path for path in exported if path[:-1] in scopes}
     out = {}
-    for path, array in export_pairs(model, state, pairing, TORCH).items():
+    for path, array in exported.items():
         # Writable, so that `torch.from_numpy` takes it without a warning.
         out[".".join(path)] = np.array(array)
-        if path[-1] == "running_var" and num_batches_tracked is not None:
+        if last.get(path[:-1]) == path and num_batches_tracked is not None:
             scope = ".".join(path[:-1])
             key = f"{scope}.{NUM_BATCHES_TRACKED}" if scope else NUM_BATCHES_TRACKED
             out[key] = np.array(num_batches_tracked, dtype=np.int64)
