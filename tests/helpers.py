@@ -2,6 +2,7 @@
 
 import contextlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,3 +44,34 @@ def flax_train_step(bn, variables, x, mask=None):
             mutable=["batch_stats"],
         )
     return channels_first(y), updates["batch_stats"]
+
+
+def normal(shape, seed=1):
+    """Standard normal float32 values from numpy (no RNG kernel to compile)."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def assert_bitwise(got, expected):
+    """Same tree structure, and every leaf the same dtype, shape and bytes."""
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)
+    ):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@eqx.filter_jit
+def eval_batch(model, state, x):
+    """The model's inference outputs for a batch (one example per vmap step)."""
+    model = eqx.nn.inference_mode(model)
+    out, _ = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
+    return out
+
+
+@eqx.filter_jit
+def train_batch(model, state, x):
+    """The model's training outputs and new State for a batch named `"batch"`."""
+    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        x, state
+    )

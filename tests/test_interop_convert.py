@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax.training import train_state
 from flax_reference import Blocks, SeedMLP as FlaxSeedMLP, SetupList, init
-from helpers import channels_first, flax_promotion
+from helpers import assert_bitwise, channels_first, flax_promotion, normal
 from jaxtyping import Array
 
 import eqx_bn
@@ -26,19 +26,6 @@ from eqx_bn.interop import (
     read_msgpack,
 )
 from eqx_bn.models import SeedMLP
-
-
-def _normal(shape, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def _assert_bitwise(got, expected):
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)
-    ):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def _flat_paths(variables):
@@ -70,56 +57,56 @@ LAYERS = {
     "dense": (
         nn.Dense(3),
         lambda k: eqx.nn.Linear(5, 3, key=k),
-        _normal((2, 5)),
+        normal((2, 5)),
         _per_example,
     ),
     "dense_no_bias": (
         nn.Dense(3, use_bias=False),
         lambda k: eqx.nn.Linear(5, 3, use_bias=False, key=k),
-        _normal((2, 5)),
+        normal((2, 5)),
         _per_example,
     ),
     "conv1d": (
         nn.Conv(4, (3,)),
         lambda k: eqx.nn.Conv1d(5, 4, 3, padding="SAME", key=k),
-        _normal((2, 8, 5)),
+        normal((2, 8, 5)),
         _channels_first,
     ),
     # Stride 2, "SAME" on an even and an odd size: Flax pads (0, 1) and (1, 1).
     "conv2d_stride2_even": (
         nn.Conv(4, (3, 3), strides=2, use_bias=False),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", use_bias=False, key=k),
-        _normal((2, 6, 6, 3)),
+        normal((2, 6, 6, 3)),
         _channels_first,
     ),
     "conv2d_stride2_odd": (
         nn.Conv(4, (3, 3), strides=2),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", key=k),
-        _normal((2, 7, 7, 3)),
+        normal((2, 7, 7, 3)),
         _channels_first,
     ),
     "conv3d_groups": (
         nn.Conv(4, (2, 2, 2), feature_group_count=2),
         lambda k: eqx.nn.Conv3d(2, 4, 2, padding="SAME", groups=2, key=k),
-        _normal((1, 4, 4, 4, 2)),
+        normal((1, 4, 4, 4, 2)),
         _channels_first,
     ),
     "layer_norm": (
         nn.LayerNorm(),
         lambda k: eqx.nn.LayerNorm(6, eps=1e-6),
-        _normal((2, 6)),
+        normal((2, 6)),
         _per_example,
     ),
     "group_norm": (
         nn.GroupNorm(num_groups=2),
         lambda k: eqx.nn.GroupNorm(2, 6, eps=1e-6),
-        _normal((2, 4, 4, 6)),
+        normal((2, 4, 4, 6)),
         _channels_first,
     ),
     "rms_norm": (
         nn.RMSNorm(),
         lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
-        _normal((2, 6)),
+        normal((2, 6)),
         _per_example,
     ),
     "embed": (
@@ -144,7 +131,7 @@ def test_layer_kind_matches_flax(kind):
     loaded, state = load_flax(layer, state, variables)
     got = eqx.filter_jit(run)(loaded, x)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    _assert_bitwise(export_flax(loaded, state), variables)
+    assert_bitwise(export_flax(loaded, state), variables)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +168,7 @@ def _snapshot(model, state):
 
 def _assert_untouched(model, state, snapshot):
     # Same values, and the State object still usable (State.set would invalidate it).
-    _assert_bitwise(
+    assert_bitwise(
         [np.asarray(x) for x in jax.tree_util.tree_leaves((model, state))], snapshot
     )
     state.get(model.norm.state_index)
@@ -317,7 +304,7 @@ def test_train_state_extras_need_ignore_extra(eqx_mlp, flax_mlp):
     assert info.value.extra == ("opt_state", "step")
     assert "opt_state, step; pass ignore_extra=True" in str(info.value)
     loaded, new_state = load_flax(model, state, saved, ignore_extra=True)
-    _assert_bitwise(export_flax(loaded, new_state), flax_mlp)
+    assert_bitwise(export_flax(loaded, new_state), flax_mlp)
 
 
 def test_whole_variables_as_train_state_params(eqx_mlp, flax_mlp):
@@ -328,7 +315,7 @@ def test_whole_variables_as_train_state_params(eqx_mlp, flax_mlp):
     )
     saved = flax.serialization.to_state_dict(ts)
     loaded, new_state = load_flax(model, state, saved, ignore_extra=True)
-    _assert_bitwise(export_flax(loaded, new_state), flax_mlp)
+    assert_bitwise(export_flax(loaded, new_state), flax_mlp)
 
 
 def test_not_strict_loads_what_matches(eqx_mlp, flax_mlp):
@@ -385,7 +372,7 @@ def test_mapping_overrides_names(flax_mlp):
     model, state = eqx.filter_eval_shape(
         lambda: eqx.nn.make_with_state(_EqxNamed)(jax.random.key(0))
     )
-    x = _normal((2, 4))
+    x = normal((2, 4))
     with flax_promotion():
         variables = init(_Named(), x)
         expected = jax.jit(_Named().apply)(variables, x)
@@ -401,7 +388,7 @@ def test_mapping_overrides_names(flax_mlp):
     loaded, state = load_flax(model, state, variables, mapping=mapping)
     got = _each(loaded, x)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    _assert_bitwise(export_flax(loaded, state, mapping=mapping), variables)
+    assert_bitwise(export_flax(loaded, state, mapping=mapping), variables)
 
 
 def test_mapping_to_none_leaves_a_scope_out(eqx_mlp, flax_mlp):
@@ -492,7 +479,7 @@ def test_declared_names_mirror_setup_style_attributes():
 
 def test_top_level_sequential_names_layers_by_position():
     module = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
-    x = _normal((2, 4))
+    x = normal((2, 4))
     with flax_promotion():
         variables = init(module, x)
         expected = jax.jit(module.apply)(variables, x)
@@ -536,7 +523,7 @@ def test_layers_without_a_rule_are_reported():
 def test_round_trip_from_equinox(eqx_mlp):
     model, state = eqx_mlp
     loaded, new_state = load_flax(model, state, export_flax(model, state))
-    _assert_bitwise(
+    assert_bitwise(
         jax.tree_util.tree_leaves((loaded, new_state)),
         jax.tree_util.tree_leaves((model, state)),
     )

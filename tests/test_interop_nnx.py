@@ -19,7 +19,14 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from helpers import channels_first, flax_promotion
+from helpers import (
+    assert_bitwise,
+    channels_first,
+    eval_batch,
+    flax_promotion,
+    normal,
+    train_batch,
+)
 
 import eqx_bn
 from eqx_bn.interop import (
@@ -38,20 +45,6 @@ from eqx_bn.models import SeedMLP
 RTOL = ATOL = 1e-5
 LEARNING_RATE = 0.1
 SGD = optax.sgd(LEARNING_RATE)
-
-
-def _normal(shape, seed=1):
-    # numpy, not jax.random: no RNG kernel to compile.
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def _assert_bitwise(got, expected):
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)
-    ):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 @contextlib.contextmanager
@@ -161,20 +154,6 @@ class CNN(eqx.Module):
         return self.head(jnp.mean(x, axis=(1, 2))), state
 
 
-@eqx.filter_jit
-def _eval(model, state, x):
-    model = eqx.nn.inference_mode(model)
-    out, _ = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
-    return out
-
-
-@eqx.filter_jit
-def _train(model, state, x):
-    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
-        x, state
-    )
-
-
 @nnx.jit
 def _nnx_sgd_step(model, optimizer, x, y):
     def loss(model):
@@ -203,7 +182,7 @@ class Case:
     def __init__(self, make_nnx, make_eqx, x, out_features, tmp, steps=3):
         self.make_nnx = make_nnx
         self.x = x  # NNX's layout (channels last)
-        self.labels = labels = _normal((x.shape[0], out_features), seed=7)
+        self.labels = labels = normal((x.shape[0], out_features), seed=7)
         model = make_nnx()
         optimizer = nnx.Optimizer(model, SGD, wrt=nnx.Param)
         with flax_promotion():
@@ -242,7 +221,7 @@ def mlp(tmp_path_factory):
     return Case(
         lambda: NnxMLP(3, rngs=nnx.Rngs(0)),
         lambda: eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(2)),
-        _normal((8, 3)),
+        normal((8, 3)),
         1,
         tmp_path_factory.mktemp("nnx_mlp"),
     )
@@ -253,7 +232,7 @@ def cnn(tmp_path_factory):
     return Case(
         lambda: NnxCNN(rngs=nnx.Rngs(0)),
         lambda: eqx.nn.make_with_state(CNN)(key=jax.random.key(2)),
-        _normal((6, 8, 8, 1)),
+        normal((6, 8, 8, 1)),
         10,
         tmp_path_factory.mktemp("nnx_cnn"),
     )
@@ -275,12 +254,12 @@ def test_training_moved_the_statistics(case):
 
 
 def test_eval_outputs_match_nnx(case):
-    out = _eval(case.model, case.loaded_state, case.x_eqx)
+    out = eval_batch(case.model, case.loaded_state, case.x_eqx)
     np.testing.assert_allclose(out, case.eval_out, rtol=RTOL, atol=ATOL)
 
 
 def test_training_call_outputs_and_statistics_match_nnx(case):
-    out, state = _train(case.model, case.loaded_state, case.x_eqx)
+    out, state = train_batch(case.model, case.loaded_state, case.x_eqx)
     np.testing.assert_allclose(out, case.train_out, rtol=RTOL, atol=ATOL)
     stats = export_nnx(case.model, state)
     got = {
@@ -298,7 +277,7 @@ def test_training_call_outputs_and_statistics_match_nnx(case):
 @eqx.filter_jit
 def _sgd_step(model, state, x, y):
     def loss(model):
-        out, new_state = _train(model, state, x)
+        out, new_state = train_batch(model, state, x)
         return jnp.mean((out - y) ** 2), new_state
 
     grads, state = eqx.filter_grad(loss, has_aux=True)(model)
@@ -347,7 +326,7 @@ def test_every_form_of_the_state_loads_the_same(case, form, tmp_path):
     else:
         with flax_blocked():
             loaded = _load(case, tree)
-    _assert_bitwise(loaded, (case.model, case.loaded_state))
+    assert_bitwise(loaded, (case.model, case.loaded_state))
 
 
 def test_orbax_pure_dict_with_string_int_keys(case, tmp_path):
@@ -356,17 +335,17 @@ def test_orbax_pure_dict_with_string_int_keys(case, tmp_path):
         restored = checkpointer.restore(tmp_path / "pure")  # Orbax's own restore
     with flax_blocked():
         loaded = _load(case, restored)
-    _assert_bitwise(loaded, (case.model, case.loaded_state))
+    assert_bitwise(loaded, (case.model, case.loaded_state))
 
 
 def test_export_is_the_pure_dict_nnx_saved(case):
-    _assert_bitwise(export_nnx(case.model, case.loaded_state), case.pure)
+    assert_bitwise(export_nnx(case.model, case.loaded_state), case.pure)
 
 
 def test_nnx_reproduces_the_equinox_outputs_after_export(case):
     # A training call in Equinox first: the running statistics are Equinox's own.
-    _, state = _train(case.model, case.loaded_state, case.x_eqx)
-    expected = _eval(case.model, state, case.x_eqx)
+    _, state = train_batch(case.model, case.loaded_state, case.x_eqx)
+    expected = eval_batch(case.model, state, case.x_eqx)
     target = case.make_nnx()
     _, nnx_state = nnx.split(target)
     nnx.replace_by_pure_dict(nnx_state, export_nnx(case.model, state))
@@ -406,56 +385,56 @@ LAYERS = {
     "linear": (
         lambda: nnx.Linear(5, 3, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Linear(5, 3, key=k),
-        _normal((2, 5)),
+        normal((2, 5)),
         _per_example,
     ),
     "linear_no_bias": (
         lambda: nnx.Linear(5, 3, use_bias=False, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Linear(5, 3, use_bias=False, key=k),
-        _normal((2, 5)),
+        normal((2, 5)),
         _per_example,
     ),
     "conv1d": (
         lambda: nnx.Conv(5, 4, (3,), rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv1d(5, 4, 3, padding="SAME", key=k),
-        _normal((2, 8, 5)),
+        normal((2, 8, 5)),
         _channels_first,
     ),
     # Stride 2, "SAME" on an even size: NNX pads (0, 1), as linen does.
     "conv2d_stride2_no_bias": (
         lambda: nnx.Conv(3, 4, (3, 3), strides=2, use_bias=False, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", use_bias=False, key=k),
-        _normal((2, 6, 6, 3)),
+        normal((2, 6, 6, 3)),
         _channels_first,
     ),
     "conv3d_groups": (
         lambda: nnx.Conv(2, 4, (2, 2, 2), feature_group_count=2, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv3d(2, 4, 2, padding="SAME", groups=2, key=k),
-        _normal((1, 4, 4, 4, 2)),
+        normal((1, 4, 4, 4, 2)),
         _channels_first,
     ),
     "batch_norm": (
         lambda: nnx.BatchNorm(6, use_running_average=True, rngs=nnx.Rngs(0)),
         lambda k: eqx_bn.BatchNorm(6, axis_name=None, channels_last=True),
-        _normal((4, 6)),
+        normal((4, 6)),
         _stats_loaded,
     ),
     "layer_norm": (
         lambda: nnx.LayerNorm(6, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.LayerNorm(6, eps=1e-6),  # NNX's default epsilon
-        _normal((2, 6)),
+        normal((2, 6)),
         _per_example,
     ),
     "group_norm": (
         lambda: nnx.GroupNorm(6, num_groups=2, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.GroupNorm(2, 6, eps=1e-6),
-        _normal((2, 4, 4, 6)),
+        normal((2, 4, 4, 6)),
         _channels_first,
     ),
     "rms_norm": (
         lambda: nnx.RMSNorm(6, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
-        _normal((2, 6)),
+        normal((2, 6)),
         _per_example,
     ),
     # A model that is an nnx.Sequential: `layers/0`, `layers/2` (relu has none).
@@ -466,7 +445,7 @@ LAYERS = {
             nnx.Linear(3, 1, rngs=nnx.Rngs(0)),
         ),
         lambda k: _sequential(k),
-        _normal((4, 2)),
+        normal((4, 2)),
         _per_example,
     ),
     "embed": (
@@ -507,7 +486,7 @@ def test_layer_kind_matches_nnx(kind):
     else:
         got = apply(model, x)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
-    _assert_bitwise(export_nnx(model, state), pure)
+    assert_bitwise(export_nnx(model, state), pure)
 
 
 def _sequential(key):
@@ -546,11 +525,11 @@ def test_linen_variables_and_nnx_state_each_load_as_what_they_are(seed_mlp, mlp)
     assert set(linen) == {"params", "batch_stats"}
     from_linen = load_flax(model, state, linen)
     from_nnx = load_flax(model, state, mlp.pure)
-    _assert_bitwise(from_linen, from_nnx)
-    _assert_bitwise(from_linen, (mlp.model, mlp.loaded_state))
+    assert_bitwise(from_linen, from_nnx)
+    assert_bitwise(from_linen, (mlp.model, mlp.loaded_state))
     # Said explicitly, the same.
-    _assert_bitwise(load_flax(model, state, linen, layout="linen"), from_linen)
-    _assert_bitwise(load_flax(model, state, mlp.pure, layout="nnx"), from_nnx)
+    assert_bitwise(load_flax(model, state, linen, layout="linen"), from_linen)
+    assert_bitwise(load_flax(model, state, mlp.pure, layout="nnx"), from_nnx)
 
 
 def test_the_wrong_explicit_layout_is_an_error_not_a_misread(seed_mlp, mlp):
@@ -579,8 +558,8 @@ def test_a_tree_that_could_be_either_is_read_as_the_one_that_fits(key):
     linen_tree = export_flax(*doubled)
     assert set(nnx_tree) == {"params", "norm"}
     assert set(linen_tree) == {"params", "batch_stats"}
-    _assert_bitwise(load_flax(model, state, nnx_tree), doubled)
-    _assert_bitwise(load_flax(model, state, linen_tree), doubled)
+    assert_bitwise(load_flax(model, state, nnx_tree), doubled)
+    assert_bitwise(load_flax(model, state, linen_tree), doubled)
     # One that fits neither: the error names the fix.
     del nnx_tree["norm"]["mean"]
     with pytest.raises(ConversionError, match="layout='linen' or layout='nnx'"):
@@ -623,7 +602,7 @@ def test_a_linen_train_state_with_integer_keys_in_opt_state_is_linen(seed_mlp, m
     assert 0 in opt_state["inner_states"]
     tree = {**linen, "step": np.array(3), "opt_state": opt_state}
     loaded = load_flax(model, state, tree, ignore_extra=True)
-    _assert_bitwise(loaded, load_flax(model, state, linen))
+    assert_bitwise(loaded, load_flax(model, state, linen))
 
 
 def test_an_unpaired_tree_says_why_it_was_read_as_nnx(seed_mlp):
@@ -683,7 +662,7 @@ def test_not_strict_loads_what_matches_and_cast_converts(mlp, cnn, seed_mlp):
     np.testing.assert_array_equal(loaded_state.get(index).mean, tree["norm"]["mean"])
     np.testing.assert_array_equal(loaded.dense_1.bias, tree["dense_1"]["bias"])
     as64 = jax.tree.map(lambda a: np.asarray(a, np.float64), cnn.pure)
-    _assert_bitwise(
+    assert_bitwise(
         load_flax(cnn.eqx_model, cnn.eqx_state, as64, cast=True),
         (cnn.model, cnn.loaded_state),
     )
@@ -793,7 +772,7 @@ def test_the_converter_takes_nnx_checkpoints(mlp, tmp_path, capsys):
         with flax_blocked():
             assert cli.main([str(checkpoint), str(out), "--model", factory]) == 0
         like = eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
-        _assert_bitwise(
+        assert_bitwise(
             eqx.tree_deserialise_leaves(out, like), (mlp.model, mlp.loaded_state)
         )
     out = tmp_path / "linen.eqx"

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 from flax_reference import ResNet18 as FlaxResNet18, SeedMLP as FlaxSeedMLP, init
-from helpers import channels_first, flax_promotion
+from helpers import channels_first, eval_batch, flax_promotion, normal, train_batch
 
 from eqx_bn.interop import export_flax, load_flax, read_msgpack
 from eqx_bn.models import ResNet18, SeedMLP
@@ -36,11 +36,6 @@ def _train_mode_float64(module, variables, x):
         return np.asarray(out)
 
 
-def _normal(shape, seed=1):
-    # numpy, not jax.random: no RNG kernel to compile.
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
 class Case:
     """A Flax model trained a few SGD steps, and the Equinox model loaded from it.
 
@@ -52,7 +47,7 @@ class Case:
     def __init__(self, flax_module, make_eqx, x, out_features, steps, exact=False):
         self.module = flax_module
         self.x = x  # Flax layout
-        labels = _normal((x.shape[0], out_features), seed=7)
+        labels = normal((x.shape[0], out_features), seed=7)
         with flax_promotion():
             variables = init(flax_module, x, train=False)
         tx = optax.sgd(0.1)
@@ -115,14 +110,14 @@ class Case:
 
 @pytest.fixture(scope="module")
 def mlp():
-    x = _normal((8, 3))
+    x = normal((8, 3))
     make = lambda: eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(2))  # noqa: E731
     return Case(FlaxSeedMLP(), make, x, 1, steps=3)
 
 
 @pytest.fixture(scope="module")
 def resnet():
-    x = _normal((4, 32, 32, 3))
+    x = normal((4, 32, 32, 3))
     flax_module = FlaxResNet18(num_classes=10, num_filters=8)
     make = lambda: eqx.nn.make_with_state(ResNet18)(  # noqa: E731
         10, num_filters=8, key=jax.random.key(2)
@@ -152,20 +147,6 @@ def case(request):
     return request.getfixturevalue(request.param)
 
 
-@eqx.filter_jit
-def _eval(model, state, x):
-    model = eqx.nn.inference_mode(model)
-    out, _ = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
-    return out
-
-
-@eqx.filter_jit
-def _train(model, state, x):
-    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
-        x, state
-    )
-
-
 def test_training_moved_the_statistics(case):
     # Otherwise the comparisons below would not see batch_stats being loaded.
     for leaf in jax.tree_util.tree_leaves(case.trained["batch_stats"]):
@@ -173,12 +154,12 @@ def test_training_moved_the_statistics(case):
 
 
 def test_eval_logits_match_flax(case):
-    got = _eval(case.model, case.state, case.x_eqx)
+    got = eval_batch(case.model, case.state, case.x_eqx)
     np.testing.assert_allclose(got, case.eval_out, rtol=RTOL, atol=ATOL)
 
 
 def test_train_mode_outputs_and_statistics_match_flax(case):
-    got, state = _train(case.model, case.state, case.x_eqx)
+    got, state = train_batch(case.model, case.state, case.x_eqx)
     if case.train_exact is None:
         np.testing.assert_allclose(got, case.train_out, rtol=RTOL, atol=ATOL)
     else:
