@@ -75,3 +75,19 @@ def train_batch(model, state, x):
     return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
         x, state
     )
+
+
+def apply_per_example(layer, x):
+    """A per-example Equinox layer over a batch (Dense/Linear, norms)."""
+    return jax.vmap(layer)(x)
+
+
+def apply_channels_first(layer, x):
+    """A channels-first Equinox layer (Conv, GroupNorm) over a channels-last batch
+    as Flax lays it out; the result channels last again."""
+    return jnp.moveaxis(jax.vmap(layer)(channels_first(x)), 1, -1)
+
+
+def apply_tokens(layer, x):
+    """A per-token Equinox layer (Embedding) over `(batch, tokens)`."""
+    return jax.vmap(jax.vmap(layer))(x)

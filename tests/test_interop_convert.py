@@ -14,7 +14,14 @@ import optax
 import pytest
 from flax.training import train_state
 from flax_reference import Blocks, SeedMLP as FlaxSeedMLP, SetupList, init
-from helpers import assert_bitwise, channels_first, flax_promotion, normal
+from helpers import (
+    apply_channels_first,
+    apply_per_example,
+    apply_tokens,
+    assert_bitwise,
+    flax_promotion,
+    normal,
+)
 from jaxtyping import Array
 
 import eqx_bn
@@ -40,80 +47,68 @@ def _each(model, x):
     return jax.vmap(model)(x)
 
 
-def _per_example(layer, x):
-    return jax.vmap(layer)(x)
-
-
-def _channels_first(layer, x):
-    return jnp.moveaxis(jax.vmap(layer)(channels_first(x)), 1, -1)
-
-
-def _tokens(layer, x):
-    return jax.vmap(jax.vmap(layer))(x)
-
-
 # (Flax module, Equinox factory, Flax input, how the Equinox layer is applied)
 LAYERS = {
     "dense": (
         nn.Dense(3),
         lambda k: eqx.nn.Linear(5, 3, key=k),
         normal((2, 5)),
-        _per_example,
+        apply_per_example,
     ),
     "dense_no_bias": (
         nn.Dense(3, use_bias=False),
         lambda k: eqx.nn.Linear(5, 3, use_bias=False, key=k),
         normal((2, 5)),
-        _per_example,
+        apply_per_example,
     ),
     "conv1d": (
         nn.Conv(4, (3,)),
         lambda k: eqx.nn.Conv1d(5, 4, 3, padding="SAME", key=k),
         normal((2, 8, 5)),
-        _channels_first,
+        apply_channels_first,
     ),
     # Stride 2, "SAME" on an even and an odd size: Flax pads (0, 1) and (1, 1).
     "conv2d_stride2_even": (
         nn.Conv(4, (3, 3), strides=2, use_bias=False),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", use_bias=False, key=k),
         normal((2, 6, 6, 3)),
-        _channels_first,
+        apply_channels_first,
     ),
     "conv2d_stride2_odd": (
         nn.Conv(4, (3, 3), strides=2),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", key=k),
         normal((2, 7, 7, 3)),
-        _channels_first,
+        apply_channels_first,
     ),
     "conv3d_groups": (
         nn.Conv(4, (2, 2, 2), feature_group_count=2),
         lambda k: eqx.nn.Conv3d(2, 4, 2, padding="SAME", groups=2, key=k),
         normal((1, 4, 4, 4, 2)),
-        _channels_first,
+        apply_channels_first,
     ),
     "layer_norm": (
         nn.LayerNorm(),
         lambda k: eqx.nn.LayerNorm(6, eps=1e-6),
         normal((2, 6)),
-        _per_example,
+        apply_per_example,
     ),
     "group_norm": (
         nn.GroupNorm(num_groups=2),
         lambda k: eqx.nn.GroupNorm(2, 6, eps=1e-6),
         normal((2, 4, 4, 6)),
-        _channels_first,
+        apply_channels_first,
     ),
     "rms_norm": (
         nn.RMSNorm(),
         lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
         normal((2, 6)),
-        _per_example,
+        apply_per_example,
     ),
     "embed": (
         nn.Embed(7, 3),
         lambda k: eqx.nn.Embedding(7, 3, key=k),
         jnp.array([[0, 3, 6], [2, 2, 5]]),
-        _tokens,
+        apply_tokens,
     ),
 }
 

@@ -20,6 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from helpers import (
+    apply_channels_first,
+    apply_per_example,
+    apply_tokens,
     assert_bitwise,
     channels_first,
     eval_batch,
@@ -359,18 +362,6 @@ def test_nnx_reproduces_the_equinox_outputs_after_export(case):
 # -- Each layer kind alone -------------------------------------------------------------
 
 
-def _per_example(layer, x):
-    return jax.vmap(layer)(x)
-
-
-def _channels_first(layer, x):
-    return jnp.moveaxis(jax.vmap(layer)(channels_first(x)), 1, -1)
-
-
-def _tokens(layer, x):
-    return jax.vmap(jax.vmap(layer))(x)
-
-
 def _whole_batch(layer, x):
     return layer(x, eqx.nn.State(layer), inference=True)[0]
 
@@ -386,32 +377,32 @@ LAYERS = {
         lambda: nnx.Linear(5, 3, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Linear(5, 3, key=k),
         normal((2, 5)),
-        _per_example,
+        apply_per_example,
     ),
     "linear_no_bias": (
         lambda: nnx.Linear(5, 3, use_bias=False, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Linear(5, 3, use_bias=False, key=k),
         normal((2, 5)),
-        _per_example,
+        apply_per_example,
     ),
     "conv1d": (
         lambda: nnx.Conv(5, 4, (3,), rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv1d(5, 4, 3, padding="SAME", key=k),
         normal((2, 8, 5)),
-        _channels_first,
+        apply_channels_first,
     ),
     # Stride 2, "SAME" on an even size: NNX pads (0, 1), as linen does.
     "conv2d_stride2_no_bias": (
         lambda: nnx.Conv(3, 4, (3, 3), strides=2, use_bias=False, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv2d(3, 4, 3, 2, padding="SAME", use_bias=False, key=k),
         normal((2, 6, 6, 3)),
-        _channels_first,
+        apply_channels_first,
     ),
     "conv3d_groups": (
         lambda: nnx.Conv(2, 4, (2, 2, 2), feature_group_count=2, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Conv3d(2, 4, 2, padding="SAME", groups=2, key=k),
         normal((1, 4, 4, 4, 2)),
-        _channels_first,
+        apply_channels_first,
     ),
     "batch_norm": (
         lambda: nnx.BatchNorm(6, use_running_average=True, rngs=nnx.Rngs(0)),
@@ -423,19 +414,19 @@ LAYERS = {
         lambda: nnx.LayerNorm(6, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.LayerNorm(6, eps=1e-6),  # NNX's default epsilon
         normal((2, 6)),
-        _per_example,
+        apply_per_example,
     ),
     "group_norm": (
         lambda: nnx.GroupNorm(6, num_groups=2, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.GroupNorm(2, 6, eps=1e-6),
         normal((2, 4, 4, 6)),
-        _channels_first,
+        apply_channels_first,
     ),
     "rms_norm": (
         lambda: nnx.RMSNorm(6, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.RMSNorm(6, eps=1e-6, use_bias=False),
         normal((2, 6)),
-        _per_example,
+        apply_per_example,
     ),
     # A model that is an nnx.Sequential: `layers/0`, `layers/2` (relu has none).
     "sequential": (
@@ -446,13 +437,13 @@ LAYERS = {
         ),
         lambda k: _sequential(k),
         normal((4, 2)),
-        _per_example,
+        apply_per_example,
     ),
     "embed": (
         lambda: nnx.Embed(7, 3, rngs=nnx.Rngs(0)),
         lambda k: eqx.nn.Embedding(7, 3, key=k),
         jnp.array([[0, 3, 6], [2, 2, 5]]),
-        _tokens,
+        apply_tokens,
     ),
 }
 
