@@ -31,14 +31,21 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, PyTree
 
-from . import _flax_train_state
-from ._flax_train_state import describe
+from ._describe import describe
 from ._typing import typecheck
 
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
 """`loss_fn(model, state, batch) -> (loss, (state, aux))`: `loss` a scalar, `state`
 the `eqx.nn.State` returned by the model's stateful layers, `aux` any PyTree of
 arrays (logits, metrics) or `None`."""
+
+
+def _flax_train_state():
+    """The Flax TrainState conversion, imported on first use: importing `eqx_bn.train`
+    loads nothing from `eqx_bn.interop`."""
+    from .interop import flax_train_state
+
+    return flax_train_state
 
 
 def _shape_of(out: Any) -> str:
@@ -429,7 +436,7 @@ class TrainState(eqx.Module):
         """
         _check_optimizer(optimizer, "TrainState.from_flax")
         with jax.numpy_dtype_promotion("standard"):  # Optax's `init`, as in create
-            model, state, opt_state, step = _flax_train_state.load(
+            model, state, opt_state, step = _flax_train_state().load(
                 model,
                 state,
                 checkpoint,
@@ -473,7 +480,7 @@ class TrainState(eqx.Module):
             optimiser state has parts not shaped like the parameters (Adafactor's
             factored `v_row`/`v_col`).
         """
-        return _flax_train_state.export(
+        return _flax_train_state().export(
             self.model, self.state, self.opt_state, self.step, mapping=mapping
         )
 

@@ -6,28 +6,27 @@ Orbax formats, `torch.save` files and safetensors, and convert between Flax vari
 Nothing here imports Flax or torch.
 """
 
-from .checkpoint import read_checkpoint as read_checkpoint
 from .convert import (
     ConversionError as ConversionError,
     export_flax as export_flax,
     flax_paths as flax_paths,
     load_flax as load_flax,
 )
-from .errors import CheckpointError as CheckpointError
-from .msgpack import (
+from .formats import (
+    CheckpointError as CheckpointError,
+    read_checkpoint as read_checkpoint,
     read_msgpack as read_msgpack,
-    to_msgpack_bytes as to_msgpack_bytes,
-    write_msgpack as write_msgpack,
-)
-from .nnx import export_nnx as export_nnx, nnx_paths as nnx_paths
-from .orbax import read_orbax as read_orbax, write_orbax as write_orbax
-from .safetensors import (
+    read_orbax as read_orbax,
     read_safetensors as read_safetensors,
+    read_torch as read_torch,
+    to_msgpack_bytes as to_msgpack_bytes,
     to_safetensors_bytes as to_safetensors_bytes,
+    write_msgpack as write_msgpack,
+    write_orbax as write_orbax,
     write_safetensors as write_safetensors,
 )
-from .torch import read_torch as read_torch
-from .torch_names import (
+from .nnx import export_nnx as export_nnx, nnx_paths as nnx_paths
+from .torch import (
     export_torch as export_torch,
     load_torch as load_torch,
     torch_paths as torch_paths,

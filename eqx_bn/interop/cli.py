@@ -30,11 +30,9 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from .atomic import atomic_write
-from .checkpoint import checkpoint_kind, read_checkpoint
 from .convert import ConversionError, load_flax
-from .errors import CheckpointError
-from .torch_names import load_torch
+from .formats import CheckpointError, atomic_write, checkpoint_kind, read_checkpoint
+from .torch import load_torch
 
 # Files smaller than this are read without a progress bar: it would only flash.
 _PROGRESS_MIN_BYTES = 64 * 2**20

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
-from .._typing import typecheck
+from ..._typing import typecheck
 from .errors import CheckpointError
 
 # Files in the directory of one Orbax PyTree checkpoint: `_METADATA` in Orbax since

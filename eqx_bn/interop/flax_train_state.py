@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .interop import ConversionError, export_flax, load_flax
+from .._describe import describe
+from .convert import ConversionError, export_flax, load_flax
 
 TRAIN_STATE_KEYS = ("step", "params", "batch_stats", "opt_state")
 """The entries of a saved Flax `TrainState` (with a `batch_stats` field)."""
@@ -30,14 +31,6 @@ TRAIN_STATE_KEYS = ("step", "params", "batch_stats", "opt_state")
 
 def _is_named_tuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
-
-
-def describe(x: Any) -> str:
-    """`float32[4, 3]` for an array (or anything with `shape` and `dtype`), `a
-    {type}` for anything else: how error messages name a leaf."""
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{np.dtype(x.dtype).name}[{', '.join(map(str, x.shape))}]"
-    return f"a {type(x).__name__}"
 
 
 class _Problems:

@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .._typing import typecheck
+from ..._typing import typecheck
 from .atomic import atomic_write
 from .errors import CheckpointError
 from .shapes import shape_problem

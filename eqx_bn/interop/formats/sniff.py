@@ -3,12 +3,12 @@
 import os
 from typing import Any
 
-from .._typing import typecheck
+from ..._typing import typecheck
 from .errors import CheckpointError
 from .msgpack import ProgressCallback, read_msgpack
 from .orbax import read_orbax
 from .safetensors import read_safetensors
-from .torch import _LEGACY_TORCH, read_torch
+from .torch_pickle import _LEGACY_TORCH, read_torch
 
 
 @typecheck

@@ -28,7 +28,7 @@ import msgpack
 import numpy as np
 from jaxtyping import PyTree
 
-from .._typing import typecheck
+from ..._typing import typecheck
 from .atomic import atomic_write
 from .errors import CheckpointError
 from .shapes import shape_problem as _shape_problem
