@@ -13,12 +13,12 @@ import pytest
 
 from eqx_bn.interop import (
     CheckpointError,
-    msgpack as ours,
     read_checkpoint,
     read_msgpack,
     to_msgpack_bytes,
     write_msgpack,
 )
+from eqx_bn.interop.formats import msgpack as ours
 
 
 def assert_identical(got, want, path="root"):
