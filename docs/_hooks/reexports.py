@@ -2,12 +2,12 @@
 
 eqx_bn marks its public names the typing way, `from ._x import y as y`, with no
 `__all__`, and Griffe treats every imported name as private. This extension makes
-such a redundant alias public when it points inside eqx_bn, so that a new public
-name appears in the reference as soon as it is re-exported. Re-exports of other
-libraries' objects (Equinox's `State`, ...) stay out: their docstrings belong to,
-and cross-reference, those libraries' own documentation. Other imported names
-(helpers such as `typecheck`) are dropped, which Griffe's inspection (hippogriffe
-needs it) would otherwise show.
+such a redundant alias public when it points inside eqx_bn, so that `::: eqx_bn.X`
+entries (and a whole-module `::: eqx_bn.interop`) find it under its public path.
+Re-exports of other libraries' objects (Equinox's `State`, ...) stay out: their
+docstrings belong to, and cross-reference, those libraries' own documentation.
+Other imported names (helpers such as `typecheck`) are dropped, which Griffe's
+inspection (hippogriffe needs it) would otherwise show.
 """
 
 import ast
