@@ -24,7 +24,15 @@ import eqx_bn
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
-PAGES = [README, *sorted(p for p in DOCS.rglob("*.md") if "_hooks" not in p.parts)]
+# Pages: not the build's hooks, nor notes named `_*.md` (mkdocs.yml excludes both).
+PAGES = [
+    README,
+    *sorted(
+        p
+        for p in DOCS.rglob("*.md")
+        if "_hooks" not in p.parts and not p.name.startswith("_")
+    ),
+]
 
 # A fence may be indented (inside a content tab or an admonition): the body is
 # dedented by the fence's own indentation.

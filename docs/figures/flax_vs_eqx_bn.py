@@ -26,6 +26,7 @@ import eqx_bn
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "eqx_bn"  # the same file from the same data
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -23,6 +23,7 @@ import numpy as np
 import eqx_bn
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "eqx_bn"  # the same file from the same data
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 HERE = pathlib.Path(__file__).resolve().parent
