@@ -31,12 +31,16 @@ It writes:
   weights and biases (what `affine=False` would train). The script checks that an
   SGD step with weight decay leaves every frozen buffer bit-identical and that the
   frozen network's output does not depend on its mode;
-- `averaging.npz`: a tiny Conv-BN-ReLU net trained 100 SGD steps (batches drawn
-  from a NumPy generator, see `_batches`): the whole `state_dict` after every step
-  (`trajectory/`, step 0 the initial one), `AveragedModel(use_buffers=True,
-  multi_avg_fn=get_ema_multi_avg_fn(0.99))` at several steps (`ema/`), the SWA
-  average (`AveragedModel` default, steps 51-100) and `update_bn` on it (`swa/`),
-  and `update_bn` on the EMA model (`ema_update_bn/`).
+- `averaging.npz`: a tiny Conv-BN-ReLU net (`TinyNet`) trained 100 SGD steps
+  (batches from NumPy's `RandomState`, not stored, see `_batches`): the whole
+  `state_dict` after every step (`trajectory/<name>`, stacked, step 0 the initial
+  one: float32 as trained, no `err/`); `AveragedModel(use_buffers=True,
+  multi_avg_fn=get_ema_multi_avg_fn(0.99))` updated after every step, its
+  `state_dict` and `n_averaged` after steps 1, 2, 10, 50, 100 (`ema/<step>/`); the
+  SWA average (`AveragedModel` defaults, updated after steps 51-100:
+  `swa/averaged/`, `swa/n_averaged`), then `update_bn` over the first 4 training
+  batches (`swa/recalibrated/`: the BatchNorm buffers; `swa/eval_logits` on
+  `x_eval`); the same `update_bn` on the EMA model (`ema_update_bn/`).
 """
 
 import copy
@@ -379,7 +383,7 @@ def averaging() -> dict:
         loader = [torch.from_numpy(x).to(dtype) for x in xs[:RECALIBRATE]]
         for name, avg in (("swa", swa), ("ema_update_bn", ema)):
             swa_utils.update_bn(loader, avg)
-            for k, v in _averaged_state(avg).items():
+            for k, v in _bn_buffers(avg.module).items():  # the parameters stay
                 res[f"{name}/recalibrated/{k}"] = v
             with torch.no_grad():
                 res[f"{name}/eval_logits"] = _numpy(avg.eval()(x_eval.to(dtype)))
