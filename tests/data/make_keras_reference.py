@@ -91,6 +91,11 @@ def _data(rng: np.random.Generator, batch: tuple, scale: float, offset: float):
     )
 
 
+def _dense(x, kernel, bias):
+    # bias broadcast explicitly: the test session raises on implicit rank promotion
+    return jnp.dot(x, kernel) + jnp.reshape(bias, (1,) * (x.ndim - 1) + (-1,))
+
+
 def _run(clipping, params, xs, targets, x_eval, dtype) -> dict:
     # float64 needs x64 on, and only for this run: a float32 run is Keras as users
     # run it, and importing this module changes no global setting.
@@ -124,7 +129,7 @@ def _run_in(clipping, params, xs, targets, x_eval, dtype) -> dict:
         )
 
     def loss(p, state, x, target):
-        h = jnp.dot(x, p["kernel"]) + p["bias"]
+        h = _dense(x, p["kernel"], p["bias"])
         y, new = forward(p, state, h, True)
         return jnp.mean((y - target) ** 2), (h, y, new)
 
@@ -167,7 +172,7 @@ def _run_in(clipping, params, xs, targets, x_eval, dtype) -> dict:
         forward(
             params,
             state,
-            jnp.asarray(x_eval, dtype) @ params["kernel"] + params["bias"],
+            _dense(jnp.asarray(x_eval, dtype), params["kernel"], params["bias"]),
             False,
         )[0]
     )
