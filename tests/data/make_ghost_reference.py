@@ -150,6 +150,18 @@ def _check_findings() -> None:
     np.testing.assert_array_equal(
         ghost.moving_variance.numpy().ravel(), plain.moving_variance.numpy()
     )
+    # Ghost BatchNorm never takes the fused path (checked in `_layer`), whose moving
+    # variance is the unbiased one: plain float32 4-d BatchNorm tracks the unbiased
+    # variance, the non-fused path (2-d, float64, fused=False, virtual batches) the
+    # biased one.
+    images = np.random.RandomState(3).standard_normal((4, 3, 2, 5)).astype(np.float32)
+    for fused, ddof in ((None, 1), (False, 0)):
+        layer = tf_keras.layers.BatchNormalization(momentum=0.0, fused=fused)
+        layer(images, training=True)
+        assert layer.fused is (fused is None)
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), images.var((0, 1, 2), ddof=ddof), rtol=1e-5
+        )
     # fused=True is refused; a batch the virtual batch size does not divide fails.
     try:
         tf_keras.layers.BatchNormalization(virtual_batch_size=2, fused=True)
