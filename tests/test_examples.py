@@ -133,6 +133,31 @@ def test_data_parallel_compiles_its_step_once(tmp_path, monkeypatch, capsys):
     assert "epoch 2/2: loss" in printed and "data_parallel: runtime" in printed
 
 
+def test_after_training_averages_recalibrates_and_freezes(tmp_path, capsys):
+    example = load_example("after_training")
+    out = example.main(["--smoke", "--out", str(tmp_path)])
+    results = out["results"]
+    assert list(results) == [
+        "last model",
+        "SWA, stale statistics",
+        "SWA, recalibrated",
+        "EMA, averaged statistics",
+        "EMA, recalibrated",
+        "fine-tuned, live BatchNorm",
+        "fine-tuned, frozen BatchNorm",
+    ]
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+    # Two epochs of 8 steps already learn something (chance is 10%).
+    assert results["SWA, recalibrated"] > 0.3
+    saved = json.loads((tmp_path / "after_training.json").read_text())
+    assert saved == results
+    png = tmp_path / "after_training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "epoch 2/2: train_loss" in printed and "after_training: runtime" in printed
+    assert "SWA, recalibrated" in printed
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -141,6 +166,7 @@ def test_data_parallel_compiles_its_step_once(tmp_path, monkeypatch, capsys):
         "flax_to_equinox",
         "stateful_ensembles",
         "data_parallel",
+        "after_training",
     ],
 )
 def test_help_states_where_outputs_go(name, capsys):
