@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import eqx_bn
-from eqx_bn.interop import export_torch, load_torch
+from eqx_bn.interop import export_torch
 from eqx_bn.train import Averaged, TrainState, ema, make_train_step, swa
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "torch"
@@ -63,8 +63,9 @@ def refs():
 
 @pytest.fixture(scope="module")
 def skeleton():
-    model, state = eqx.nn.make_with_state(TinyNet)(jax.random.key(0))
-    return model, state
+    """TinyNet's structure only: every array comes from a recorded row (building it
+    for real would compile each random initialiser)."""
+    return eqx.filter_eval_shape(eqx.nn.make_with_state(TinyNet), jax.random.key(0))
 
 
 def row(refs, step: int) -> dict:
@@ -77,14 +78,42 @@ def row(refs, step: int) -> dict:
 
 
 def fresh(skeleton):
-    """A copy of the skeleton's model and a State of its own (`set` consumes one)."""
+    """The skeleton's model and a State of its own with arrays in it (`set` consumes
+    a State), all to be filled."""
     model, state = skeleton
-    leaves, treedef = jax.tree.flatten(state)
-    return model, jax.tree.unflatten(treedef, leaves)
+    state = jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), state)
+    return model, state
+
+
+PARAMS = {
+    "conv1.weight": lambda m: m.conv1.weight,
+    "bn1.weight": lambda m: m.bn1.scale,
+    "bn1.bias": lambda m: m.bn1.bias,
+    "conv2.weight": lambda m: m.conv2.weight,
+    "bn2.weight": lambda m: m.bn2.scale,
+    "bn2.bias": lambda m: m.bn2.bias,
+    "fc.weight": lambda m: m.fc.weight,
+    "fc.bias": lambda m: m.fc.bias,
+}
 
 
 def loaded(skeleton, refs, step: int) -> tuple[TinyNet, eqx.nn.State]:
-    return load_torch(*fresh(skeleton), row(refs, step))
+    """The model and State of row `step`, filled by hand: no eager JAX operation,
+    so nothing compiles per row (`load_torch` is tested elsewhere)."""
+    model, state = fresh(skeleton)
+    values = row(refs, step)
+    model = eqx.tree_at(
+        lambda m: [get(m) for get in PARAMS.values()],
+        model,
+        [jnp.asarray(values[name]) for name in PARAMS],
+    )
+    for bn in ("bn1", "bn2"):
+        stats = eqx_bn.RunningStats(
+            jnp.asarray(values[f"{bn}.running_mean"]),
+            jnp.asarray(values[f"{bn}.running_var"]),
+        )
+        state = state.set(getattr(model, bn).state_index, stats)
+    return model, state
 
 
 def as_torch(model, state) -> dict:
