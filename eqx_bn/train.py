@@ -17,9 +17,9 @@ in a static field its [`Skeleton`][] (tree structure and non-array leaves). Each
 step is then a plain `jax.jit` (donating the holder's buffers if asked to), and
 passing the holder costs what passing a Flax `TrainState` costs: JAX flattens
 tuples of arrays in C++, but calls Python once per Equinox module of a tree (for
-the seed MLP with Adam, flattening the model and the two moments as modules took
-100 us a call, flattening Flax's dicts 12 us), and `eqx.filter_jit` would
-re-partition the whole PyTree on every call.
+the seed MLP with Adam, flattening the model and its two moments as modules takes
+7-9x as long as flattening Flax's dicts), and `eqx.filter_jit` would re-partition
+the whole PyTree on every call.
 """
 
 import dataclasses
@@ -60,9 +60,8 @@ def _shape_of(out: Any) -> str:
 class Skeleton(NamedTuple):
     """A PyTree without its arrays: its tree structure (`jax.tree.structure`, with
     every node's static data, e.g. a layer's sizes) and its leaves that are not
-    arrays (flags, functions), `None` where an array goes. With the arrays,
-    [`join`][eqx_bn.train.join] rebuilds the tree; [`split`][eqx_bn.train.split]
-    takes it apart.
+    arrays (flags, functions), `None` where an array goes: with the arrays, the
+    whole tree.
 
     It is what `eqx.filter_jit` keeps static of its arguments, and compares the
     same way: by value, so two `TrainState`s built the same way are the same
@@ -74,7 +73,7 @@ class Skeleton(NamedTuple):
     static_leaves: tuple[Any, ...]
 
 
-def split(tree: PyTree) -> tuple[tuple[Array, ...], Skeleton]:
+def _split(tree: PyTree) -> tuple[tuple[Array, ...], Skeleton]:
     """`tree`'s arrays (`eqx.is_array`, in `jax.tree.leaves` order) and the rest."""
     leaves, treedef = jax.tree.flatten(tree)
     arrays = tuple(x for x in leaves if eqx.is_array(x))
@@ -82,9 +81,9 @@ def split(tree: PyTree) -> tuple[tuple[Array, ...], Skeleton]:
     return arrays, Skeleton(treedef, static)
 
 
-def join(arrays: tuple[Array, ...], skeleton: Skeleton) -> PyTree:
-    """The tree that [`split`][eqx_bn.train.split] took apart, a new object each
-    time (so that consuming one, e.g. `eqx.nn.State.set`, spoils no other)."""
+def _join(arrays: tuple[Array, ...], skeleton: Skeleton) -> PyTree:
+    """The tree that `_split` took apart, a new object each time (so that
+    consuming one, e.g. with `eqx.nn.State.set`, spoils no other)."""
     it = iter(arrays)
     leaves = [next(it) if x is None else x for x in skeleton.static_leaves]
     return jax.tree.unflatten(skeleton.treedef, leaves)
@@ -236,7 +235,7 @@ class TrainState(eqx.Module):
     `train_state.state`; change any part with [`TrainState.replace`][].
 
     Each of the model, its State and the optimiser state is held as a tuple of its
-    arrays and a static [`Skeleton`][] (what [`split`][eqx_bn.train.split] gives):
+    arrays and a static [`Skeleton`][], the rest:
     flattening a `TrainState` (which `jax.jit` does on every call) then costs
     about what flattening a Flax `TrainState` costs, where Equinox modules would be
     flattened one by one, three times over with Adam's two moments.
@@ -302,7 +301,7 @@ class TrainState(eqx.Module):
         )
         held: dict[str, tuple[tuple, Skeleton]] = {}
         for name, tree in parts.items():
-            arrays, skeleton = split(tree)
+            arrays, skeleton = _split(tree)
             _alive(arrays, where, name)
             old = None if like is None else getattr(like, _FIELDS[name][1])
             held[name] = (arrays, old if old == skeleton else skeleton)
@@ -588,7 +587,7 @@ class TrainState(eqx.Module):
     @property
     def model(self) -> PyTree:
         """The model: its arrays and the rest recombined."""
-        return join(self.model_arrays, self.model_skeleton)
+        return _join(self.model_arrays, self.model_skeleton)
 
     @property
     def params(self) -> PyTree:
@@ -598,19 +597,19 @@ class TrainState(eqx.Module):
     @property
     def state(self) -> eqx.nn.State:
         """The model's `eqx.nn.State`, a fresh object on every read."""
-        return join(self.state_arrays, self.state_skeleton)
+        return _join(self.state_arrays, self.state_skeleton)
 
     @property
     def opt_state(self) -> optax.OptState:
         """The optimiser state, over the model's floating-point arrays."""
-        return join(self.opt_arrays, self.opt_skeleton)
+        return _join(self.opt_arrays, self.opt_skeleton)
 
 
 def _arrays(
     tree: PyTree, held: PyTree, skeleton: Skeleton, name: str, what: str, fix: str
 ) -> tuple[Array, ...]:
     """`tree`'s arrays, when it is still shaped like the `held` one."""
-    arrays, new = split(tree)
+    arrays, new = _split(tree)
     if new != skeleton:
         raise ValueError(
             f"apply_gradients: {what} changed structure during the step: "
@@ -786,27 +785,28 @@ def _check_not_donated(ts: Any, where: str) -> None:
     # donates all the holder's buffers, and `replace` copies each part it is given
     # whole, sharing the others: the step and the first array of each part tell
     # for all (a holder made by `replace` from a donated one is refused there).
+    # This runs before every step: the fields are read through `vars` (an Equinox
+    # module's attribute access costs about a microsecond each).
     if not isinstance(ts, TrainState):
         return
-    firsts = [ts.step] + [
-        arrays[0]
-        for arrays in (ts.model_arrays, ts.state_arrays, ts.opt_arrays)
-        if arrays
-    ]
-    if any(
-        isinstance(x, jax.Array)
-        and not isinstance(x, jax.core.Tracer)
-        and x.is_deleted()
-        for x in firsts
-    ):
-        raise ValueError(
-            f"{where}: this TrainState was donated to an earlier step (made "
-            "with `make_train_step(..., donate=True)`), which reused its "
-            "buffers, or shares them with one that was (`replace` keeps the parts "
-            "it is not given). Pass the TrainState that step returned "
-            "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
-            "without `donate=True` to keep old ones usable."
-        )
+    fields = vars(ts)
+    firsts = [fields["step"]]
+    for name in ("model_arrays", "state_arrays", "opt_arrays"):
+        firsts += fields[name][:1]
+    for x in firsts:
+        try:
+            deleted = x.is_deleted()
+        except (AttributeError, jax.errors.ConcretizationTypeError):
+            deleted = False  # a NumPy array; a tracer (a step called under jit)
+        if deleted:
+            raise ValueError(
+                f"{where}: this TrainState was donated to an earlier step (made "
+                "with `make_train_step(..., donate=True)`), which reused its "
+                "buffers, or shares them with one that was (`replace` keeps the "
+                "parts it is not given). Pass the TrainState that step returned "
+                "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
+                "without `donate=True` to keep old ones usable."
+            )
 
 
 @typecheck
