@@ -214,7 +214,7 @@ def _step(step: Any) -> Array:
     return jnp.asarray(step, jnp.int32)
 
 
-_PARTS = ("model", "state", "opt_state")
+# Each tree a holder keeps, and its two fields: the arrays and the rest.
 _FIELDS = {
     "model": ("model_arrays", "model_skeleton"),
     "state": ("state_arrays", "state_skeleton"),

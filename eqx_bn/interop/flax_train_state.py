@@ -267,7 +267,7 @@ class _Loader:
         data = jax.eval_shape(jax.random.key_data, template)
         try:
             value = np.asarray(node)
-        except TypeError:  # a key of another implementation or shape
+        except (TypeError, ValueError):  # e.g. a key of another implementation
             value = None
         if value is not None and not tree_differences(data, value):
             # The implementation, read off a key of the template's dtype.
