@@ -306,11 +306,27 @@ def _load(case, tree, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "form", ["pure", "state", "flax_msgpack", "eqx_bn_msgpack", "orbax_state"]
+    "form",
+    [
+        "pure",
+        "state",
+        "flax_msgpack",
+        "msgpack_serialize",
+        "eqx_bn_msgpack",
+        "orbax_state",
+    ],
 )
 def test_every_form_of_the_state_loads_the_same(case, form, tmp_path):
     if form == "pure":
         tree = case.pure
+    elif form == "msgpack_serialize":
+        # Issue 21.1: saved the natural way, list items keep their integer keys
+        # in the file; Flax's own `msgpack_restore` reads them back as ints.
+        raw = flax.serialization.msgpack_serialize(case.pure)
+        (tmp_path / "int_keys.msgpack").write_bytes(raw)
+        with flax_blocked():
+            tree = read_msgpack(tmp_path / "int_keys.msgpack")
+        assert_bitwise(tree, flax.serialization.msgpack_restore(raw))
     elif form == "state":
         tree = case.state  # an nnx.State: needs Flax, which the caller has
     elif form == "flax_msgpack":
