@@ -297,6 +297,35 @@ def test_num_batches_tracked_is_optional_on_load_and_export(loaded):
         export_torch(model, state, num_batches_tracked=-1)
 
 
+@pytest.mark.parametrize(
+    "count", [5, np.int64(5), jnp.int32(5), jnp.asarray(5, jnp.int32), np.array(5)]
+)
+def test_num_batches_tracked_takes_any_integer_scalar(count):
+    """Issue 21.2: `ts.step` (a jax int32 scalar), numpy and jax integers."""
+    model, state = _narrow("basic")
+    model, state = jax.tree.map(jnp.zeros_like, (model, state))
+    out = export_torch(model, state, num_batches_tracked=count)
+    assert out["bn1.num_batches_tracked"].dtype == np.int64
+    assert out["bn1.num_batches_tracked"].shape == ()
+    assert int(out["bn1.num_batches_tracked"]) == 5
+
+
+@pytest.mark.parametrize(
+    "count, error, message",
+    [
+        (2.0, TypeError, "must be an integer.*got a float"),
+        (True, TypeError, "must be an integer.*got a bool"),
+        (jnp.float32(2), TypeError, r"must be an integer.*got float32\[\]"),
+        (np.arange(2), TypeError, r"must be an integer.*got int64\[2\]"),
+        (np.int8(-1), ValueError, "must be >= 0, got -1"),
+    ],
+)
+def test_num_batches_tracked_refuses_what_is_no_count(count, error, message):
+    model, state = _narrow("basic")
+    with pytest.raises(error, match=message):
+        export_torch(model, state, num_batches_tracked=count)
+
+
 # ------------------------------------------------------------------------ models
 
 

@@ -26,8 +26,10 @@ from typing import Any
 import equinox as eqx
 import ml_dtypes
 import numpy as np
+from jaxtyping import ArrayLike
 
 from .._batch_norm import BatchNorm
+from .._describe import describe
 from .._typing import typecheck
 from .convert import ConversionError, export_pairs, load_pairs, paths_of
 from .layers import IDENTITY, VECTOR, Layout, Rule, Slot, parameter_slots
@@ -235,13 +237,30 @@ def load_torch(
         ) from None
 
 
+def _batch_count(value: ArrayLike | None) -> int | None:
+    """`num_batches_tracked` as a Python int (`None` kept)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(
+            "export_torch: num_batches_tracked must be an integer (an int, or an "
+            f"integer scalar such as a TrainState's `step`), got {describe(value)}."
+        )
+    if int(array) < 0:
+        raise ValueError(
+            f"export_torch: num_batches_tracked must be >= 0, got {int(array)}."
+        )
+    return int(array)
+
+
 @typecheck
 def export_torch(
     model: eqx.Module,
     state: eqx.nn.State,
     *,
     mapping: NameMapping | None = None,
-    num_batches_tracked: int | None = 0,
+    num_batches_tracked: ArrayLike | None = 0,
 ) -> dict[str, np.ndarray]:
     """Writes an Equinox model and its State as a PyTorch `state_dict`.
 
@@ -256,7 +275,8 @@ def export_torch(
     - `model`, `state`: as for `load_torch`.
     - `mapping`: the same overrides as for `load_torch`.
     - `num_batches_tracked`: the value written as every BatchNorm's
-        `num_batches_tracked` (an int64 scalar, as PyTorch keeps it): the number
+        `num_batches_tracked` (an int64 scalar, as PyTorch keeps it): an int or
+        an integer scalar of numpy or JAX (a `TrainState`'s `step`), the number
         of training steps taken, if PyTorch should know it (it only matters for
         a PyTorch BatchNorm with `momentum=None`). `None` leaves the entries out:
         `load_state_dict` (even with `strict=True`) then keeps each BatchNorm's
@@ -273,12 +293,10 @@ def export_torch(
     - `ConversionError`: when the model has layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model,
         or a negative `num_batches_tracked`.
+    - `TypeError`: for a `num_batches_tracked` that is not an integer scalar (a
+        float, a bool, an array with axes).
     """
-    if num_batches_tracked is not None and num_batches_tracked < 0:
-        raise ValueError(
-            "export_torch: num_batches_tracked must be >= 0, got "
-            f"{num_batches_tracked}."
-        )
+    count = _batch_count(num_batches_tracked)
     pairing = pair(model, mapping, TORCH)
     exported = export_pairs(model, state, pairing, TORCH)
     # The BatchNorms `load_torch` takes `num_batches_tracked` from; PyTorch lists
@@ -289,10 +307,10 @@ def export_torch(
     for path, array in exported.items():
         # Writable, so that `torch.from_numpy` takes it without a warning.
         out[".".join(path)] = np.array(array)
-        if last.get(path[:-1]) == path and num_batches_tracked is not None:
+        if last.get(path[:-1]) == path and count is not None:
             scope = ".".join(path[:-1])
             key = f"{scope}.{NUM_BATCHES_TRACKED}" if scope else NUM_BATCHES_TRACKED
-            out[key] = np.array(num_batches_tracked, dtype=np.int64)
+            out[key] = np.array(count, dtype=np.int64)
     return out
 
 
