@@ -285,6 +285,11 @@ def _file(tree):
         ),
         (b"\xc1\x00", "not valid msgpack: FormatError"),
         (b"import os\n", "not a Flax msgpack checkpoint: it starts with an int"),
+        # Issue 21.3: a bad array first, not "a _Invalid".
+        (
+            msgpack.packb(msgpack.ExtType(1, b"\xc1")) + b"\x00",
+            "it starts with an array, not a map",
+        ),
         (_file({"a": 1}) + b"\x00", "1 unexpected bytes after its data"),
     ],
 )

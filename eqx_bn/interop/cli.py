@@ -22,7 +22,6 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -105,18 +104,16 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _cwd_importable() -> Iterator[None]:
-    # `python -m` puts the working directory on sys.path, an installed script
-    # does not; `--model my_models:make` should work the same from both.
-    cwd = os.getcwd()
-    added = cwd not in sys.path
+def _importable(directory: str) -> Iterator[None]:
+    """`directory` first on `sys.path` while the factory's module is imported."""
+    added = directory not in sys.path
     if added:
-        sys.path.insert(0, cwd)
+        sys.path.insert(0, directory)
     try:
         yield
     finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
+        if added and directory in sys.path:
+            sys.path.remove(directory)
 
 
 def _import_module(name: str) -> Any:
@@ -128,10 +125,15 @@ def _import_module(name: str) -> Any:
         if spec is None or spec.loader is None:
             raise _UsageError(f"--model: cannot import {name!r}")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # As `python path/to/models.py` would: its folder is where its own
+        # `import helpers` finds the file's siblings.
+        with _importable(os.path.dirname(os.path.abspath(name))):
+            spec.loader.exec_module(module)
         return module
     try:
-        with _cwd_importable():
+        # `python -m` puts the working directory on sys.path, an installed script
+        # does not; `--model my_models:make` should work the same from both.
+        with _importable(os.getcwd()):
             return importlib.import_module(name)
     except ModuleNotFoundError as e:
         # Only a missing module named in --model is a usage error; an import that
@@ -296,11 +298,25 @@ def _check_torch_top_level(variables: Mapping) -> None:
     )
 
 
-def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
-    # Fail before the (possibly long) read if the output cannot be written.
+def _check_output(args: argparse.Namespace) -> None:
+    """Fails before the (possibly long) read if the output cannot be written, or
+    would replace the checkpoint itself."""
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
         raise _UsageError(f"cannot write {args.output!r}: no directory {directory!r}")
+    if os.path.exists(args.output) and os.path.exists(args.checkpoint):
+        same = os.path.samefile(args.output, args.checkpoint)
+    else:
+        same = os.path.realpath(args.output) == os.path.realpath(args.checkpoint)
+    if same:
+        raise _UsageError(
+            f"OUTPUT {args.output!r} is the checkpoint being converted: writing it "
+            "would replace the checkpoint. Give the Equinox file another name."
+        )
+
+
+def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    _check_output(args)
     is_torch = (
         os.path.isfile(args.checkpoint)
         and checkpoint_kind(args.checkpoint) != "msgpack"
@@ -308,8 +324,11 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     _check_flags(args, is_torch)
     model, state = _build(args.model)
     update, bar = _progress(args.checkpoint, args.quiet)
+    # With --key, only that entry is read: what the others hold (a training
+    # checkpoint's `args`, an argparse.Namespace) does not matter.
+    keys = None if args.key is None else [args.key]
     try:
-        variables = read_checkpoint(args.checkpoint, progress=update)
+        variables = read_checkpoint(args.checkpoint, progress=update, keys=keys)
     except ImportError as e:  # an Orbax directory without orbax-checkpoint
         raise _UsageError(str(e)) from None
     finally:
@@ -351,6 +370,18 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     )
 
 
+def _flags(error: ConversionError) -> list[str]:
+    """The flags that do what the error's hints advise (`ignore_extra=True`...)."""
+    flags = []
+    if error.extra:
+        flags.append("`--ignore-extra`")
+    if error.castable:
+        flags.append("`--cast`")
+    if error.prefix is not None:
+        flags.append(f"`--prefix {error.prefix}`")
+    return flags
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Runs the converter; returns the exit status (0, or 2 on any error).
 
@@ -374,17 +405,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         _convert(args, say)
     except (CheckpointError, ConversionError, _UsageError) as e:
         message = str(e)
-        flags = []
-        if getattr(e, "extra", ()):
-            flags.append("--ignore-extra")
-        if any("cast=True" in m for m in getattr(e, "mismatched", ())):
-            flags.append("--cast")
-        # load_torch's hint for a model saved in a wrapper: `pass prefix='module.'`.
-        prefix = re.search(r"pass prefix='([^']+)'", message)
-        if prefix is not None:
-            flags.append(f"--prefix {prefix.group(1)}")
+        flags = _flags(e) if isinstance(e, ConversionError) else []
         if flags:
-            message += f"\nOn the command line: {' and '.join(flags)}."
+            message += f"\nOn the command line, pass {' and '.join(flags)}."
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -48,6 +48,12 @@ class ConversionError(ValueError):
     - `extra`: top-level entries that are not `params`/`batch_stats` (`step`,
         `opt_state` of a saved TrainState...), and NNX random-stream state.
     - `unsupported`: layers of the model that have no conversion rule.
+
+    **Hints** (what the message advises, for programs such as the command line):
+
+    - `castable`: some mismatch is of dtype alone, which `cast=True` converts.
+    - `prefix`: every key of a PyTorch state_dict starts with it and nothing
+        pairs: pass `prefix=` (e.g. `"module."`), else `None`.
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class ConversionError(ValueError):
         mismatched: tuple[str, ...] = (),
         extra: tuple[str, ...] = (),
         unsupported: tuple[str, ...] = (),
+        castable: bool = False,
+        prefix: str | None = None,
     ):
         super().__init__(message)
         self.missing = missing
@@ -66,6 +74,8 @@ class ConversionError(ValueError):
         self.mismatched = mismatched
         self.extra = extra
         self.unsupported = unsupported
+        self.castable = castable
+        self.prefix = prefix
 
 
 def _describe(shape, dtype) -> str:
@@ -101,8 +111,9 @@ def _has_variables_in_params(variables: Mapping, pairing: Pairing) -> bool:
 
 def _split_variables(
     variables: Mapping, pairing: Pairing
-) -> tuple[dict[tuple[str, ...], Any], list[str]]:
-    """The Flax leaves of `params`/`batch_stats`, and the names of other entries."""
+) -> tuple[dict[tuple[str, ...], Any], list[tuple[str, str]]]:
+    """The Flax leaves of `params`/`batch_stats`, and the other entries as
+    `(name, "entry")` (see `load_pairs`'s `extra`)."""
     if _has_variables_in_params(variables, pairing):
         outer = {k: v for k, v in variables.items() if k != "params"}
         variables = {**outer, **variables["params"]}
@@ -115,7 +126,7 @@ def _split_variables(
             flat.update(_flatten(tree, (name,)))
         else:
             flat[(name,)] = tree
-    return flat, sorted(extra, key=natural_key)
+    return flat, [(name, "entry") for name in sorted(extra, key=natural_key)]
 
 
 def _under(
@@ -283,7 +294,7 @@ def load_pairs(
     *,
     strict: bool,
     cast: bool,
-    extra: Sequence[str] = (),
+    extra: Sequence[tuple[str, str]] = (),
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """The engine under every `load_*`: checks every pair, then builds.
 
@@ -295,8 +306,11 @@ def load_pairs(
     - `pairing`: `paths.pair(model, mapping, naming)`.
     - `naming`: the naming scheme, for the messages.
     - `strict`, `cast`: as for `load_flax`.
-    - `extra`: top-level entries of the checkpoint that are neither variables nor
-        to be ignored (reported, with the hint to skip them).
+    - `extra`: what the checkpoint holds beside the model's variables and is not
+        to be ignored, as `(name, kind)`; `kind` is `"entry"` (a top-level entry
+        such as a TrainState's `step`), `"rng"` (NNX random streams),
+        `"intermediate"` (NNX `sow`n values) or `"optimizer"` (`nnx.Optimizer`
+        state). Reported, with the hint to skip them.
 
     **Returns:**
 
@@ -313,6 +327,7 @@ def load_pairs(
     sep = naming.separator
 
     missing, mismatched, loaded = [], [], []
+    castable = False
     for entry in entries:
         target = _target(entry, model, state)
         want_shape = entry.layout.external_shape(tuple(target.shape))
@@ -330,6 +345,7 @@ def load_pairs(
         bad_shape = tuple(value.shape) != tuple(want_shape)
         bad_dtype = value.dtype != np.dtype(target.dtype) and not cast
         if bad_shape or bad_dtype:
+            castable = castable or not bad_shape
             relaid = bad_shape and entry.layout.name != "identity"
             note = f" (in {naming.framework}'s layout)" if relaid else ""
             mismatched.append(
@@ -364,11 +380,38 @@ def load_pairs(
             mismatched,
             list(extra),
             unsupported,
+            castable=castable,
         )
     return _build(model, state, loaded)
 
 
-def _error(name, naming, strict, missing, unexpected, mismatched, extras, unsupported):
+_EXTRA_HEADINGS = {
+    "entry": "Entries other than {} (the rest of a saved TrainState?)",
+    "rng": (
+        "NNX random-stream state (`nnx.Rngs` keys and counts; an Equinox model "
+        "holds none, its calls take keys)"
+    ),
+    "intermediate": "NNX intermediates (values stored with `sow`, not parameters)",
+    "optimizer": "`nnx.Optimizer` state (the optimiser's, not the model's)",
+}
+_EXTRA_NAMES = {
+    "rng": "random-stream state",
+    "intermediate": "intermediate",
+    "optimizer": "optimizer state",
+}
+
+
+def _error(
+    name,
+    naming,
+    strict,
+    missing,
+    unexpected,
+    mismatched,
+    extras,
+    unsupported,
+    castable=False,
+):
     source = naming.source
     sections = [
         (f"Missing from the {source} (the model needs them)", missing),
@@ -387,10 +430,13 @@ def _error(name, naming, strict, missing, unexpected, mismatched, extras, unsupp
             lines += [f"  {item}" for item in items]
     if extras:
         count += len(extras)
+        for kind, heading in _EXTRA_HEADINGS.items():
+            names = [entry for entry, of in extras if of == kind]
+            if names:
+                heading = heading.format("/".join(naming.collections) or "variables")
+                lines.append(f"{heading}: {', '.join(names)}.")
         lines.append(
-            f"Entries other than {'/'.join(naming.collections) or 'variables'} "
-            f"(a saved TrainState?): {', '.join(extras)}; pass ignore_extra=True to "
-            "skip them."
+            f"Pass ignore_extra=True to skip {'it' if len(extras) == 1 else 'them'}."
         )
     lines.insert(1, f"{count} problem{'s' if count != 1 else ''}.")
     lines.append(_fix_hint(strict, naming))
@@ -399,8 +445,12 @@ def _error(name, naming, strict, missing, unexpected, mismatched, extras, unsupp
         missing=tuple(missing),
         unexpected=tuple(unexpected),
         mismatched=tuple(mismatched),
-        extra=tuple(extras),
+        extra=tuple(
+            name if kind == "entry" else f"{name} ({_EXTRA_NAMES[kind]})"
+            for name, kind in extras
+        ),
         unsupported=tuple(unsupported),
+        castable=castable,
     )
 
 

@@ -141,15 +141,14 @@ def _flat_state_dict(state_dict: Mapping, prefix: str) -> dict[tuple[str, ...], 
     return flat
 
 
-def _prefix_hint(flat: Mapping[tuple[str, ...], Any], pairing: Pairing) -> str:
+def _common_prefix(flat: Mapping[tuple[str, ...], Any], pairing: Pairing) -> str | None:
+    """`"module."` when every key starts with `module.` and the model has no
+    `module` (a model saved inside a wrapper, e.g. nn.DataParallel), else `None`."""
     firsts = {path[0] for path in flat}
     if len(firsts) == 1 and not any(e.path[0] in firsts for e in pairing.entries):
         (first,) = firsts
-        return (
-            f" Every key starts with {first + '.'!r} (a model saved inside a "
-            f"wrapper, e.g. nn.DataParallel): pass prefix={first + '.'!r}."
-        )
-    return ""
+        return first + "."
+    return None
 
 
 @typecheck
@@ -224,16 +223,19 @@ def load_torch(
     try:
         return load_pairs(model, state, flat, pairing, TORCH, strict=strict, cast=cast)
     except ConversionError as e:
-        hint = _prefix_hint(flat, pairing) if e.unexpected else ""
-        if not hint:
+        common = _common_prefix(flat, pairing) if e.unexpected else None
+        if common is None:
             raise
         raise ConversionError(
-            str(e) + hint,
+            f"{e} Every key starts with {common!r} (a model saved inside a "
+            f"wrapper, e.g. nn.DataParallel): pass prefix={common!r}.",
             missing=e.missing,
             unexpected=e.unexpected,
             mismatched=e.mismatched,
             extra=e.extra,
             unsupported=e.unsupported,
+            castable=e.castable,
+            prefix=common,
         ) from None
 
 
