@@ -430,14 +430,15 @@ def _error(
             lines += [f"  {item}" for item in items]
     if extras:
         count += len(extras)
+        groups = []
         for kind, heading in _EXTRA_HEADINGS.items():
             names = [entry for entry, of in extras if of == kind]
             if names:
                 heading = heading.format("/".join(naming.collections) or "variables")
-                lines.append(f"{heading}: {', '.join(names)}.")
-        lines.append(
-            f"Pass ignore_extra=True to skip {'it' if len(extras) == 1 else 'them'}."
-        )
+                groups.append(f"{heading}: {', '.join(names)}")
+        them = "it" if len(extras) == 1 else "them"
+        lines += [f"{group}." for group in groups[:-1]]
+        lines.append(f"{groups[-1]}; pass ignore_extra=True to skip {them}.")
     lines.insert(1, f"{count} problem{'s' if count != 1 else ''}.")
     lines.append(_fix_hint(strict, naming))
     return ConversionError(
