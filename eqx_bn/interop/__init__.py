@@ -6,8 +6,8 @@ Orbax formats, `torch.save` files and safetensors, and convert between Flax vari
 Nothing here imports Flax or torch.
 """
 
-from .convert import (
-    ConversionError as ConversionError,
+from .engine import ConversionError as ConversionError
+from .flax import (
     export_flax as export_flax,
     flax_paths as flax_paths,
     load_flax as load_flax,

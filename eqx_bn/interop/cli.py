@@ -29,7 +29,8 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from .convert import ConversionError, load_flax
+from .engine import ConversionError
+from .flax import load_flax
 from .formats import CheckpointError, atomic_write, checkpoint_kind, read_checkpoint
 from .torch import load_torch
 

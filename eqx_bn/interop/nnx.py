@@ -1,4 +1,5 @@
-"""Flax NNX state: reading it without Flax, and telling it apart from linen variables.
+"""Flax NNX's front-end: reading NNX state without Flax, loading it (for
+`load_flax`), `export_nnx` and `nnx_paths`.
 
 An NNX model's state is named by attribute (`{"dense_0": {"kernel", "bias"}, "norm":
 {"scale", "bias", "mean", "var"}, "blocks": {0: ..., 1: ...}}`), with no
@@ -11,33 +12,29 @@ one flat `{("blocks", "0", "conv", "kernel"): array}`:
 - either of those saved with msgpack (`int` keys become strings) or Orbax (an
     `nnx.State` comes back with every leaf wrapped as `{"value": array}`).
 
-Here too: the NNX naming scheme (`NNX`: attribute names, lists by index,
-`nnx.Sequential`'s `layers`), its layer rules, the choice between linen and NNX that
-`load_flax` makes, and the NNX front-ends `export_nnx` and `nnx_paths`. Nothing of
-Flax is imported here.
+What marks a tree as certainly NNX (`certainly_nnx`) is here; the choice between
+linen and NNX is `load_flax`'s (`flax.py`). The naming scheme is `schemes.NNX`.
+Nothing of Flax is imported here.
 """
 
-import dataclasses
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import equinox as eqx
 
 from .._typing import typecheck
-from .convert import (
+from .engine import (
     ConversionError,
-    _split_variables,
+    NameMapping,
+    Pairing,
     export_pairs,
     load_pairs,
+    pair,
     paths_of,
 )
-from .formats.tree import flatten, map_tree
-from .layers import LINEN_RULES, Rule, Slot
-from .paths import LINEN, NameMapping, Naming, pair
-
-TreeLayout = Literal["auto", "linen", "nnx"]
-"""How `load_flax` reads its tree: detected (`"auto"`), linen variables or NNX state."""
+from .formats.tree import flatten, map_tree, unflatten
+from .schemes import LINEN, NNX
 
 _WRAPPER = "value"
 # An NNX random stream (`nnx.Rngs`, or the `rngs` of `nnx.Dropout`) holds these two.
@@ -197,109 +194,8 @@ def _has_int_keys(tree: Any) -> bool:
     return bool(ints)
 
 
-# -- The naming scheme --------------------------------------------------------------
-
-NNX_NAME = "nnx_name"
-"""The `eqx.field` metadata key with which a field declares its NNX attribute name."""
-
-
-# NNX's layers hold the same variables as linen's, under the same names and in the
-# same layouts (nnx.Linear's kernel is linen Dense's); only there are no collections:
-# nnx.BatchNorm keeps its running statistics beside its parameters. So the rules are
-# linen's, with each slot's collection dropped, and only the class names differ.
-_NNX_KINDS = {"Dense": "Linear"}
-
-
-def _without_collection(
-    slots: Callable[[eqx.Module], list[Slot]],
-) -> Callable[[eqx.Module], list[Slot]]:
-    """A linen rule's slots function, giving the same slots with no collection."""
-
-    def nnx_slots(layer: eqx.Module) -> list[Slot]:
-        return [dataclasses.replace(slot, collection=None) for slot in slots(layer)]
-
-    return nnx_slots
-
-
-NNX_RULES: tuple[Rule, ...] = tuple(
-    Rule(
-        rule.eqx_type,
-        _NNX_KINDS.get(rule.kind, rule.kind),
-        _without_collection(rule.slots),
-    )
-    for rule in LINEN_RULES
-)
-"""The layer kinds converted automatically to and from Flax NNX, first match wins:
-linen's (`eqx_bn.interop.layers.LINEN_RULES`) without collections."""
-
-NNX = Naming(
-    framework="Flax NNX",
-    source="NNX state",
-    separator="/",
-    collections=(),
-    rules=NNX_RULES,
-    numbered=False,
-    sequential=("layers",),
-    metadata_key=NNX_NAME,
-    paths_function="eqx_bn.interop.nnx_paths",
-)
-"""Flax NNX: attribute names, list items by index, `nnx.Sequential`'s `layers`."""
-
-
-# -- Linen or NNX ------------------------------------------------------------------
-
-
-def _fits(flat: Mapping, pairing) -> bool:
-    return bool(flat) and set(flat) == {e.path for e in pairing.entries}
-
-
-def choose_layout(
-    variables: Mapping,
-    model: eqx.Module,
-    mapping: NameMapping | None,
-    layout: TreeLayout,
-) -> Literal["linen", "nnx"]:
-    """Whether `load_flax` reads `variables` as linen variables or NNX state.
-
-    Linen variables have a `params` collection at the top; NNX state never does,
-    unless the model has an attribute called `params` (or `batch_stats`). Only then
-    is the tree ambiguous, and the layout that pairs with the model exactly wins.
-
-    **Raises:**
-
-    - `ConversionError`: an ambiguous tree that fits both layouts or neither.
-    """
-    if layout != "auto":
-        return layout
-    if certainly_nnx(variables) or not isinstance(variables.get("params"), Mapping):
-        return "nnx"
-    nnx_pairing = pair(model, mapping, NNX)
-    clash = sorted({e.path[0] for e in nnx_pairing.entries} & {"params", "batch_stats"})
-    if not clash:
-        return "linen"
-    linen_pairing = pair(model, mapping, LINEN)
-    linen_flat = _split_variables(variables, linen_pairing)[0]
-    fits = [
-        name
-        for name, ok in (
-            ("linen", _fits(linen_flat, linen_pairing)),
-            ("nnx", _fits(_nnx_variables(variables, nnx_pairing)[0], nnx_pairing)),
-        )
-        if ok
-    ]
-    if len(fits) == 1:
-        return fits[0]
-    raise ConversionError(
-        "Cannot tell whether these are Flax linen variables or NNX state: they have "
-        f"a top-level `params`, as linen variables do, and {type(model).__name__} "
-        f"has an attribute `{clash[0]}`, which NNX state has at the top; they pair "
-        f"with {'both' if fits else 'neither'} exactly. Pass layout='linen' or "
-        "layout='nnx' to load_flax (--layout on the command line)."
-    )
-
-
-def _nnx_variables(
-    variables: Mapping, pairing
+def nnx_variables(
+    variables: Mapping, pairing: Pairing
 ) -> tuple[dict[tuple[str, ...], Any], list[tuple[str, str]]]:
     """The NNX leaves, and what nothing in the model wants and is no parameter
     (random streams, `sow`n intermediates, optimiser state) as `(name, kind)`:
@@ -331,7 +227,7 @@ def load_nnx(
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """`load_flax` for NNX state (see there)."""
     pairing = pair(model, mapping, NNX)
-    flat, extra = _nnx_variables(variables, pairing)
+    flat, extra = nnx_variables(variables, pairing)
     wanted = {e.path for e in pairing.entries}
     names = [*("/".join(p) for p in flat), *(name for name, _ in extra)]
     if detected and names and wanted and not wanted & set(flat):
@@ -447,15 +343,8 @@ def export_nnx(
     - `ConversionError`: when the model has layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
     """
-    tree: dict = {}
-    for path, array in export_pairs(
-        model, state, pair(model, mapping, NNX), NNX
-    ).items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(_index(part), {})
-        node[_index(path[-1])] = array
-    return tree
+    exported = export_pairs(model, state, pair(model, mapping, NNX), NNX)
+    return unflatten(exported.items(), key=_index)
 
 
 @typecheck

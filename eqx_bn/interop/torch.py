@@ -1,10 +1,10 @@
 """PyTorch `state_dict` names <-> an Equinox model and its State.
 
 PyTorch names a variable by the attribute path of its module, joined with dots:
-`layer1.0.bn1.running_var`, `downsample.0.weight`, `fc.bias`. The `TORCH` naming
+`layer1.0.bn1.running_var`, `downsample.0.weight`, `fc.bias`. The `TORCH` scheme
 pairs these with the model's fields by name (list and tuple items by index, an
-`eqx.nn.Sequential`'s layers by index directly, as `nn.Sequential`'s), and the
-rules here say what each layer kind holds in PyTorch:
+`eqx.nn.Sequential`'s layers by index directly, as `nn.Sequential`'s), and its
+rules say what each layer kind holds in PyTorch:
 
 - `nn.Conv*d` <-> `eqx.nn.Conv*`: the weight is `(out, in / groups, *kernel)` on
   both sides; the bias `(out,)` is `(out, 1, ..., 1)` in Equinox;
@@ -15,8 +15,9 @@ rules here say what each layer kind holds in PyTorch:
 - `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`, `nn.Embedding`: `weight`/`bias`;
 - a plain array field of a custom module <-> an `nn.Parameter` of that name.
 
-The check-and-build engine is `convert.load_pairs` / `export_pairs`, shared with
-Flax: the same strictness and the one `ConversionError` listing every problem.
+The scheme (`schemes.TORCH`) holds these rules; the engine (`engine.load_pairs` /
+`export_pairs`), shared with Flax, pairs, checks and builds: the same strictness and
+the one `ConversionError` listing every problem.
 """
 
 import sys
@@ -28,77 +29,18 @@ import ml_dtypes
 import numpy as np
 from jaxtyping import ArrayLike
 
-from .._batch_norm import BatchNorm
 from .._describe import describe
 from .._typing import typecheck
-from .convert import ConversionError, export_pairs, load_pairs, paths_of
-from .layers import IDENTITY, VECTOR, Layout, Rule, Slot, parameter_slots
-from .paths import NameMapping, Naming, Pairing, pair
-
-TORCH_NAME = "torch_name"
-"""The `eqx.field` metadata key with which a field declares its PyTorch name."""
-
-NUM_BATCHES_TRACKED = "num_batches_tracked"
-
-LINEAR_WEIGHT = Layout(
-    "Linear weight (out, in) <-> Equinox (out, in), or (in,) for a scalar output",
-    external_shape=lambda shape: shape if len(shape) == 2 else (1, *shape),
-    to_eqx=lambda a, shape: np.reshape(a, shape),
-    to_external=lambda a: a if a.ndim == 2 else np.reshape(a, (1, *a.shape)),
+from .engine import (
+    ConversionError,
+    NameMapping,
+    Pairing,
+    export_pairs,
+    load_pairs,
+    pair,
+    paths_of,
 )
-"""`eqx.nn.Linear(..., out_features="scalar")` keeps its weight as `(in,)`."""
-
-
-def _params(layer: eqx.Module, pairs: tuple[tuple[str, str, Layout], ...]):
-    return parameter_slots(layer, pairs, collection=None)
-
-
-def _batch_norm(layer: BatchNorm) -> list[Slot]:
-    return _params(
-        layer, (("weight", "scale", IDENTITY), ("bias", "bias", IDENTITY))
-    ) + [
-        Slot(None, "running_mean", "mean", IDENTITY, in_state=True),
-        Slot(None, "running_var", "var", IDENTITY, in_state=True),
-    ]
-
-
-def _linear(layer: eqx.nn.Linear) -> list[Slot]:
-    return _params(
-        layer, (("weight", "weight", LINEAR_WEIGHT), ("bias", "bias", VECTOR))
-    )
-
-
-def _conv(layer: eqx.nn.Conv) -> list[Slot]:
-    return _params(layer, (("weight", "weight", IDENTITY), ("bias", "bias", VECTOR)))
-
-
-def _weight_bias(layer: eqx.Module) -> list[Slot]:
-    return _params(layer, (("weight", "weight", IDENTITY), ("bias", "bias", IDENTITY)))
-
-
-TORCH_RULES: tuple[Rule, ...] = (
-    Rule(BatchNorm, "BatchNorm2d", _batch_norm),
-    Rule(eqx.nn.Linear, "Linear", _linear),
-    Rule(eqx.nn.Conv, "Conv2d", _conv),  # also Conv1d/2d/3d, which subclass it
-    Rule(eqx.nn.LayerNorm, "LayerNorm", _weight_bias),
-    Rule(eqx.nn.GroupNorm, "GroupNorm", _weight_bias),
-    Rule(eqx.nn.RMSNorm, "RMSNorm", _weight_bias),
-    Rule(eqx.nn.Embedding, "Embedding", _weight_bias),
-)
-"""The layer kinds converted automatically to and from PyTorch, first match wins."""
-
-TORCH = Naming(
-    framework="PyTorch",
-    source="PyTorch state_dict",
-    separator=".",
-    collections=(),
-    rules=TORCH_RULES,
-    numbered=False,
-    sequential=(),
-    metadata_key=TORCH_NAME,
-    paths_function="eqx_bn.interop.torch_paths",
-)
-"""PyTorch: dotted attribute paths, `nn.Sequential` layers by index."""
+from .schemes import NUM_BATCHES_TRACKED, TORCH
 
 
 def _batch_norm_scopes(pairing: Pairing) -> list[tuple[str, ...]]:
@@ -192,7 +134,9 @@ def load_torch(
         `module.state_dict()` gives it (numpy or JAX arrays, or torch tensors).
     - `mapping`: overrides of the pairing, `{dotted_scope: selector}`:
         `{"classifier": lambda m: m.fc}`; `None` as selector leaves the scope out
-        on both sides (e.g. a new head). See `eqx_bn.interop.paths.pair`.
+        on both sides (e.g. a new head): its entries are not read and the
+        model's leaves there keep their values. See the pairing with
+        [`eqx_bn.interop.torch_paths`][].
     - `strict`: require every paired model leaf to be in the state_dict and every
         entry of it to be used, as `load_state_dict(strict=True)`. With
         `strict=False`, leaves without a value keep theirs and unused entries are
