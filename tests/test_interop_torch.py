@@ -874,11 +874,13 @@ def test_load_torch_lists_every_problem(loaded):
 def test_load_torch_whole_checkpoint_and_prefix(loaded):
     name, model, state = loaded
     sd = read_torch(DATA / f"narrow_{name}.pt")
-    with pytest.raises(ConversionError, match=r"checkpoint\['state_dict'\]"):
+    with pytest.raises(ConversionError, match=r"checkpoint\['state_dict'\]") as info:
         load_torch(model, state, {"state_dict": sd, "epoch": 3})
+    assert info.value.key == "state_dict" and info.value.prefix is None
     wrapped = {f"module.{k}": v for k, v in sd.items()}
-    with pytest.raises(ConversionError, match="pass prefix='module.'"):
+    with pytest.raises(ConversionError, match="pass prefix='module.'") as info:
         load_torch(model, state, wrapped)
+    assert info.value.prefix == "module." and info.value.key is None
     model2, _ = load_torch(model, state, wrapped, prefix="module.")
     np.testing.assert_array_equal(model2.fc.weight, sd["fc.weight"])
 

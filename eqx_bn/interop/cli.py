@@ -269,36 +269,6 @@ def _entry(variables: Any, key: str) -> Any:
     return entry
 
 
-# Where training scripts usually keep the model's state_dict in a checkpoint.
-_STATE_DICT_NAMES = ("state_dict", "model_state_dict", "model", "net", "module")
-
-
-def _check_torch_top_level(variables: Mapping) -> None:
-    """A training checkpoint (`{"state_dict": ..., "epoch": ...}`) named with the
-    `--key` that picks its state_dict, before `load_torch` refuses it."""
-    nested = sorted(str(k) for k, v in variables.items() if isinstance(v, Mapping))
-    if not nested:
-        return
-    usual = [
-        name
-        for name, entry in variables.items()
-        if name in _STATE_DICT_NAMES
-        and isinstance(entry, Mapping)
-        and not any(isinstance(v, Mapping) for v in entry.values())
-    ]
-    if len(usual) == 1:
-        raise _UsageError(
-            f"The checkpoint holds the dict {usual[0]!r} beside other entries: it "
-            "looks like a whole training checkpoint. Convert its state_dict with "
-            f"--key {usual[0]}."
-        )
-    raise _UsageError(
-        f"The checkpoint holds nested dicts under {', '.join(map(repr, nested))}, "
-        "not a flat state_dict: pass --key NAME with the entry that holds the "
-        "model's state_dict."
-    )
-
-
 def _check_output(args: argparse.Namespace) -> None:
     """Fails before the (possibly long) read if the output cannot be written, or
     would replace the checkpoint itself."""
@@ -343,8 +313,6 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     if args.key is not None:
         variables = _entry(variables, args.key)
     if is_torch:
-        if args.key is None:
-            _check_torch_top_level(variables)
         model, state = load_torch(
             model, state, variables, cast=args.cast, prefix=args.prefix or ""
         )
@@ -380,6 +348,8 @@ def _flags(error: ConversionError) -> list[str]:
         flags.append("`--cast`")
     if error.prefix is not None:
         flags.append(f"`--prefix {error.prefix}`")
+    if error.key is not None:
+        flags.append(f"`--key {error.key}`")
     return flags
 
 

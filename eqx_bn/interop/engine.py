@@ -69,6 +69,8 @@ class ConversionError(ValueError):
     - `castable`: some mismatch is of dtype alone, which `cast=True` converts.
     - `prefix`: every key of a PyTorch state_dict starts with it and nothing
         pairs: pass `prefix=` (e.g. `"module."`), else `None`.
+    - `key`: a whole training checkpoint was given for a state_dict, and this
+        entry of it holds the model's (`"state_dict"`, `"model"`), else `None`.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class ConversionError(ValueError):
         unsupported: tuple[str, ...] = (),
         castable: bool = False,
         prefix: str | None = None,
+        key: str | None = None,
     ):
         super().__init__(message)
         self.missing = missing
@@ -91,6 +94,7 @@ class ConversionError(ValueError):
         self.unsupported = unsupported
         self.castable = castable
         self.prefix = prefix
+        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)

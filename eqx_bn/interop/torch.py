@@ -59,14 +59,33 @@ def _tensor_as_numpy(value: Any) -> Any:
     return value
 
 
+# Where training scripts usually keep the model's state_dict in a checkpoint.
+_STATE_DICT_NAMES = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def _state_dict_entry(checkpoint: Mapping) -> str | None:
+    """The entry of a training checkpoint that holds the model's state_dict: the
+    one flat dict under a usual name, else `None`."""
+    usual = [
+        str(name)
+        for name, entry in checkpoint.items()
+        if name in _STATE_DICT_NAMES
+        and isinstance(entry, Mapping)
+        and not any(isinstance(v, Mapping) for v in entry.values())
+    ]
+    return usual[0] if len(usual) == 1 else None
+
+
 def _flat_state_dict(state_dict: Mapping, prefix: str) -> dict[tuple[str, ...], Any]:
     nested = sorted(str(k) for k, v in state_dict.items() if isinstance(v, Mapping))
     if nested:
+        key = _state_dict_entry(state_dict)
         raise ConversionError(
             "The PyTorch state_dict holds nested dicts under "
             f"{', '.join(map(repr, nested))}: it looks like a whole training "
             "checkpoint. Pass the model's state_dict alone, e.g. "
-            f"`checkpoint[{nested[0]!r}]`."
+            f"`checkpoint[{key or nested[0]!r}]`.",
+            key=key,
         )
     flat = {}
     for key, value in state_dict.items():
