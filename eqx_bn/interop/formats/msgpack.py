@@ -35,7 +35,7 @@ from .atomic import atomic_write
 from .errors import CheckpointError
 from .shapes import shape_problem as _shape_problem
 from .sniff import HEAD_BYTES, other_format
-from .tree import map_tree
+from .tree import MAX_DEPTH, map_tree, where
 
 _EXT_NDARRAY = 1
 _EXT_NATIVE_COMPLEX = 2
@@ -44,9 +44,6 @@ _CHUNKED = "__msgpack_chunked_array__"
 # Flax's `MAX_CHUNK_SIZE`: msgpack's limit is 2**32 - 1 bytes per value, and Flax
 # leaves a wide margin. Files chunked at any size are read.
 _MAX_CHUNK_BYTES = 2**30
-# Real checkpoints nest a few levels per module; this only stops hostile files
-# from exhausting the Python stack.
-_MAX_DEPTH = 100
 _READ_BLOCK = 16 * 2**20
 
 ProgressCallback = Callable[[int, int], None]
@@ -78,10 +75,6 @@ def _dtype_table() -> dict[str, np.dtype]:
 # from the file (structured and object dtypes included).
 _DTYPES = _dtype_table()
 _SUPPORTED = frozenset(_DTYPES.values())
-
-
-def _where(path: tuple[str, ...]) -> str:
-    return f"at '{'/'.join(path)}'" if path else "at the top level"
 
 
 class _Invalid:
@@ -157,7 +150,7 @@ def _check_key(path: tuple[str, ...], key: Any) -> None:
     # `msgpack_restore` reads them back as ints: so does this.
     if type(key) not in (str, int):
         raise CheckpointError(
-            f"{_where(path)}: key {key!r} is {describe(key)}; a Flax checkpoint's "
+            f"{where(path)}: key {key!r} is {describe(key)}; a Flax checkpoint's "
             "keys are strings (or ints, for list items)"
         )
 
@@ -170,16 +163,16 @@ def _leaf(path: tuple[str, ...], node: Any) -> Any:
     if _is_chunked(node):
         return _unchunk(node, path)
     if isinstance(node, _Invalid):
-        raise CheckpointError(f"{_where(path)}: {node.reason}")
+        raise CheckpointError(f"{where(path)}: {node.reason}")
     if isinstance(node, (np.ndarray, np.generic, *_PLAIN_LEAVES)):
         return node
     raise CheckpointError(
-        f"{_where(path)}: unsupported msgpack value of type {type(node).__name__}"
+        f"{where(path)}: unsupported msgpack value of type {type(node).__name__}"
     )
 
 
 def _too_deep(path: tuple[str, ...]) -> CheckpointError:
-    return CheckpointError(f"{_where(path[:3])}...: nested deeper than {_MAX_DEPTH}")
+    return CheckpointError(f"{where(path[:3])}...: nested deeper than {MAX_DEPTH}")
 
 
 def _restore(node: Any, path: tuple[str, ...] = ()) -> Any:
@@ -191,7 +184,7 @@ def _restore(node: Any, path: tuple[str, ...] = ()) -> Any:
             is_leaf=_is_chunked,
             key=lambda p, k: _check_key((*path, *p), k),
             lists=True,
-            max_depth=_MAX_DEPTH - len(path),
+            max_depth=MAX_DEPTH - len(path),
             too_deep=lambda p: _too_deep((*path, *p)),
         )
     except ValueError as e:  # keys 0 and "0" in one map
@@ -204,7 +197,7 @@ def _sequence(node: Any, path: tuple[str, ...]) -> list[Any]:
     """A Flax tuple-as-dict `{"0": a, "1": b}` back to `[a, b]`."""
     if not isinstance(node, dict) or set(node) != {str(i) for i in range(len(node))}:
         raise CheckpointError(
-            f"{_where(path)}: expected a map with keys '0', '1', ... in a chunked array"
+            f"{where(path)}: expected a map with keys '0', '1', ... in a chunked array"
         )
     return [node[str(i)] for i in range(len(node))]
 
@@ -212,31 +205,31 @@ def _sequence(node: Any, path: tuple[str, ...]) -> list[Any]:
 def _unchunk(node: dict, path: tuple[str, ...]) -> np.ndarray:
     if set(node) != {_CHUNKED, "shape", "chunks"} or node[_CHUNKED] is not True:
         raise CheckpointError(
-            f"{_where(path)}: malformed chunked array: expected exactly the keys "
+            f"{where(path)}: malformed chunked array: expected exactly the keys "
             f"'{_CHUNKED}' (true), 'shape' and 'chunks', got {sorted(map(str, node))}"
         )
     shape = _sequence(node["shape"], (*path, "shape"))
     problem = _shape_problem(shape, 1)
     if problem is not None:
-        raise CheckpointError(f"{_where(path)}: chunked array {problem}")
+        raise CheckpointError(f"{where(path)}: chunked array {problem}")
     chunks = []
     for i, chunk in enumerate(_sequence(node["chunks"], (*path, "chunks"))):
         chunk = _restore(chunk, (*path, "chunks", str(i)))
         if not isinstance(chunk, np.ndarray) or chunk.ndim != 1:
             raise CheckpointError(
-                f"{_where((*path, 'chunks', str(i)))}: a chunk must be a 1-d array"
+                f"{where((*path, 'chunks', str(i)))}: a chunk must be a 1-d array"
             )
         chunks.append(chunk)
     if not chunks or len({c.dtype for c in chunks}) != 1:
         raise CheckpointError(
-            f"{_where(path)}: a chunked array needs one or more chunks of one dtype"
+            f"{where(path)}: a chunked array needs one or more chunks of one dtype"
         )
     problem = _shape_problem(shape, chunks[0].dtype.itemsize)
     if problem is not None:
-        raise CheckpointError(f"{_where(path)}: chunked array {problem}")
+        raise CheckpointError(f"{where(path)}: chunked array {problem}")
     if sum(c.size for c in chunks) != math.prod(shape):
         raise CheckpointError(
-            f"{_where(path)}: chunked array declares shape {tuple(shape)} but its "
+            f"{where(path)}: chunked array declares shape {tuple(shape)} but its "
             f"chunks hold {sum(c.size for c in chunks)} elements"
         )
     return np.concatenate(chunks).reshape(shape)
@@ -371,7 +364,7 @@ def _array_ext(code: int, array: np.ndarray, path: tuple[str, ...]) -> msgpack.E
     dtype = array.dtype.newbyteorder("=")
     if dtype not in _SUPPORTED:
         raise ValueError(
-            f"{_where(path)}: cannot store an array of dtype {array.dtype}; only "
+            f"{where(path)}: cannot store an array of dtype {array.dtype}; only "
             "numeric dtypes (bool, ints, floats, complex, bfloat16 and the other "
             "ml_dtypes) are supported"
         )
@@ -399,8 +392,8 @@ def _encode_array(array: np.ndarray, path: tuple[str, ...]) -> Any:
 
 
 def _encode(node: Any, path: tuple[str, ...]) -> Any:
-    if len(path) > _MAX_DEPTH:
-        raise ValueError(f"{_where(path[:3])}...: nested deeper than {_MAX_DEPTH}")
+    if len(path) > MAX_DEPTH:
+        raise ValueError(f"{where(path[:3])}...: nested deeper than {MAX_DEPTH}")
     # Containers as Flax's `to_state_dict` stores them: every key a string.
     if (
         isinstance(node, Mapping)
@@ -416,7 +409,7 @@ def _encode(node: Any, path: tuple[str, ...]) -> Any:
         out = {str(k): None for k, _ in items}
         if len(out) != len(items):
             raise ValueError(
-                f"{_where(path)}: keys {[k for k, _ in items]!r} are not distinct as "
+                f"{where(path)}: keys {[k for k, _ in items]!r} are not distinct as "
                 "strings, and a Flax checkpoint's keys are strings"
             )
         for key, value in items:
@@ -433,11 +426,11 @@ def _encode(node: Any, path: tuple[str, ...]) -> Any:
             _EXT_NATIVE_COMPLEX, msgpack.packb([node.real, node.imag])
         )
     if type(node) is int and not -(2**63) <= node < 2**64:
-        raise ValueError(f"{_where(path)}: the int {node} does not fit in 64 bits")
+        raise ValueError(f"{where(path)}: the int {node} does not fit in 64 bits")
     if type(node) in _PLAIN_LEAVES:
         return node
     raise TypeError(
-        f"{_where(path)}: cannot store {describe(node)}; a checkpoint holds "
+        f"{where(path)}: cannot store {describe(node)}; a checkpoint holds "
         "dicts, lists/tuples, arrays and Python or numpy scalars"
     )
 

@@ -42,7 +42,7 @@ from ..._typing import typecheck
 from .errors import CheckpointError
 from .shapes import shape_problem
 from .sniff import HEAD_BYTES, LEGACY_TORCH, ZIP, other_format
-from .tree import select_entries
+from .tree import MAX_DEPTH, select_entries, where
 
 # torch's names of its dtypes (`str(torch.float32)` without `torch.`), as numpy.
 _TORCH_DTYPES: dict[str, np.dtype] = {
@@ -88,7 +88,6 @@ _STORAGE_TYPES: dict[str, np.dtype] = {
     "ComplexDoubleStorage": _TORCH_DTYPES["complex128"],
 }
 
-_MAX_DEPTH = 100
 # How many values `_plain` may visit beyond one per byte of the pickle. A tree
 # without shared parts has fewer values than its pickle has bytes (each takes at
 # least an opcode); only a pickle that reuses one container many times through its
@@ -521,13 +520,13 @@ class _Count:
 
 def _plain(node: Any, path: tuple[str, ...], count: _Count) -> Any:
     """The unpickled tree with numpy arrays for tensors and plain dicts."""
-    where = f"at {'.'.join(path)!r}" if path else "at the top level"
-    if len(path) > _MAX_DEPTH:
-        raise CheckpointError(f"{where}: nested deeper than {_MAX_DEPTH}")
+    at = where(path, ".")
+    if len(path) > MAX_DEPTH:
+        raise CheckpointError(f"{at}: nested deeper than {MAX_DEPTH}")
     count.left -= 1
     if count.left < 0:
         raise CheckpointError(
-            f"{where}: the pickle holds more than {count.total} values once its "
+            f"{at}: the pickle holds more than {count.total} values once its "
             "shared lists and dicts are expanded (one container reused over and "
             "over, e.g. x1 = [x0, x0], x2 = [x1, x1], ...); a state_dict has at "
             "most a few thousand entries"
@@ -541,7 +540,7 @@ def _plain(node: Any, path: tuple[str, ...], count: _Count) -> Any:
         out = {}
         for key, value in node.items():
             if not isinstance(key, (str, int)):
-                raise CheckpointError(f"{where}: unsupported key {key!r}")
+                raise CheckpointError(f"{at}: unsupported key {key!r}")
             out[key] = _plain(value, (*path, str(key)), count)
         return out
     if isinstance(node, (list, tuple)):
@@ -549,7 +548,7 @@ def _plain(node: Any, path: tuple[str, ...], count: _Count) -> Any:
     if node is None or type(node) in (bool, int, float, str, bytes):
         return node
     raise CheckpointError(
-        f"{where}: unsupported value of type {type(node).__name__} (a storage or "
+        f"{at}: unsupported value of type {type(node).__name__} (a storage or "
         "dtype outside a tensor?)"
     )
 

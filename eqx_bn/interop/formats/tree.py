@@ -14,6 +14,15 @@ from .errors import CheckpointError
 
 Path = tuple[str, ...]
 
+MAX_DEPTH = 100
+"""How deep a tree read from a file may nest. Real checkpoints nest a few levels per
+module; this only stops a hostile file from exhausting the Python stack."""
+
+
+def where(path: Path, separator: str = "/") -> str:
+    """A path in a message: `at 'params/Dense_0/kernel'`, or `at the top level`."""
+    return f"at '{separator.join(path)}'" if path else "at the top level"
+
 
 def map_tree(
     tree: Any,
@@ -65,10 +74,9 @@ def map_tree(
                 if key is not None:
                     key(path, k)
                 if str(k) in named:
-                    where = f"at '{'/'.join(path)}'" if path else "at the top level"
                     raise ValueError(
-                        f"{where}: the keys {named[str(k)]!r} and {k!r} both read "
-                        f"as {str(k)!r}"
+                        f"{where(path)}: the keys {named[str(k)]!r} and {k!r} both "
+                        f"read as {str(k)!r}"
                     )
                 named[str(k)] = k
                 out[k] = walk(v, (*path, str(k)))
