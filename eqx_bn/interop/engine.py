@@ -218,7 +218,8 @@ class _Walker:
         override = self.claim(node)
         if is_arraylike(node):
             flax_path = override or (*scope, declared or field_name)
-            self.entries.append(Entry(("params", *flax_path), path, IDENTITY))
+            collection = self.naming.collections[:1]  # linen's `params`
+            self.entries.append(Entry((*collection, *flax_path), path, IDENTITY))
         elif isinstance(node, (list, tuple, dict)) and not isinstance(node, eqx.Module):
             is_dict = isinstance(node, dict)
             for k, item in node.items() if is_dict else enumerate(node):

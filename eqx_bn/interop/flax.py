@@ -25,7 +25,7 @@ from .engine import (
 )
 from .formats.tree import flatten, unflatten
 from .nnx import certainly_nnx, load_nnx, nnx_variables
-from .schemes import LINEN, NNX
+from .schemes import BATCH_STATS, LINEN, NNX, PARAMS
 
 TreeLayout = Literal["auto", "linen", "nnx"]
 """How `load_flax` reads its tree: detected (`"auto"`), linen variables or NNX state."""
@@ -37,14 +37,14 @@ def _has_variables_in_params(variables: Mapping, pairing: Pairing) -> bool:
 
     Not when the model itself has a top-level scope called `params`.
     """
-    inner = variables.get("params")
-    if not isinstance(inner, Mapping) or "params" not in inner:
+    inner = variables.get(PARAMS)
+    if not isinstance(inner, Mapping) or PARAMS not in inner:
         return False
     if not set(inner) <= set(LINEN.collections):
         return False
-    if "batch_stats" in inner and "batch_stats" in variables:
+    if BATCH_STATS in inner and BATCH_STATS in variables:
         return False
-    return not any(e.path[1] == "params" for e in pairing.entries)
+    return not any(e.path[1] == PARAMS for e in pairing.entries)
 
 
 def _split_variables(
@@ -53,8 +53,8 @@ def _split_variables(
     """The Flax leaves of `params`/`batch_stats`, and the other entries as
     `(name, "entry")` (see `load_pairs`'s `extra`)."""
     if _has_variables_in_params(variables, pairing):
-        outer = {k: v for k, v in variables.items() if k != "params"}
-        variables = {**outer, **variables["params"]}
+        outer = {k: v for k, v in variables.items() if k != PARAMS}
+        variables = {**outer, **variables[PARAMS]}
     collections = {k: v for k, v in variables.items() if k in LINEN.collections}
     flat = flatten(collections)
     extra = [str(name) for name in variables if name not in LINEN.collections]
@@ -267,10 +267,10 @@ def choose_layout(
     """
     if layout != "auto":
         return layout
-    if certainly_nnx(variables) or not isinstance(variables.get("params"), Mapping):
+    if certainly_nnx(variables) or not isinstance(variables.get(PARAMS), Mapping):
         return "nnx"
     nnx_pairing = pair(model, mapping, NNX)
-    clash = sorted({e.path[0] for e in nnx_pairing.entries} & {"params", "batch_stats"})
+    clash = sorted({e.path[0] for e in nnx_pairing.entries} & set(LINEN.collections))
     if not clash:
         return "linen"
     linen_pairing = pair(model, mapping, LINEN)

@@ -34,7 +34,7 @@ from .engine import (
     paths_of,
 )
 from .formats.tree import flatten, map_tree, unflatten
-from .schemes import LINEN, NNX
+from .schemes import LINEN, NNX, PARAMS
 
 _WRAPPER = "value"
 # An NNX random stream (`nnx.Rngs`, or the `rngs` of `nnx.Dropout`) holds these two.
@@ -171,11 +171,11 @@ def _nnx_evidence(tree: Mapping) -> str | None:
         return (
             "every leaf is wrapped as `{'value': array}`, as Orbax restores NNX state"
         )
-    if isinstance(tree.get("params"), Mapping):
+    if isinstance(tree.get(PARAMS), Mapping):
         # A linen TrainState: only `params`/`batch_stats` are the model's; the
         # rest (`opt_state`) may well have integer keys, e.g. the `inner_states`
         # of `optax.multi_transform` with integer labels.
-        scanned = [tree[name] for name in ("params", "batch_stats") if name in tree]
+        scanned = [tree[name] for name in LINEN.collections if name in tree]
     else:
         scanned = [tree]
     if any(_has_int_keys(node) for node in scanned):
@@ -259,7 +259,7 @@ def _unpaired(model, variables, flat, names, mapping) -> ConversionError:
             "the optimiser's moments), not a model's: pass the model's state, "
             f"`nnx.state(model)` or its `nnx.to_pure_dict`{inside}."
         )
-    elif {("params", *p) for p in flat} & linen:
+    elif {(PARAMS, *p) for p in flat} & linen:
         hint = (
             "They look like a Flax linen `params` collection on its own: pass "
             "`{'params': params, 'batch_stats': batch_stats}`."

@@ -20,6 +20,9 @@ from .._batch_norm import BatchNorm
 
 Shape = tuple[int, ...]
 
+PARAMS, BATCH_STATS = "params", "batch_stats"
+"""Flax linen's collections: the model's parameters, and BatchNorm's statistics."""
+
 # -- How an array is laid out on the other side --------------------------------------
 
 
@@ -154,7 +157,7 @@ def _slots(
 def parameter_slots(
     layer: eqx.Module,
     pairs: tuple[tuple[str, str, Layout], ...],
-    collection: str | None = "params",
+    collection: str | None = PARAMS,
 ) -> list[Slot]:
     """Slots for the parameters the layer has (a disabled bias is `None`: no slot).
 
@@ -209,23 +212,23 @@ LINEN = Naming(
     framework="Flax",
     source="Flax variables",
     separator="/",
-    collections=("params", "batch_stats"),
+    collections=(PARAMS, BATCH_STATS),
     rules=(
         Rule(
             BatchNorm,
             "BatchNorm",
             _slots(
-                "params",
+                PARAMS,
                 (("scale", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
                 (("mean", "mean"), ("var", "var")),
-                "batch_stats",
+                BATCH_STATS,
             ),
         ),
         Rule(
             eqx.nn.Linear,
             "Dense",
             _slots(
-                "params", (("kernel", "weight", DENSE_KERNEL), ("bias", "bias", VECTOR))
+                PARAMS, (("kernel", "weight", DENSE_KERNEL), ("bias", "bias", VECTOR))
             ),
         ),
         # also Conv1d/2d/3d, which subclass it
@@ -233,17 +236,17 @@ LINEN = Naming(
             eqx.nn.Conv,
             "Conv",
             _slots(
-                "params", (("kernel", "weight", CONV_KERNEL), ("bias", "bias", VECTOR))
+                PARAMS, (("kernel", "weight", CONV_KERNEL), ("bias", "bias", VECTOR))
             ),
         ),
-        Rule(eqx.nn.LayerNorm, "LayerNorm", _slots("params", _SCALE_BIAS)),
-        Rule(eqx.nn.GroupNorm, "GroupNorm", _slots("params", _SCALE_BIAS)),
+        Rule(eqx.nn.LayerNorm, "LayerNorm", _slots(PARAMS, _SCALE_BIAS)),
+        Rule(eqx.nn.GroupNorm, "GroupNorm", _slots(PARAMS, _SCALE_BIAS)),
         # Flax's RMSNorm has no bias: build Equinox's with use_bias=False.
-        Rule(eqx.nn.RMSNorm, "RMSNorm", _slots("params", _SCALE_BIAS)),
+        Rule(eqx.nn.RMSNorm, "RMSNorm", _slots(PARAMS, _SCALE_BIAS)),
         Rule(
             eqx.nn.Embedding,
             "Embed",
-            _slots("params", (("embedding", "weight", IDENTITY),)),
+            _slots(PARAMS, (("embedding", "weight", IDENTITY),)),
         ),
     ),
     numbered=True,
