@@ -8,15 +8,26 @@ import numpy as np
 from jaxtyping import PyTree
 
 
+def with_article(noun: str) -> str:
+    """`noun` with its indefinite article: `"an int"`, `"a dict"`, `"an ndarray"`.
+
+    Told by the first letter, which is how a Python type name reads aloud but for
+    `u` (`uint8` says "you": "a") and `nd` (`ndarray` says "en": "an").
+    """
+    vowel = noun[:1].lower() in ("a", "e", "i", "o") or noun.startswith("nd")
+    return f"{'an' if vowel else 'a'} {noun}"
+
+
 def describe(x: Any) -> str:
     """`float32[4, 3]` for an array (or anything with `shape` and `dtype`: a
     `jax.ShapeDtypeStruct`, a tracer), `key<fry>[]` for a typed PRNG key, `None`
-    for None and `a {type}` for anything else: how error messages name a leaf."""
+    for None and the type with its article (`an int`, `a dict`) for anything else:
+    how error messages name a leaf."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"{_dtype_name(x.dtype)}[{', '.join(map(str, x.shape))}]"
     if x is None:
         return "None"
-    return f"a {type(x).__name__}"
+    return with_article(type(x).__name__)
 
 
 def _dtype_name(dtype: Any) -> str:

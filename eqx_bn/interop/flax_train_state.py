@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._describe import describe, tree_differences
-from .convert import ConversionError, export_flax, load_flax
+from .engine import ConversionError
+from .flax import export_flax, load_flax
 
 TRAIN_STATE_KEYS = ("step", "params", "batch_stats", "opt_state")
 """The entries of a saved Flax `TrainState` (with a `batch_stats` field)."""
