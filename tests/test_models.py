@@ -20,7 +20,11 @@ from eqx_bn.models import (
     SeedMLP,
     channels_last_conv,
 )
-from eqx_bn.models.resnet import _max_pool
+from eqx_bn.models._resnet import max_pool
+
+
+def _max_pool(x):
+    return max_pool(x, ResNet.pool_padding)  # Flax's "SAME"
 
 
 def _flat(variables):

@@ -2,10 +2,12 @@
 
 import equinox as eqx
 import jax
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
 from .._typing import typecheck
+from ._inputs import one_example
 
 
 class SeedMLP(eqx.Module):
@@ -61,10 +63,9 @@ class SeedMLP(eqx.Module):
         self.norm = BatchNorm(hidden, axis_name, momentum=momentum, eps=eps)
         self.dense_1 = eqx.nn.Linear(hidden, 1, key=k1)
 
-    @typecheck
     def __call__(
         self,
-        x: Float[Array, " in_features"],
+        x: Float[Array | np.ndarray, " in_features"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
@@ -72,7 +73,9 @@ class SeedMLP(eqx.Module):
     ) -> tuple[Float[Array, " 1"], eqx.nn.State]:
         """**Arguments:**
 
-        - `x`: one example of `in_features` values.
+        - `x`: one example of `in_features` values, a JAX or NumPy array. A batch
+            goes through `jax.vmap(model, axis_name="batch", in_axes=(0, None),
+            out_axes=(0, None))`.
         - `state`: holds the BatchNorm's running statistics.
         - `key`: unused.
         - `inference`: use the running statistics (default: the layer's flag).
@@ -83,17 +86,32 @@ class SeedMLP(eqx.Module):
 
         **Raises:**
 
-        - `ValueError`: if `x` does not have `in_features` values.
+        - `ValueError`: if `x` is not one example of `in_features` values (a whole
+            batch passed without `jax.vmap` is named as such).
+        - `TypeError`: if `x` is not a floating JAX or NumPy array.
         """
         del key
+        # Before the type-checked body: these messages name the fix. (A folded
+        # model's norm has no axis_name: it needs none.)
+        axis_name = getattr(self.norm, "axis_name", None)
+        x = one_example(
+            "SeedMLP", x, layout="(in_features,)", rank=1, axis_name=axis_name
+        )
         expected = self.dense_0.in_features
         if x.shape != (expected,):
             raise ValueError(
                 f"SeedMLP: x has {x.shape[0]} features (shape {x.shape}), expected "
-                f"in_features={expected}: one example, as (in_features,). A batch "
-                "goes through jax.vmap(model, axis_name='batch', in_axes=(0, None), "
-                "out_axes=(0, None))."
+                f"in_features={expected}: one example, as (in_features,)."
             )
+        return self._forward(x, state, inference)
+
+    @typecheck
+    def _forward(
+        self,
+        x: Float[Array, " in_features"],
+        state: eqx.nn.State,
+        inference: bool | None,
+    ) -> tuple[Float[Array, " 1"], eqx.nn.State]:
         h = self.dense_0(x)
         h, state = self.norm(h, state, inference=inference)
         return self.dense_1(jax.nn.relu(h)), state
