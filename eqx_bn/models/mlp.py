@@ -1,5 +1,7 @@
 """The seed MLP, `Dense(4) -> BatchNorm -> relu -> Dense(1)`, as an Equinox module."""
 
+import math
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -7,7 +9,16 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
 from .._typing import typecheck
+from ._init import Distribution, Uniform, batch_norm_init, initialise
 from ._inputs import one_example
+
+
+def _equinox_init(names: tuple[str, ...], owners: tuple) -> Distribution:
+    """`eqx.nn.Linear`'s initialisation, and `BatchNorm`'s."""
+    layer = owners[-1]
+    if isinstance(layer, eqx.nn.Linear):
+        return Uniform(1 / math.sqrt(layer.in_features))
+    return batch_norm_init(names, owners)
 
 
 class SeedMLP(eqx.Module):
@@ -56,12 +67,20 @@ class SeedMLP(eqx.Module):
         - `hidden`: the width of the hidden layer (4 in the seed model).
         - `momentum`, `eps`: of the `BatchNorm`, with Flax's meaning.
         - `axis_name`: the vmap axis the batch statistics are taken over.
-        - `key`: for the initial weights.
+        - `key`: for the initial weights: as `eqx.nn.Linear`'s (weight and bias
+            uniform on +-1/sqrt(fan-in)), drawn without compiling anything.
         """
-        k0, k1 = jax.random.split(key)
-        self.dense_0 = eqx.nn.Linear(in_features, hidden, key=k0)
-        self.norm = BatchNorm(hidden, axis_name, momentum=momentum, eps=eps)
-        self.dense_1 = eqx.nn.Linear(hidden, 1, key=k1)
+
+        def build(key):
+            k0, k1 = jax.random.split(key)
+            return dict(
+                dense_0=eqx.nn.Linear(in_features, hidden, key=k0),
+                norm=BatchNorm(hidden, axis_name, momentum=momentum, eps=eps),
+                dense_1=eqx.nn.Linear(hidden, 1, key=k1),
+            )
+
+        for name, value in initialise(build, key, _equinox_init).items():
+            setattr(self, name, value)
 
     def __call__(
         self,
