@@ -184,11 +184,13 @@ def initialise(
 ) -> _T:
     """`build(key)` with every array drawn from the distribution `rule` names.
 
-    `build` runs once abstractly, under `eqx.filter_eval_shape`; its own random
-    draws are only traced. The arrays then come from NumPy's generator seeded with
-    the key's data, in the order of the leaves: no XLA compile. With a traced key
-    (under `jit`, `vmap` or `eval_shape`) the draw is a `jax.pure_callback`, so the
-    values are the same as eagerly.
+    With a concrete key, `build` runs once abstractly, under
+    `eqx.filter_eval_shape` (its own random draws are only traced), and the
+    arrays come from NumPy's generator seeded with the key's data, in the order
+    of the leaves: no XLA compile. With a traced key (under `jit`, `vmap`,
+    `eval_shape`, or inside the abstract build of an enclosing model) `build`
+    runs in that trace and the draw is one `jax.pure_callback`: the values are
+    the same as eagerly, and XLA drops `build`'s own draws as unused.
 
     **Arguments:**
 
@@ -200,17 +202,19 @@ def initialise(
 
     What `build` returns, its arrays filled.
     """
-    skeleton = eqx.filter_eval_shape(build, key)
-    arrays, rest = eqx.partition(
-        skeleton, lambda x: isinstance(x, jax.ShapeDtypeStruct)
-    )
-    shapes, treedef = jax.tree_util.tree_flatten(arrays)
-    specs = list(zip(_distributions(arrays, rule), shapes))
     data = _key_data(key)
-    if isinstance(data, jax.core.Tracer):
+    traced = isinstance(data, jax.core.Tracer)
+    skeleton = build(key) if traced else eqx.filter_eval_shape(build, key)
+    arrays, rest = eqx.partition(
+        skeleton, lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x)
+    )
+    leaves, treedef = jax.tree_util.tree_flatten(arrays)
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    specs = list(zip(_distributions(arrays, rule), shapes))
+    if traced:
         values = jax.pure_callback(
             functools.partial(_host_draw, specs=specs),
-            [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes],
+            shapes,
             data,
             vmap_method="sequential",
         )
