@@ -28,7 +28,7 @@ from eqx_bn.models._resnet import max_pool
 
 
 def _max_pool(x):
-    return max_pool(x, ResNet.pool_padding)  # Flax's "SAME"
+    return max_pool(x, ResNet._pool_padding)  # Flax's "SAME"
 
 
 def _flat(variables):

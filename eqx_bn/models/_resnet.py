@@ -88,7 +88,7 @@ class AbstractBlock(eqx.Module):
     """
 
     channels_last: eqx.AbstractVar[bool]
-    last_norm: eqx.AbstractClassVar[str]
+    _last_norm: eqx.AbstractClassVar[str]
     """The field holding the last norm of the branch (zero-initialised when the
     family asks for it)."""
 
@@ -145,7 +145,7 @@ class AbstractResNet(eqx.Module):
     """
 
     channels_last: eqx.AbstractVar[bool]
-    pool_padding: eqx.AbstractClassVar[Padding]
+    _pool_padding: eqx.AbstractClassVar[Padding]
     """The max pool's padding (see `max_pool`)."""
 
     @abc.abstractmethod
@@ -215,7 +215,7 @@ class AbstractResNet(eqx.Module):
         inference: bool | None,
     ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
         x, state = conv_norm(*self._stem(), x, state, inference, channels_last=True)
-        x = max_pool(jax.nn.relu(x), self.pool_padding)
+        x = max_pool(jax.nn.relu(x), self._pool_padding)
         for block in self._blocks():
             x, state = block(x, state, inference=inference)
         return self._head()(jnp.mean(x, axis=(0, 1))), state

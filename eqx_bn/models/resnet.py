@@ -41,7 +41,7 @@ def _flax_init(names: tuple[str, ...], owners: tuple) -> Distribution:
         if names[-1] == "bias":
             return Constant(0.0)
         return TruncatedNormal(1 / math.sqrt(fan_in(layer.weight.shape)))
-    return batch_norm_init(names, owners, zero=ResNetBlock.last_norm)
+    return batch_norm_init(names, owners, zero=ResNetBlock._last_norm)
 
 
 def _norm(features: int, axis_name: str | None, channels_last: bool) -> BatchNorm:
@@ -82,7 +82,7 @@ class ResNetBlock(AbstractBlock):
     )
     channels_last: bool = eqx.field(static=True)
 
-    last_norm: ClassVar[str] = "norm_1"
+    _last_norm: ClassVar[str] = "norm_1"
 
     def __init__(
         self,
@@ -156,7 +156,7 @@ class ResNet(AbstractResNet):
     stage_sizes: tuple[int, ...] = eqx.field(static=True)
     channels_last: bool = eqx.field(static=True)
 
-    pool_padding: ClassVar[str] = "SAME"
+    _pool_padding: ClassVar[str] = "SAME"
 
     def __init__(
         self,

@@ -150,7 +150,7 @@ class BasicBlock(_TorchBlock):
     downsample: Downsample | None
 
     expansion: ClassVar[int] = 1
-    last_norm: ClassVar[str] = "bn2"
+    _last_norm: ClassVar[str] = "bn2"
 
     def __init__(
         self,
@@ -198,7 +198,7 @@ class BasicBlock(_TorchBlock):
                 downsample=_downsample(in_channels, planes, stride, axis_name, k3),
             )
 
-        rule = _torchvision_init(self.last_norm if zero_init_residual else None)
+        rule = _torchvision_init(self._last_norm if zero_init_residual else None)
         for name, value in initialise(build, key, rule).items():
             setattr(self, name, value)
 
@@ -220,7 +220,7 @@ class Bottleneck(_TorchBlock):
     downsample: Downsample | None
 
     expansion: ClassVar[int] = 4
-    last_norm: ClassVar[str] = "bn3"
+    _last_norm: ClassVar[str] = "bn3"
 
     def __init__(
         self,
@@ -268,7 +268,7 @@ class Bottleneck(_TorchBlock):
                 downsample=_downsample(in_channels, out, stride, axis_name, k4),
             )
 
-        rule = _torchvision_init(self.last_norm if zero_init_residual else None)
+        rule = _torchvision_init(self._last_norm if zero_init_residual else None)
         for name, value in initialise(build, key, rule).items():
             setattr(self, name, value)
 
@@ -309,7 +309,7 @@ class TorchResNet(AbstractResNet):
     groups: int = eqx.field(static=True)
     width_per_group: int = eqx.field(static=True)
 
-    pool_padding: ClassVar[tuple[tuple[int, int], ...]] = ((1, 1), (1, 1), (0, 0))
+    _pool_padding: ClassVar[tuple[tuple[int, int], ...]] = ((1, 1), (1, 1), (0, 0))
 
     def __init__(
         self,
@@ -399,7 +399,7 @@ class TorchResNet(AbstractResNet):
                 fc=fc,
             )
 
-        rule = _torchvision_init(kind.last_norm if zero_init_residual else None)
+        rule = _torchvision_init(kind._last_norm if zero_init_residual else None)
         for name, value in initialise(build, key, rule).items():
             setattr(self, name, value)
         self.block = block
