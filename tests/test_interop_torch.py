@@ -41,7 +41,14 @@ from eqx_bn.interop import (
     torch_paths,
     write_safetensors,
 )
-from eqx_bn.models import TorchResNet, TorchResNet18, TorchResNet34, TorchResNet50
+from eqx_bn.models import (
+    TorchResNet,
+    TorchResNet18,
+    TorchResNet34,
+    TorchResNet50,
+    TorchResNeXt50_32x4d,
+    TorchWideResNet50_2,
+)
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "torch"
 FACTOR = 4  # how many times PyTorch's own float32 error eqx_bn may be off
@@ -335,10 +342,13 @@ def test_num_batches_tracked_refuses_what_is_no_count(count, error, message):
         (TorchResNet18, "resnet18"),
         (TorchResNet34, "resnet34"),
         (TorchResNet50, "resnet50"),
+        (TorchResNeXt50_32x4d, "resnext50_32x4d"),
+        (TorchWideResNet50_2, "wide_resnet50_2"),
     ],
 )
 def test_models_pair_with_torchvision_state_dicts(factory, name):
-    """Every torchvision key pairs without a mapping, with torchvision's shape."""
+    """Every torchvision key pairs without a mapping, with torchvision's shape
+    (issue 21: ResNeXt and wide ResNets gave 176 shape problems)."""
     keys = json.loads((DATA / "torchvision_keys.json").read_text())[name]
     model, state = eqx.filter_eval_shape(
         eqx.nn.make_with_state(factory), key=jax.random.key(0)
@@ -363,6 +373,17 @@ def test_model_bad_arguments():
         TorchResNet("wide", (1, 1, 1, 1), key=jax.random.key(0))
     with pytest.raises(ValueError, match="four positive block counts"):
         TorchResNet("basic", (1, 1, 1), key=jax.random.key(0))
+    # As torchvision's BasicBlock: groups and width_per_group are bottleneck-only.
+    with pytest.raises(ValueError, match="only groups=1 and base_width=64"):
+        TorchResNet("basic", (1, 1, 1, 1), groups=2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="channels inside the block"):
+        TorchResNet(
+            "bottleneck",
+            (1, 1, 1, 1),
+            width=4,
+            width_per_group=8,
+            key=jax.random.key(0),
+        )
 
 
 def test_models_use_pytorch_batch_norm():
