@@ -217,8 +217,8 @@ def _fold_module(module: eqx.Module, state, where: str) -> eqx.Module:
             )
         claimed[target] = name
         layer, bn = new[target], new[name]
-        if (layer is None and bn is None) or isinstance(bn, FoldedBatchNorm):
-            continue  # an optional pair that is absent, or one folded already
+        if bn is None or isinstance(bn, FoldedBatchNorm):
+            continue  # an absent optional BatchNorm, or one folded already
         if not isinstance(bn, BatchNorm):
             raise TypeError(
                 f"fold_batch_norms: {here}: the field holds a {type(bn).__name__}, "
@@ -294,7 +294,8 @@ def fold_batch_norms(model, state: eqx.nn.State):
 
         The declaration promises that `norm` is applied to `conv`'s output and to
         nothing else, and that nothing else reads that output; it is not checked
-        against `__call__`.
+        against `__call__`. A declared field that holds `None` (an optional
+        BatchNorm, absent in this model) is left as it is.
 
     BatchNorms anywhere else stay as they are (in inference mode).
 
