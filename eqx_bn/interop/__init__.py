@@ -31,3 +31,26 @@ from .torch import (
     load_torch as load_torch,
     torch_paths as torch_paths,
 )
+
+__all__ = [
+    "CheckpointError",
+    "ConversionError",
+    "export_flax",
+    "export_nnx",
+    "export_torch",
+    "flax_paths",
+    "load_flax",
+    "load_torch",
+    "nnx_paths",
+    "read_checkpoint",
+    "read_msgpack",
+    "read_orbax",
+    "read_safetensors",
+    "read_torch",
+    "to_msgpack_bytes",
+    "to_safetensors_bytes",
+    "torch_paths",
+    "write_msgpack",
+    "write_orbax",
+    "write_safetensors",
+]

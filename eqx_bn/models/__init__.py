@@ -18,3 +18,19 @@ from .torchvision_resnet import (
     TorchResNet34 as TorchResNet34,
     TorchResNet50 as TorchResNet50,
 )
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "Downsample",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNetBlock",
+    "SeedMLP",
+    "TorchResNet",
+    "TorchResNet18",
+    "TorchResNet34",
+    "TorchResNet50",
+    "channels_last_conv",
+]
