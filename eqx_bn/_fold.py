@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, Shaped
 
-from ._batch_norm import BatchNorm
-from ._checks import check_running, get_running
-from ._dtypes import promote
+from ._batch_norm import BatchNorm, check_running, get_running
+from ._numerics import promote
 from ._typing import typecheck
 
 FOLD_INTO = "fold_into"
@@ -127,7 +126,7 @@ def _fold_pair(
     weight_dtype = layer.weight.dtype
     # What the BatchNorm would output for this layer's output dtype: its `dtype`,
     # or the promotion with its scale and bias.
-    bn_out = bn._out_dtype(jax.ShapeDtypeStruct((), weight_dtype))
+    bn_out = bn.output_dtype(weight_dtype)
     if bn_out != weight_dtype:
         raise ValueError(
             f"fold_batch_norms: {where}: the BatchNorm outputs {bn_out}, but "
@@ -137,7 +136,7 @@ def _fold_pair(
             "of that dtype or narrower, or dtype= the layer's own)."
         )
     running = get_running(state, bn.state_index)
-    check_running(running, bn.input_size, bn._running_dtype())
+    check_running(running, bn.input_size, bn.running_dtype)
     # Folded in float32 (or wider) whatever the parameters' dtype, rounded once.
     dtype = promote(weight_dtype, running.mean.dtype, jnp.float32)
     mul = jax.lax.rsqrt(running.var.astype(dtype) + jnp.asarray(bn.eps, dtype))
