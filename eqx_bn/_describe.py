@@ -18,13 +18,20 @@ def with_article(noun: str) -> str:
     return f"{'an' if vowel else 'a'} {noun}"
 
 
-def describe(x: Any) -> str:
+def describe(x: Any, *, placement: bool = False) -> str:
     """`float32[4, 3]` for an array (or anything with `shape` and `dtype`: a
     `jax.ShapeDtypeStruct`, a tracer), `key<fry>[]` for a typed PRNG key, `None`
     for None and the type with its article (`an int`, `a dict`) for anything else:
-    how error messages name a leaf."""
+    how error messages name a leaf.
+
+    With `placement`, an array's sharding follows (`float32[3] on
+    NamedSharding(...)`), for messages about where arrays live.
+    """
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{_dtype_name(x.dtype)}[{', '.join(map(str, x.shape))}]"
+        text = f"{_dtype_name(x.dtype)}[{', '.join(map(str, x.shape))}]"
+        if placement:
+            text += f" on {jax.typeof(x).sharding}"
+        return text
     if x is None:
         return "None"
     return with_article(type(x).__name__)

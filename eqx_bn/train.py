@@ -36,6 +36,15 @@ from jaxtyping import Array, Int, PyTree
 from ._describe import describe, tree_differences
 from ._typing import typecheck
 
+__all__ = [
+    "LossFn",
+    "Skeleton",
+    "TrainState",
+    "apply_gradients",
+    "make_eval_step",
+    "make_train_step",
+]
+
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
 """`loss_fn(model, state, batch) -> (loss, (state, aux))`: `loss` a scalar, `state`
 the `eqx.nn.State` returned by the model's stateful layers, `aux` any PyTree of

@@ -42,3 +42,26 @@ from .formats import (
 # Errors.
 from .engine import ConversionError as ConversionError
 from .formats import CheckpointError as CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "ConversionError",
+    "export_flax",
+    "export_nnx",
+    "export_torch",
+    "flax_paths",
+    "load_flax",
+    "load_torch",
+    "nnx_paths",
+    "read_checkpoint",
+    "read_msgpack",
+    "read_orbax",
+    "read_safetensors",
+    "read_torch",
+    "to_msgpack_bytes",
+    "to_safetensors_bytes",
+    "torch_paths",
+    "write_msgpack",
+    "write_orbax",
+    "write_safetensors",
+]

@@ -20,3 +20,19 @@ from .torchvision_resnet import (
     TorchResNeXt50_32x4d as TorchResNeXt50_32x4d,
     TorchWideResNet50_2 as TorchWideResNet50_2,
 )
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "Downsample",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNetBlock",
+    "SeedMLP",
+    "TorchResNet",
+    "TorchResNet18",
+    "TorchResNet34",
+    "TorchResNet50",
+    "channels_last_conv",
+]
