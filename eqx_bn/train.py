@@ -37,12 +37,16 @@ from ._describe import describe, tree_differences
 from ._typing import typecheck
 
 __all__ = [
+    "Averaged",
     "LossFn",
     "Skeleton",
     "TrainState",
+    "WeightAveraging",
     "apply_gradients",
+    "ema",
     "make_eval_step",
     "make_train_step",
+    "swa",
 ]
 
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
@@ -858,3 +862,236 @@ def make_eval_step(fn: Callable[..., Any]) -> Callable[[TrainState, Any], Any]:
 
     eval_step.lower = jitted.lower  # type: ignore[attr-defined]
     return eval_step
+
+
+# ---------------------------------------------------------------- weight averaging
+
+
+class Averaged(eqx.Module):
+    """A running average of the models (and States) a training run went through,
+    kept beside its [`TrainState`][]: what [`ema`][] and [`swa`][] make and update.
+
+    It is a PyTree, held as a `TrainState` holds its trees: the arrays in tuples,
+    the rest in static [`Skeleton`][]s; save it with `eqx.tree_serialise_leaves`.
+    Read the averaged model and its State with `avg.model` and `avg.state`, and
+    evaluate them as any other, e.g. `eval_step(ts.replace(model=avg.model,
+    state=avg.state), batch)`.
+
+    **Fields:**
+
+    - `model_arrays`, `state_arrays`: the averaged arrays of the model and of its
+        State, in `jax.tree.leaves` order.
+    - `count`: how many models were averaged, an int32 scalar (PyTorch's
+        `AveragedModel.n_averaged`).
+    - `model_skeleton`, `state_skeleton` (static): the rest of the model and State.
+
+    **Properties:** `model` and `state`, rebuilt from the arrays on every read.
+    """
+
+    model_arrays: tuple[Array, ...]
+    state_arrays: tuple[Array, ...]
+    count: Int[Array, ""]
+    model_skeleton: Skeleton = eqx.field(static=True)
+    state_skeleton: Skeleton = eqx.field(static=True)
+
+    @property
+    def model(self) -> PyTree:
+        """The averaged model."""
+        return _join(self.model_arrays, self.model_skeleton)
+
+    @property
+    def state(self) -> eqx.nn.State:
+        """Its `eqx.nn.State`: the averaged running statistics, or the latest
+        model's (`average_state=False`), a fresh object on every read."""
+        return _join(self.state_arrays, self.state_skeleton)
+
+
+class WeightAveraging(NamedTuple):
+    """A weight average as a pair of functions, in the manner of Optax's
+    `GradientTransformation`: made by [`ema`][] or [`swa`][].
+
+    - `init(train_state) -> Averaged`: an average holding a copy of the model and
+        State of `train_state`, `count` 0 (the first `update` replaces them).
+    - `update(averaged, train_state) -> Averaged`: the average with the model (and
+        State) that `train_state` holds now folded in. Jitted: it compiles once for
+        a run, and every array it returns is its own, so a train step that
+        donates the `TrainState` leaves the average intact. (To update in place,
+        `jax.jit(averaging.update, donate_argnums=0)`.)
+    """
+
+    init: Callable[[TrainState], Averaged]
+    update: Callable[[Averaged, TrainState], Averaged]
+
+
+def _averaging(
+    fold: Callable[[Array, Array, Array], Array], average_state: bool, where: str
+) -> WeightAveraging:
+    """`init` and `update` for the rule `fold(average, new, count)` on each
+    floating-point array."""
+
+    @typecheck
+    def init(train_state: TrainState) -> Averaged:
+        ts = train_state
+        _check_not_donated(ts, f"{where}.init")
+        arrays = _fresh(list(ts.model_arrays) + list(ts.state_arrays))
+        n = len(ts.model_arrays)
+        return Averaged(
+            model_arrays=tuple(arrays[:n]),
+            state_arrays=tuple(arrays[n:]),
+            count=jnp.zeros((), jnp.int32),
+            model_skeleton=ts.model_skeleton,
+            state_skeleton=ts.state_skeleton,
+        )
+
+    def folded(old: Array, new: Array, count: Array) -> Array:
+        # Counts and keys are not averaged: PyTorch averages an integer buffer in
+        # float and truncates it (with decay 0.99 its `num_batches_tracked` stays
+        # 1 for ever), a count of nothing. The latest model's is kept instead.
+        if not jnp.issubdtype(new.dtype, jnp.inexact):
+            return jnp.array(new, copy=True)
+        # The first model is copied, as `AveragedModel` does, whatever the rule.
+        return jnp.where(count == 0, new, fold(old, new, count))
+
+    def update(averaged: Averaged, train_state: TrainState) -> Averaged:
+        avg, ts = averaged, train_state
+        if not isinstance(avg, Averaged) or not isinstance(ts, TrainState):
+            raise TypeError(
+                f"{where}.update(averaged, train_state): expected an Averaged (from "
+                f"`init`) and a TrainState, got {type(avg).__name__} and "
+                f"{type(ts).__name__}."
+            )
+        for part in ("model", "state"):
+            skeleton = getattr(ts, f"{part}_skeleton")
+            if getattr(avg, f"{part}_skeleton") != skeleton:
+                differences = tree_differences(
+                    getattr(avg, part), getattr(ts, part), where=part
+                )
+                raise ValueError(
+                    f"{where}.update: the TrainState's {part} is not shaped like the "
+                    f"averaged one: {'; '.join(differences)}. Average the models of "
+                    f"one run: make the average with `init` from the TrainState it "
+                    "then follows."
+                )
+        models = tuple(
+            folded(a, b, avg.count) for a, b in zip(avg.model_arrays, ts.model_arrays)
+        )
+        if average_state:
+            states = tuple(
+                folded(a, b, avg.count)
+                for a, b in zip(avg.state_arrays, ts.state_arrays)
+            )
+        else:
+            states = tuple(jnp.array(b, copy=True) for b in ts.state_arrays)
+        return dataclasses.replace(
+            avg, model_arrays=models, state_arrays=states, count=avg.count + 1
+        )
+
+    jitted = jax.jit(update)
+
+    def checked_update(averaged: Averaged, train_state: TrainState) -> Averaged:
+        _check_not_donated(train_state, f"{where}.update")
+        return jitted(averaged, train_state)
+
+    checked_update.lower = jitted.lower  # type: ignore[attr-defined]
+    return WeightAveraging(init, checked_update)
+
+
+@typecheck
+def ema(decay: float, *, average_state: bool = True) -> WeightAveraging:
+    r"""An exponential moving average of the weights: PyTorch's
+    `AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+    use_buffers=True)`.
+
+    Each `update` moves every floating-point array of the average towards the
+    model's, $a \leftarrow a + (1 - d)(w - a)$, with $1 - d$ rounded to the
+    array's dtype first: PyTorch's `lerp`, so that in float32 the average is
+    PyTorch's to the bit. The first `update` copies the model (the average starts
+    at the weights after the first step, as in PyTorch, not at those `init` saw).
+    Integer arrays (a `momentum=None` BatchNorm's batch count) are the latest
+    model's.
+
+    !!! Example
+
+        ```python
+        from eqx_bn.train import ema
+
+        averaging = ema(0.999)
+        avg = averaging.init(ts)
+        for batch in batches:
+            ts, loss, _ = train_step(ts, batch)
+            avg = averaging.update(avg, ts)
+        eval_step(ts.replace(model=avg.model, state=avg.state), batch)
+        ```
+
+    **Arguments:**
+
+    - `decay`: in $[0, 1]$, the weight of the average at each update (0.999 for
+        an average over about the last 1000 steps).
+    - `average_state`: average the model's State (the BatchNorm running
+        statistics) like its weights, PyTorch's `use_buffers=True` (the default
+        here); `False` to keep the latest model's, to recompute with
+        [`eqx_bn.recalibrate`][] (`use_buffers=False`).
+
+    **Returns:**
+
+    A [`WeightAveraging`][]: `init(train_state)` and `update(averaged,
+    train_state)`.
+
+    **Raises:**
+
+    - `ValueError`: for a `decay` outside $[0, 1]$.
+    """
+    if not 0.0 <= decay <= 1.0:  # NaN fails both comparisons
+        raise ValueError(
+            f"ema: decay must be in [0, 1], got {decay}: the weight of the average "
+            "at each update, e.g. 0.999 for about the last 1000 steps."
+        )
+    weight = 1.0 - float(decay)
+
+    def fold(average: Array, new: Array, count: Array) -> Array:
+        w = jnp.asarray(weight, average.dtype)
+        return average + w * (new - average)
+
+    return _averaging(fold, average_state, "ema")
+
+
+@typecheck
+def swa(*, average_state: bool = False) -> WeightAveraging:
+    r"""Stochastic weight averaging: the plain mean of the models passed to
+    `update`, PyTorch's `AveragedModel(model)`.
+
+    The `n`-th update folds in $a \leftarrow a + (w - a) / n$ (PyTorch's CPU
+    formula), the first one copies. Update it after each step (or epoch) of the
+    part of training to average, typically the last epochs at a constant or
+    cyclic learning rate; then recompute the BatchNorm statistics of the
+    averaged weights with [`eqx_bn.recalibrate`][] (PyTorch's `update_bn`).
+
+    !!! Example
+
+        ```python
+        from eqx_bn.train import swa
+
+        averaging = swa()
+        avg = averaging.init(ts)
+        for batch in batches:
+            ts, loss, _ = train_step(ts, batch)
+            avg = averaging.update(avg, ts)
+        state = eqx_bn.recalibrate(avg.model, avg.state, [x for x, _ in batches])
+        ```
+
+    **Arguments:**
+
+    - `average_state`: also average the State like the weights; by default (as
+        PyTorch's `use_buffers=False`) the average holds the latest model's
+        State, whose statistics belong to other weights: recalibrate it.
+
+    **Returns:**
+
+    A [`WeightAveraging`][]: `init(train_state)` and `update(averaged,
+    train_state)`.
+    """
+
+    def fold(average: Array, new: Array, count: Array) -> Array:
+        return average + (new - average) / (count + 1).astype(average.dtype)
+
+    return _averaging(fold, average_state, "swa")
