@@ -20,8 +20,11 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._describe import describe
 from ._numerics import (
+    Moments,
+    batch_moments,
     drop_unit_axes,
     isolates_passes,
+    merge_moments,
     normalize,
     promote,
     running_average,
@@ -38,6 +41,24 @@ class RunningStats(NamedTuple):
 
     mean: Float[Array, " input_size"]
     var: Float[Array, " input_size"]
+
+
+class Pooling(NamedTuple):
+    """A BatchNorm's State entry for the length of a step that accumulates
+    micro-batches (`eqx_bn.train`'s `accumulate=k`); users never see one.
+
+    - `running`: the running statistics as they were before the step, kept as
+        they are until its end;
+    - `pooled`: `(count, mean, m2)` per channel of every element the layer saw in
+        the step so far (`m2` the sum of squared deviations from the mean);
+    - `normalize_with`: `None` to normalise each micro-batch with its own
+        statistics, or the `(mean, biased variance)` of the whole batch to
+        normalise every micro-batch with.
+    """
+
+    running: Any
+    pooled: tuple[Array, Array, Array]
+    normalize_with: tuple[Array, Array] | None
 
 
 # ------------------------------------------------------------ configuration
@@ -534,6 +555,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mask = per_example_mask(x, mask)
         channel_axis = self._check_input(x, mask)
         running = get_running(state, self.state_index)
+        pooling = running if isinstance(running, Pooling) else None
+        if pooling is not None:
+            running = pooling.running
         check_running(running, self.input_size, self.running_dtype)
         out_dtype = self.output_dtype(x.dtype)
         shape = x.shape
@@ -556,7 +580,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # an empty output and the running averages as they are.
             return jnp.zeros(shape, out_dtype), state
         replicas = self._replicas()
-        if self.unbiased_running_var and mask is None:
+        if self.unbiased_running_var and mask is None and pooling is None:
             if replicas * math.prod(x.shape[a] for a in axes) == 1:
                 raise ValueError(
                     "BatchNorm(unbiased_running_var=True): expected more than 1 "
@@ -564,27 +588,43 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     "PyTorch, the unbiased variance of one element is undefined). "
                     "Train on a larger batch, or use inference mode."
                 )
+        reduction = dict(
+            axes=axes,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            replicas=replicas,
+            fast_variance=self.use_fast_variance,
+            stat_dtype=self._stat_dtype(x),
+            isolate=isolates_passes(x.shape, channel_axis, replicas),
+        )
+        given = None if pooling is None else pooling.normalize_with
         try:
-            y, stats = train_normalize(
-                x,
-                mask,
-                self.scale,
-                self.bias,
-                axes=axes,
-                axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
-                replicas=replicas,
-                eps=self.eps,
-                fast_variance=self.use_fast_variance,
-                stat_dtype=self._stat_dtype(x),
-                out_dtype=out_dtype,
-                isolate=isolates_passes(x.shape, channel_axis, replicas),
-            )
+            if given is None:
+                y, stats = train_normalize(
+                    x,
+                    mask,
+                    self.scale,
+                    self.bias,
+                    eps=self.eps,
+                    out_dtype=out_dtype,
+                    **reduction,
+                )
+            else:
+                # The whole batch's statistics, given: this micro-batch's are
+                # only pooled.
+                stats = batch_moments(x, mask, **reduction)
+                y = normalize(
+                    x, *given, self.scale, self.bias, self.eps, out_dtype, axes
+                )
         except (NotImplementedError, AssertionError, ValueError) as err:
             ours = self._collective_error(err)
             if ours is None:
                 raise
             raise ours from err
+        if pooling is not None:
+            pooled = merge_moments(pooling.pooled, stats)
+            entry = pooling._replace(pooled=pooled)
+            return jnp.reshape(y, shape), state.set(self.state_index, entry)
         new_running = RunningStats(
             *running_average(running, stats, self.momentum, self.unbiased_running_var)
         )
@@ -594,6 +634,19 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # Same shapes and dtypes by construction: only the placement differs.
             raise _placement_error(running, new_running) from err
         return jnp.reshape(y, shape), state
+
+    def _finish_pooling(self, entry: Pooling) -> RunningStats:
+        """The running statistics after a step that pooled micro-batches: one
+        update, from the moments of everything the layer saw; none if it saw
+        nothing (it ran in inference mode)."""
+        count, mean, m2 = entry.pooled
+        stats = Moments(mean, m2 / jnp.maximum(count, 1.0), count)
+        new = RunningStats(
+            *running_average(
+                entry.running, stats, self.momentum, self.unbiased_running_var
+            )
+        )
+        return new
 
     def _collective_error(self, err: Exception) -> ValueError | None:
         """Our error for a collective that JAX does not support; None for others."""

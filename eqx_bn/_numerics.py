@@ -326,6 +326,63 @@ def _moments(
     return Moments(mean, var, count)
 
 
+def batch_moments(
+    x: Array,
+    mask: Array | None,
+    *,
+    axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    axis_index_groups: Groups,
+    replicas: int,
+    fast_variance: bool,
+    stat_dtype: np.dtype,
+    isolate: bool,
+) -> Moments:
+    """The statistics of `x` that `train_normalize` normalises with, without the
+    normalisation (for a layer normalising with other statistics); arguments as
+    there, and differentiable by JAX's own rules."""
+    x_a, x_b = _copies(x, 2, isolate)
+    return _moments(
+        x_a,
+        x_b,
+        mask,
+        axes=axes,
+        axis_name=axis_name,
+        groups=axis_index_groups,
+        replicas=replicas,
+        fast_variance=fast_variance,
+        dtype=stat_dtype,
+        isolate=isolate,
+    )
+
+
+def merge_moments(
+    pooled: tuple[Array, Array, Array], stats: Moments
+) -> tuple[Array, Array, Array]:
+    """Chan et al.'s merge of the statistics of two sets of elements, per channel:
+    `pooled = (count, mean, m2)`, `m2` the sum of squared deviations from the
+    mean, and this batch's `stats`. The result is that of all the elements
+    together: the variance is `m2 / count` (`/ (count - 1)` unbiased). It never
+    forms `E[x^2] - E[x]^2`, which cancels in float32 when |mean| >> std. A
+    channel without valid statistics in the batch keeps `pooled`'s.
+    """
+    count_a, mean_a, m2_a = pooled
+    dtype = mean_a.dtype
+    count_b = jnp.broadcast_to(jnp.asarray(stats.count, dtype), mean_a.shape)
+    mean_b = stats.mean.astype(dtype)
+    m2_b = stats.var.astype(dtype) * count_b
+    ok = (count_b > 0) & jnp.isfinite(mean_b) & jnp.isfinite(m2_b)
+    count = count_a + count_b
+    share = count_b / jnp.where(count > 0, count, 1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * share
+    m2 = m2_a + m2_b + delta * delta * count_a * share
+    return tuple(
+        lax.select(ok, new, old)
+        for new, old in ((count, count_a), (mean, mean_a), (m2, m2_a))
+    )
+
+
 # ---------------------------------------------------------------- normalisation
 
 

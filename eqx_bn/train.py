@@ -33,6 +33,11 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, PyTree
 
+from ._accumulation import (
+    check_accumulation,
+    exact_value_and_grad,
+    pooled_value_and_grad,
+)
 from ._describe import describe, tree_differences
 from ._typing import typecheck
 
@@ -42,6 +47,7 @@ __all__ = [
     "Skeleton",
     "TrainState",
     "WeightAveraging",
+    "accumulated_value_and_grad",
     "apply_gradients",
     "ema",
     "make_eval_step",
@@ -702,7 +708,11 @@ def apply_gradients(
 
 @typecheck
 def make_train_step(
-    loss_fn: LossFn, *, donate: bool = False
+    loss_fn: LossFn,
+    *,
+    donate: bool = False,
+    accumulate: int = 1,
+    full_batch_statistics: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Array, Any]]:
     """Builds a jitted training step from a loss function.
 
@@ -750,33 +760,46 @@ def make_train_step(
         train_step(ts, batch)`, and copy what you keep
         (`best = jax.tree.map(jnp.copy, ts.model)`). Passing a donated
         `TrainState` again raises a `ValueError` saying so.
+    - `accumulate`: split each batch into this many micro-batches (every leaf of
+        `batch` along its first axis, which must divide), run them one after the
+        other (the memory of one micro-batch's activations) and apply one
+        optimiser update, from the mean of their gradients: the update of
+        `optax.MultiSteps(optimizer, every_k_schedule=accumulate)` fed the
+        micro-batches one by one. Each BatchNorm updates its running statistics
+        once per step, from the statistics of everything it saw over the
+        micro-batches (pooled counts, means and squared deviations): for one
+        whose input does not go through another BatchNorm, the statistics of
+        the whole batch. `loss` is the mean of the micro-batch losses, and `aux`
+        is stacked, `(accumulate, ...)`, one per micro-batch. See
+        [`accumulated_value_and_grad`][].
+    - `full_batch_statistics`: with `accumulate`, normalise every micro-batch
+        with the statistics of the whole batch, in every BatchNorm: outputs,
+        gradients and running statistics are then the whole batch's (to float32
+        rounding), at the cost of more passes over the micro-batches (one per
+        level of BatchNorm depth, forward, and as many backward).
 
     **Returns:**
 
     `train_step(train_state, batch) -> (train_state, loss, aux)`, jitted (its
     `lower` method compiles ahead of time).
+
+    **Raises:**
+
+    - `TypeError`, `ValueError`: for an `accumulate` that is not a positive int,
+        or `full_batch_statistics` without `accumulate`; when the step runs, a
+        batch leaf that does not split into `accumulate` equal parts.
     """
 
-    def checked_loss(model: PyTree, state: eqx.nn.State, batch: Any) -> Any:
-        out = loss_fn(model, state, batch)
-        if not (
-            isinstance(out, tuple)
-            and len(out) == 2
-            and isinstance(out[1], tuple)
-            and len(out[1]) == 2
-            and isinstance(out[1][0], eqx.nn.State)
-        ):
-            raise TypeError(
-                "make_train_step: loss_fn(model, state, batch) must return "
-                "(loss, (state, aux)) with state an eqx.nn.State, got "
-                f"{_shape_of(out)}. Return the State that the model gave back, and "
-                "None as aux when there is nothing else: "
-                "`return loss, (state, None)`."
-            )
-        return out
+    k = check_accumulation(accumulate, full_batch_statistics, "make_train_step")
+    checked_loss = _checked(loss_fn, "make_train_step")
+    if k == 1:
+        grad_fn = eqx.filter_value_and_grad(checked_loss, has_aux=True)
+    elif full_batch_statistics:
+        grad_fn = exact_value_and_grad(checked_loss, k)
+    else:
+        grad_fn = pooled_value_and_grad(checked_loss, k)
 
     def step(ts: TrainState, batch: Any) -> tuple[TrainState, Array, Any]:
-        grad_fn = eqx.filter_value_and_grad(checked_loss, has_aux=True)
         (loss, (state, aux)), grads = grad_fn(ts.model, ts.state, batch)
         return apply_gradients(ts, grads, state), loss, aux
 
@@ -790,6 +813,105 @@ def make_train_step(
 
     donating_step.lower = jitted.lower  # type: ignore[attr-defined]
     return donating_step
+
+
+@typecheck
+def accumulated_value_and_grad(
+    loss_fn: LossFn, *, accumulate: int, full_batch_statistics: bool = False
+) -> Callable[
+    [PyTree, eqx.nn.State, Any], tuple[tuple[Array, tuple[eqx.nn.State, Any]], PyTree]
+]:
+    """`eqx.filter_value_and_grad(loss_fn, has_aux=True)` over a batch split into
+    micro-batches, with the BatchNorm statistics pooled over them: what
+    `make_train_step(loss_fn, accumulate=k)` computes, for a step written by hand
+    (with [`apply_gradients`][]).
+
+    The batch is split along the first axis of every leaf into `accumulate` equal
+    micro-batches, run one after the other (a `jax.lax.scan`: the memory of one
+    micro-batch). The gradient is the mean of the micro-batch gradients, as
+    `optax.MultiSteps` accumulates it (in float32). Every `eqx_bn.BatchNorm`
+    updates its running statistics once, from the moments of all it saw over the
+    micro-batches (counts, means and squared deviations merged as Chan et al.:
+    not one update per micro-batch, not an average of variances); for a
+    `momentum=None` layer, that is one batch counted. For a BatchNorm whose input
+    does not go through another BatchNorm, these are the statistics of the whole
+    batch. Deeper ones see inputs normalised with each micro-batch's own
+    statistics, as do the outputs and the gradients, unless
+    `full_batch_statistics=True`: then every BatchNorm normalises every
+    micro-batch with the statistics of the whole batch, and the loss, outputs,
+    gradients (through those statistics) and running statistics equal the whole
+    batch's, to float32 rounding. That takes one forward pass over the
+    micro-batches per level of BatchNorm depth to find the statistics (plus one),
+    and as many backward passes to carry their gradients back (the adjoint
+    method); other stateful layers in the State see each micro-batch once, in the
+    last pass. The function is not differentiable again.
+
+    !!! Example
+
+        ```python
+        from eqx_bn.train import accumulated_value_and_grad, apply_gradients
+
+        grad_fn = accumulated_value_and_grad(loss_fn, accumulate=4)
+
+        @jax.jit
+        def my_step(ts, batch):  # `loss_fn` as in `make_train_step`'s example
+            (loss, (state, aux)), grads = grad_fn(ts.model, ts.state, batch)
+            return apply_gradients(ts, grads, state), loss
+
+        ts, loss = my_step(ts, (x, x + 1.0))  # 8 examples: 4 micro-batches of 2
+        ```
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, state, batch) -> (loss, (state, aux))`, as for
+        [`make_train_step`][], called on each micro-batch; its loss should be a
+        mean over the micro-batch, for the result to be the whole batch's.
+    - `accumulate`: the number of micro-batches.
+    - `full_batch_statistics`: normalise with the whole batch's statistics.
+
+    **Returns:**
+
+    `value_and_grad(model, state, batch) -> ((loss, (state, aux)), grads)`:
+    `loss` the mean of the micro-batch losses, `state` with the running
+    statistics updated once, `aux` stacked over the micro-batches (leading axis
+    `accumulate`), `grads` shaped like the model (`None` for non-float leaves).
+
+    **Raises:**
+
+    - `TypeError`, `ValueError`: as `make_train_step` for its `accumulate` and
+        `full_batch_statistics`.
+    """
+    where = "accumulated_value_and_grad"
+    k = check_accumulation(accumulate, full_batch_statistics, where)
+    checked_loss = _checked(loss_fn, where)
+    if full_batch_statistics:
+        return exact_value_and_grad(checked_loss, k)
+    return pooled_value_and_grad(checked_loss, k)
+
+
+def _checked(loss_fn: LossFn, where: str) -> LossFn:
+    """`loss_fn`, with a clear error when it does not return `(loss, (state,
+    aux))`."""
+
+    def checked_loss(model: PyTree, state: eqx.nn.State, batch: Any) -> Any:
+        out = loss_fn(model, state, batch)
+        if not (
+            isinstance(out, tuple)
+            and len(out) == 2
+            and isinstance(out[1], tuple)
+            and len(out[1]) == 2
+            and isinstance(out[1][0], eqx.nn.State)
+        ):
+            raise TypeError(
+                f"{where}: loss_fn(model, state, batch) must return "
+                "(loss, (state, aux)) with state an eqx.nn.State, got "
+                f"{_shape_of(out)}. Return the State that the model gave back, and "
+                "None as aux when there is nothing else: "
+                "`return loss, (state, None)`."
+            )
+        return out
+
+    return checked_loss
 
 
 def _check_not_donated(ts: Any, where: str) -> None:

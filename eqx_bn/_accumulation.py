@@ -1,0 +1,248 @@
+"""Gradient accumulation with BatchNorm: a batch split into micro-batches, one
+gradient, each BatchNorm's running statistics updated once from what it pooled.
+
+How the layers take part: for the length of an accumulated step, each BatchNorm's
+State entry is a [`Pooling`][eqx_bn._batch_norm.Pooling] instead of its running
+statistics. A layer that finds one normalises as usual (with the micro-batch's
+statistics, or with the `normalize_with` statistics given), merges the moments of
+its input into the entry (counts, means and squared deviations, as Chan et al.)
+and leaves the running statistics alone; at the end of the step each layer updates
+them once, from the pooled moments (`BatchNorm._finish_pooling`). The entry's type
+is known when the step is traced, so a plain call pays nothing for this.
+
+`full_batch_statistics=True` normalises every micro-batch with the statistics of
+the whole batch. Those of a BatchNorm depend on the earlier BatchNorms' (its input
+is normalised by them), so they are the fixed point of one pass over the
+micro-batches, `s = F(params, s)`: each pass makes one more level of BatchNorm
+depth exact, and a pass that changes nothing ends the search. The gradient goes
+through them by the adjoint method: with `L(params, s)` the mean loss,
+`l = dL/ds + (dF/ds)^T l` (again exact after one step per level of depth), then
+`dL/dparams + (dF/dparams)^T l`. Every pass runs the micro-batches one after the
+other under `jax.checkpoint`, so memory stays that of one micro-batch.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PyTree
+
+from ._batch_norm import BatchNorm, Pooling
+from ._describe import describe
+from ._numerics import promote
+
+LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
+ValueAndGrad = Callable[
+    [PyTree, eqx.nn.State, Any],
+    tuple[tuple[Array, tuple[eqx.nn.State, Any]], PyTree],
+]
+
+
+# ------------------------------------------------------------- State entries
+
+
+def _batch_norms(model: PyTree) -> dict[Any, BatchNorm]:
+    """The model's BatchNorms by their State key."""
+    is_bn = lambda v: isinstance(v, BatchNorm)  # noqa: E731
+    return {
+        v.state_index.marker: v
+        for v in jax.tree.leaves(model, is_leaf=is_bn)
+        if is_bn(v)
+    }
+
+
+def start_pooling(
+    model: PyTree, state: eqx.nn.State, normalize_with: tuple | None = None
+) -> eqx.nn.State:
+    """A new State whose BatchNorm entries are `Pooling`s that have seen nothing,
+    holding the running statistics; `normalize_with`: one `(mean, var)` per
+    BatchNorm, in State order, for every micro-batch to be normalised with, or
+    None for each micro-batch's own. `state` itself is left usable."""
+    values, keys = state.tree_flatten()
+    norms = _batch_norms(model)
+    given = iter(normalize_with or ())
+    entries = []
+    for key, value in zip(keys, values):
+        if key in norms:
+            zero = jnp.zeros_like(value.mean)
+            with_ = None if normalize_with is None else next(given)
+            value = Pooling(value, (zero, zero, zero), with_)
+        entries.append(value)
+    return eqx.nn.State.tree_unflatten(keys, entries)
+
+
+def pooled_statistics(state: eqx.nn.State) -> tuple:
+    """The `(mean, biased variance)` each BatchNorm pooled so far, in State order."""
+    values, _ = state.tree_flatten()
+    out = []
+    for value in values:
+        if isinstance(value, Pooling):
+            count, mean, m2 = value.pooled
+            out.append((mean, m2 / jnp.maximum(count, 1.0)))
+    return tuple(out)
+
+
+def finish_pooling(model: PyTree, state: eqx.nn.State) -> eqx.nn.State:
+    """The State after the step: each BatchNorm's running statistics updated once,
+    from the moments it pooled."""
+    values, keys = state.tree_flatten()
+    norms = _batch_norms(model)
+    entries = [
+        norms[key]._finish_pooling(value) if isinstance(value, Pooling) else value
+        for key, value in zip(keys, values)
+    ]
+    return eqx.nn.State.tree_unflatten(keys, entries)
+
+
+# --------------------------------------------------------------- the batch
+
+
+def micro_batches(batch: Any, k: int) -> Any:
+    """Every leaf of `batch` split along its first axis into `k` equal parts,
+    stacked: `(n, ...)` becomes `(k, n // k, ...)`, micro-batch `i` holding rows
+    `i * n // k` to `(i + 1) * n // k`."""
+
+    def split(path: tuple, leaf: Any) -> Array:
+        shape = jnp.shape(leaf)
+        where = f"batch{jax.tree_util.keystr(path)}"
+        if not shape:
+            raise ValueError(
+                f"accumulate={k}: {where} ({describe(leaf)}) has no leading axis to "
+                f"split into {k} micro-batches. Every leaf of the batch is split "
+                "along its first axis: give one value per example (e.g. one dropout "
+                "key per example, `jax.random.split(key, n)`)."
+            )
+        if shape[0] % k:
+            raise ValueError(
+                f"accumulate={k}: {where} of shape {shape} does not split into {k} "
+                f"micro-batches of equal size: its first axis ({shape[0]}) is not a "
+                f"multiple of {k}. Pass batches of a multiple of {k} examples."
+            )
+        return jnp.reshape(leaf, (k, shape[0] // k) + tuple(shape[1:]))
+
+    return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def check_accumulation(accumulate: Any, full_batch_statistics: bool, where: str) -> int:
+    """`accumulate` as an int, or the error for a count that is not one."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, (int, np.integer)):
+        raise TypeError(
+            f"{where}: accumulate must be an int, the number of micro-batches per "
+            f"step, got {accumulate!r}."
+        )
+    if accumulate < 1:
+        raise ValueError(
+            f"{where}: accumulate must be a positive int, the number of "
+            f"micro-batches per step (1 for none), got {accumulate}."
+        )
+    if full_batch_statistics and accumulate == 1:
+        raise ValueError(
+            f"{where}: full_batch_statistics=True is for accumulated steps: pass "
+            "accumulate=k too (k micro-batches per step). Without accumulation "
+            "every BatchNorm sees the whole batch already."
+        )
+    return int(accumulate)
+
+
+# --------------------------------------------------------------- gradients
+
+
+def _mean_update(acc: PyTree, grads: PyTree, i: Array) -> PyTree:
+    """`optax.MultiSteps`'s running mean of the gradients, `acc + (g - acc) / (i +
+    1)`, in its dtypes (a float32 accumulator, promoted with the gradient)."""
+
+    def one(a: Array, g: Array) -> Array:
+        dtype = promote(a.dtype, g.dtype)
+        a, g = a.astype(dtype), g.astype(dtype)
+        return a + (g - a) / (i + 1).astype(dtype)
+
+    return jax.tree.map(one, acc, grads)
+
+
+def _all_equal(a: PyTree, b: PyTree) -> Array:
+    same = [jnp.all(x == y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return jnp.all(jnp.stack(same)) if same else jnp.array(True)
+
+
+def pooled_value_and_grad(loss_fn: LossFn, k: int) -> ValueAndGrad:
+    """Each micro-batch normalised with its own statistics (what the micro-batches
+    of `optax.MultiSteps` see), the BatchNorm statistics pooled."""
+    grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
+
+    def value_and_grad(model: PyTree, state: eqx.nn.State, batch: Any):
+        trainable = eqx.filter(model, eqx.is_inexact_array)
+        acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+
+        def one(carry: tuple, part: Any) -> tuple:
+            state, acc, i = carry
+            (loss, (state, aux)), grads = grad_fn(model, state, part)
+            acc = _mean_update(acc, eqx.filter(grads, eqx.is_inexact_array), i)
+            return (state, acc, i + 1), (loss, aux)
+
+        start = (start_pooling(model, state), acc, jnp.zeros((), jnp.int32))
+        parts = micro_batches(batch, k)
+        (state, acc, _), (losses, aux) = jax.lax.scan(one, start, parts)
+        grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, trainable)
+        return (jnp.mean(losses), (finish_pooling(model, state), aux)), grads
+
+    return value_and_grad
+
+
+def exact_value_and_grad(loss_fn: LossFn, k: int) -> ValueAndGrad:
+    """Every micro-batch normalised with the whole batch's statistics, in every
+    BatchNorm: the whole batch's loss, outputs, gradients and statistics."""
+
+    def value_and_grad(model: PyTree, state: eqx.nn.State, batch: Any):
+        parts = micro_batches(batch, k)
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def run(params: PyTree, given: tuple) -> tuple:
+            # Every micro-batch normalised with `given`: the mean loss and what
+            # each BatchNorm pooled; the State and the aux outputs beside.
+            model = eqx.combine(params, static)
+
+            def one(state: eqx.nn.State, part: Any) -> tuple:
+                loss, (state, aux) = loss_fn(model, state, part)
+                return state, (loss, aux)
+
+            start = start_pooling(model, state, given)
+            pooled, (losses, aux) = jax.lax.scan(jax.checkpoint(one), start, parts)
+            return (jnp.mean(losses), pooled_statistics(pooled)), (pooled, aux)
+
+        # At most one pass per BatchNorm (a chain of them), and one to see that
+        # nothing changes.
+        passes = len(_batch_norms(model)) + 1
+        guess = jax.tree.map(
+            jnp.zeros_like, pooled_statistics(start_pooling(model, state))
+        )
+
+        def search(c: tuple) -> tuple:
+            new, _, i = c
+            return run(params, new)[0][1], new, i + 1
+
+        found, _, _ = jax.lax.while_loop(
+            lambda c: (c[2] < passes) & ~_all_equal(c[0], c[1]),
+            search,
+            (run(params, guess)[0][1], guess, jnp.ones((), jnp.int32)),
+        )
+        (loss, _), vjp, (pooled, aux) = jax.vjp(run, params, found, has_aux=True)
+        one = jnp.ones_like(loss)
+
+        def adjoint(c: tuple) -> tuple:
+            new, _, _, i = c
+            grads, following = vjp((one, new))
+            return following, new, grads, i + 1
+
+        zero = jax.tree.map(jnp.zeros_like, found)
+        grads, first = vjp((one, zero))
+        _, _, grads, _ = jax.lax.while_loop(
+            lambda c: (c[3] < passes + 1) & ~_all_equal(c[0], c[1]),
+            adjoint,
+            (first, zero, grads, jnp.ones((), jnp.int32)),
+        )
+        return (loss, (finish_pooling(model, pooled), aux)), grads
+
+    return value_and_grad
