@@ -145,10 +145,12 @@ def main(argv=None) -> dict:
         f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs; k = {args.k}, {rounds} rounds"
     )
+    digits = 16 if args.quick else 256
+    batch, size, filters = (8, 8, 4) if args.quick else (64, 32, 16)
     cases = {
-        "digits CNN, batch 256": lambda: _digits_case(16 if args.quick else 256),
-        "ResNet-18 (16 filters), batch 64 of 32x32": lambda: _resnet_case(
-            *((8, 8, 4) if args.quick else (64, 32, 16))
+        f"digits CNN, batch {digits}": lambda: _digits_case(digits),
+        f"ResNet-18 ({filters} filters), batch {batch} of {size}x{size}": (
+            lambda: _resnet_case(batch, size, filters)
         ),
     }
     results = {}
