@@ -21,9 +21,12 @@ Ratios are to the whole-batch step, per round, then the median. Peak memory is r
 from XLA's accounting of each compiled program (`compiled.memory_analysis()`):
 arguments + outputs + temporaries.
 
-Two models: the digits CNN of `examples/digits_cnn.py` (3 BatchNorms in a chain:
-BatchNorm depth 3), and the ResNet of `benchmarks/run.py` (ResNet-18 layout, 16
-filters: BatchNorm depth 17 along its longest path).
+Three models: an MLP (3 BatchNorms in a chain, no convolution), the digits CNN of
+`examples/digits_cnn.py` (3 BatchNorms in a chain), and the ResNet of
+`benchmarks/run.py` (ResNet-18 layout, 16 filters: 20 BatchNorms, 17 along the
+longest path). On XLA:CPU the gradient of a convolution runs many times slower
+inside a loop (`lax.scan`) than outside one (jax-ml/jax#12868; the forward
+convolution and dense layers do not suffer): the convolutional models show it.
 
 Usage: `python benchmarks/accumulation.py [--quick] [--rounds N] [--k K]`.
 `--quick` is a smoke test (tiny shapes, 2 rounds).
@@ -34,10 +37,12 @@ import os
 import statistics
 import sys
 
+import equinox as eqx
 import jax
 import numpy as np
 import optax
 
+import eqx_bn
 from eqx_bn.models import ResNet
 from eqx_bn.train import TrainState, make_train_step
 
@@ -57,6 +62,38 @@ def _digits_case(batch: int):
     x = rng.random((batch, 1, 8, 8), np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
     return model, state, loss_fn, (x, y)
+
+
+class _MLP(eqx.Module):
+    """Dense-BN-relu three times, then a dense head: no convolution."""
+
+    layers: list
+    norms: list
+    head: eqx.nn.Linear
+
+    def __init__(self, width: int, key):
+        keys = jax.random.split(key, 4)
+        sizes = [width] * 4
+        self.layers = [
+            eqx.nn.Linear(a, b, use_bias=False, key=k)
+            for a, b, k in zip(sizes, sizes[1:], keys)
+        ]
+        self.norms = [eqx_bn.BatchNorm(width, momentum=0.9) for _ in self.layers]
+        self.head = eqx.nn.Linear(width, 10, key=keys[3])
+
+    def __call__(self, x, state):
+        for layer, norm in zip(self.layers, self.norms):
+            x, state = norm(layer(x), state)
+            x = jax.nn.relu(x)
+        return self.head(x), state
+
+
+def _mlp_case(batch: int, width: int):
+    model, state = _build(_MLP, width, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, width)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    return model, state, _vmapped_loss(_cross_entropy), (x, y)
 
 
 def _resnet_case(batch: int, size: int, filters: int):
@@ -145,9 +182,13 @@ def main(argv=None) -> dict:
         f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs; k = {args.k}, {rounds} rounds"
     )
+    mlp_batch, width = (16, 8) if args.quick else (1024, 256)
     digits = 16 if args.quick else 256
     batch, size, filters = (8, 8, 4) if args.quick else (64, 32, 16)
     cases = {
+        f"MLP (3 BatchNorms, width {width}), batch {mlp_batch}": (
+            lambda: _mlp_case(mlp_batch, width)
+        ),
         f"digits CNN, batch {digits}": lambda: _digits_case(digits),
         f"ResNet-18 ({filters} filters), batch {batch} of {size}x{size}": (
             lambda: _resnet_case(batch, size, filters)
