@@ -10,7 +10,11 @@ from equinox.nn import (
 )
 
 from . import interop as interop, models as models, train as train
-from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
+from ._batch_norm import (
+    BatchNorm as BatchNorm,
+    CumulativeStats as CumulativeStats,
+    RunningStats as RunningStats,
+)
 from ._fold import (
     FoldedBatchNorm as FoldedBatchNorm,
     fold_batch_norms as fold_batch_norms,
@@ -19,6 +23,7 @@ from ._typing import typecheck as typecheck
 
 __all__ = [
     "BatchNorm",
+    "CumulativeStats",
     "FoldedBatchNorm",
     "RunningStats",
     "State",
