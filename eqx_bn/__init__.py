@@ -18,6 +18,9 @@ from ._batch_norm import (
 from ._fold import (
     FoldedBatchNorm as FoldedBatchNorm,
     fold_batch_norms as fold_batch_norms,
+    freeze_batch_norms as freeze_batch_norms,
+    trainable as trainable,
+    unfreeze_batch_norms as unfreeze_batch_norms,
 )
 from ._typing import typecheck as typecheck
 
@@ -29,12 +32,15 @@ __all__ = [
     "State",
     "StateIndex",
     "fold_batch_norms",
+    "freeze_batch_norms",
     "inference_mode",
     "interop",
     "make_with_state",
     "models",
     "train",
+    "trainable",
     "typecheck",
+    "unfreeze_batch_norms",
 ]
 
 try:
