@@ -22,6 +22,7 @@ from ._fold import (
     trainable as trainable,
     unfreeze_batch_norms as unfreeze_batch_norms,
 )
+from ._recalibrate import recalibrate as recalibrate
 from ._typing import typecheck as typecheck
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "interop",
     "make_with_state",
     "models",
+    "recalibrate",
     "train",
     "trainable",
     "typecheck",
