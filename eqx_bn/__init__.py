@@ -10,26 +10,39 @@ from equinox.nn import (
 )
 
 from . import interop as interop, models as models, train as train
-from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
+from ._batch_norm import (
+    BatchNorm as BatchNorm,
+    CumulativeStats as CumulativeStats,
+    RunningStats as RunningStats,
+)
 from ._fold import (
     FoldedBatchNorm as FoldedBatchNorm,
     fold_batch_norms as fold_batch_norms,
+    freeze_batch_norms as freeze_batch_norms,
+    trainable as trainable,
+    unfreeze_batch_norms as unfreeze_batch_norms,
 )
+from ._recalibrate import recalibrate as recalibrate
 from ._typing import typecheck as typecheck
 
 __all__ = [
     "BatchNorm",
+    "CumulativeStats",
     "FoldedBatchNorm",
     "RunningStats",
     "State",
     "StateIndex",
     "fold_batch_norms",
+    "freeze_batch_norms",
     "inference_mode",
     "interop",
     "make_with_state",
     "models",
+    "recalibrate",
     "train",
+    "trainable",
     "typecheck",
+    "unfreeze_batch_norms",
 ]
 
 try:

@@ -33,6 +33,7 @@ from jaxtyping import Array, PyTree
 from ._batch_norm import BatchNorm, Pooling
 from ._describe import describe
 from ._numerics import promote
+from ._recalibrate import _entries, _with_entries
 
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
 ValueAndGrad = Callable[
@@ -45,12 +46,12 @@ ValueAndGrad = Callable[
 
 
 def _batch_norms(model: PyTree) -> dict[Any, BatchNorm]:
-    """The model's BatchNorms by their State key."""
+    """The model's BatchNorms that train (not frozen), by their State key."""
     is_bn = lambda v: isinstance(v, BatchNorm)  # noqa: E731
     return {
         v.state_index.marker: v
         for v in jax.tree.leaves(model, is_leaf=is_bn)
-        if is_bn(v)
+        if is_bn(v) and v.frozen is None
     }
 
 
@@ -60,25 +61,21 @@ def start_pooling(
     """A new State whose BatchNorm entries are `Pooling`s that have seen nothing,
     holding the running statistics; `normalize_with`: one `(mean, var)` per
     BatchNorm, in State order, for every micro-batch to be normalised with, or
-    None for each micro-batch's own. `state` itself is left usable."""
-    values, keys = state.tree_flatten()
-    norms = _batch_norms(model)
+    None for each micro-batch's own. `state` itself stays valid."""
+    entries, norms = {}, _batch_norms(model)
     given = iter(normalize_with or ())
-    entries = []
-    for key, value in zip(keys, values):
+    for key, value in _entries(state).items():
         if key in norms:
             zero = jnp.zeros_like(value.mean)
             with_ = None if normalize_with is None else next(given)
-            value = Pooling(value, (zero, zero, zero), with_)
-        entries.append(value)
-    return eqx.nn.State.tree_unflatten(keys, entries)
+            entries[key] = Pooling(value, (zero, zero, zero), with_)
+    return _with_entries(state, entries)
 
 
 def pooled_statistics(state: eqx.nn.State) -> tuple:
     """The `(mean, biased variance)` each BatchNorm pooled so far, in State order."""
-    values, _ = state.tree_flatten()
     out = []
-    for value in values:
+    for value in _entries(state).values():
         if isinstance(value, Pooling):
             count, mean, m2 = value.pooled
             out.append((mean, m2 / jnp.maximum(count, 1.0)))
@@ -88,13 +85,15 @@ def pooled_statistics(state: eqx.nn.State) -> tuple:
 def finish_pooling(model: PyTree, state: eqx.nn.State) -> eqx.nn.State:
     """The State after the step: each BatchNorm's running statistics updated once,
     from the moments it pooled."""
-    values, keys = state.tree_flatten()
     norms = _batch_norms(model)
-    entries = [
-        norms[key]._finish_pooling(value) if isinstance(value, Pooling) else value
-        for key, value in zip(keys, values)
-    ]
-    return eqx.nn.State.tree_unflatten(keys, entries)
+    return _with_entries(
+        state,
+        {
+            key: norms[key]._finish_pooling(value)
+            for key, value in _entries(state).items()
+            if isinstance(value, Pooling)
+        },
+    )
 
 
 # --------------------------------------------------------------- the batch

@@ -10,18 +10,19 @@ Each error says what it got, what was expected and the likely fix
 import math
 import operator
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray, Shaped
+from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
 from ._describe import describe
 from ._numerics import (
     Moments,
     batch_moments,
+    cumulative_average,
     drop_unit_axes,
     isolates_passes,
     merge_moments,
@@ -41,6 +42,26 @@ class RunningStats(NamedTuple):
 
     mean: Float[Array, " input_size"]
     var: Float[Array, " input_size"]
+
+
+class CumulativeStats(NamedTuple):
+    """What a `BatchNorm(momentum=None)` keeps in its `eqx.nn.State`: the running
+    averages and the number of batches they average.
+
+    PyTorch keeps the same three in a BatchNorm's buffers: `running_mean`,
+    `running_var` and `num_batches_tracked` (int64 there, int32 here). A training
+    step counts its batch first and then moves each average by `1 / num_batches`
+    of the way to the batch's value, so every batch weighs the same.
+    """
+
+    mean: Float[Array, " input_size"]
+    var: Float[Array, " input_size"]
+    num_batches: Int[Array, ""]
+
+
+FROZEN = ("statistics", "all")
+"""What `BatchNorm(frozen=...)` may fix, besides `None`: its running statistics, or
+those and its scale and bias."""
 
 
 class Pooling(NamedTuple):
@@ -110,7 +131,12 @@ def _floating_dtype(name: str, dtype: Any) -> None:
 
 
 def check_config(
-    input_size: Any, momentum: Any, eps: Any, dtype: Any, param_dtype: Any
+    input_size: Any,
+    momentum: Any,
+    eps: Any,
+    dtype: Any,
+    param_dtype: Any,
+    frozen: Any = None,
 ) -> int:
     """Raises a ValueError for a configuration `BatchNorm.__init__` cannot honour;
     returns `input_size` as an `int` (it may be a NumPy or JAX integer)."""
@@ -119,14 +145,30 @@ def check_config(
         raise ValueError(
             f"BatchNorm: input_size must be a positive int, got {input_size!r}."
         )
-    m = _number("momentum", momentum)
-    if not 0.0 <= m <= 1.0:  # NaN fails both comparisons
-        raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum}.")
+    if momentum is not None:
+        if isinstance(momentum, str):
+            raise ValueError(
+                f"BatchNorm: momentum must be a real number, got {momentum!r} (str); "
+                "or None for a cumulative average (PyTorch's momentum=None)."
+            )
+        m = _number("momentum", momentum)
+        if not 0.0 <= m <= 1.0:  # NaN fails both comparisons
+            raise ValueError(
+                f"BatchNorm: momentum must be in [0, 1], got {momentum} (or None "
+                "for a cumulative average, PyTorch's momentum=None)."
+            )
     e = _number("eps", eps)
     if not (e >= 0 and math.isfinite(e)):
         raise ValueError(f"BatchNorm: eps must be >= 0 and finite, got {eps}.")
     _floating_dtype("dtype", dtype)
     _floating_dtype("param_dtype", param_dtype)
+    if frozen is not None and (not isinstance(frozen, str) or frozen not in FROZEN):
+        raise ValueError(
+            f"BatchNorm: frozen must be 'statistics', 'all' or None, got {frozen!r}: "
+            "'statistics' normalises with the running statistics and never updates "
+            "them, 'all' fixes the scale and bias too. eqx_bn.freeze_batch_norms "
+            "sets it on every BatchNorm of a model."
+        )
     return size
 
 
@@ -195,8 +237,34 @@ def _missing_state_error(marker: object, state: eqx.nn.State) -> ValueError:
     )
 
 
-def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
-    """Raises a ValueError if `running` is not this layer's `(mean, var)`.
+def _other_kind_error(running: tuple, cumulative: bool) -> ValueError:
+    """A State entry of a layer with a momentum given to a `momentum=None` one, or
+    the other way round."""
+    if cumulative:
+        return ValueError(
+            "BatchNorm(momentum=None): the state entry for this layer is "
+            f"{describe(running)}, the RunningStats(mean, var) of a layer with a "
+            "momentum; expected CumulativeStats(mean, var, num_batches), which also "
+            "counts the batches averaged. Build the model and its state together "
+            "with eqx.nn.make_with_state; to carry statistics over, set "
+            "`state = state.set(bn.state_index, eqx_bn.CumulativeStats(mean, var, "
+            "jnp.int32(num_batches)))`."
+        )
+    return ValueError(
+        "BatchNorm: this layer has a momentum and expects RunningStats(mean, var) "
+        f"in `state`, but its entry is {describe(running)}, with a batch count as a "
+        "momentum=None layer keeps it (CumulativeStats). Build the model and its "
+        "state together with eqx.nn.make_with_state; to carry statistics over, set "
+        "`state = state.set(bn.state_index, eqx_bn.RunningStats(entry.mean, "
+        "entry.var))`."
+    )
+
+
+def check_running(
+    running: Any, input_size: int, dtype: np.dtype, cumulative: bool = False
+) -> None:
+    """Raises a ValueError if `running` is not this layer's `(mean, var)` (with
+    `cumulative`, a `momentum=None` layer's `(mean, var, num_batches)`).
 
     `state.get` returns whatever the State holds under the layer's key: a State
     of another model with the same module path, or one that `jax.vmap` gave back
@@ -204,14 +272,34 @@ def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
     silently in training, or fail a call later in a reshape.
     """
     expected = f"{np.dtype(dtype).name}[{input_size}]"
-    parts = running if isinstance(running, tuple) and len(running) == 2 else None
-    if parts is None or any(getattr(v, "shape", None) is None for v in parts):
+    arity = 3 if cumulative else 2
+    arrays = isinstance(running, tuple) and all(
+        getattr(v, "shape", None) is not None for v in running
+    )
+    if arrays and len(running) == 5 - arity:
+        raise _other_kind_error(running, cumulative)
+    parts = running[:2] if arrays and len(running) == arity else None
+    if parts is None:
+        kind = (
+            "CumulativeStats(mean, var, num_batches)"
+            if cumulative
+            else "RunningStats(mean, var)"
+        )
         raise ValueError(
             f"BatchNorm: the state entry for this layer is {describe(running)}, "
-            f"expected RunningStats(mean, var), each {expected}. The State belongs "
+            f"expected {kind}, mean and var each {expected}. The State belongs "
             "to another model (a different layer at the same place): build the "
             "model and its state together with eqx.nn.make_with_state."
         )
+    if cumulative:
+        count = running[2]
+        if count.shape != () or np.dtype(count.dtype) != np.int32:
+            raise ValueError(
+                "BatchNorm(momentum=None): the batch count in `state` is "
+                f"{describe(count)}, expected an int32 scalar. Set it with "
+                "`jnp.int32(n)` (a State vmapped with out_axes=0 has one per "
+                "example: use out_axes=(0, None))."
+            )
     shapes = {tuple(v.shape) for v in parts}
     dtypes = {np.dtype(v.dtype) for v in parts}
     if shapes == {(input_size,)} and dtypes == {np.dtype(dtype)}:
@@ -327,7 +415,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     $r \leftarrow \text{momentum} \cdot r + (1 - \text{momentum}) \cdot s$.
     In inference the running averages are used and the state is returned unchanged.
     The running `mean` (initially 0) and `var` (initially 1) live in an
-    `eqx.nn.State`, under `state_index`.
+    `eqx.nn.State`, under `state_index`, as a [`RunningStats`][eqx_bn.RunningStats]
+    (a [`CumulativeStats`][eqx_bn.CumulativeStats] for `momentum=None`, PyTorch's
+    cumulative moving average).
 
     Two ways to call it:
 
@@ -365,7 +455,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     input_size: int = eqx.field(static=True)
     axis_name: AxisName | None = eqx.field(static=True)
     axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
-    momentum: float = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     dtype: np.dtype | None = eqx.field(static=True)
     param_dtype: np.dtype = eqx.field(static=True)
@@ -373,13 +463,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
     force_float32_reductions: bool = eqx.field(static=True)
     channels_last: bool = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
+    frozen: Literal["statistics", "all"] | None = eqx.field(static=True)
 
     def __init__(
         self,
         input_size: int,
         axis_name: AxisName | None = "batch",
         *,
-        momentum: float = 0.99,
+        momentum: float | None = 0.99,
         eps: float = 1e-5,
         use_bias: bool = True,
         use_scale: bool = True,
@@ -391,6 +482,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         axis_index_groups: AxisIndexGroups | None = None,
         channels_last: bool = False,
         unbiased_running_var: bool = False,
+        frozen: Literal["statistics", "all"] | None = None,
         bias_init: Initializer = jax.nn.initializers.zeros,
         scale_init: Initializer = jax.nn.initializers.ones,
         key: PRNGKeyArray | None = None,
@@ -401,7 +493,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `axis_name`: the named axis (or tuple of names) the batch is spread over,
             as bound by `jax.vmap`/`pmap`/`shard_map`; `None` to pass whole batches.
         - `momentum`: decay of the running averages (Flax's meaning: PyTorch's
-            `momentum=0.1` is `momentum=0.9` here).
+            `momentum=0.1` is `momentum=0.9` here). `None`: a cumulative average,
+            PyTorch's `momentum=None`: the State also counts the batches
+            ([`CumulativeStats`][eqx_bn.CumulativeStats]), and each training step
+            counts its batch, then moves the averages by `1 / count` of the way
+            to the batch's statistics, so that they are the average of every
+            batch's so far, each batch weighing the same (the first step replaces
+            the initial 0 and 1). With `unbiased_running_var=True` the steps are
+            `nn.BatchNorm2d(momentum=None)`'s, from a count loaded by
+            [`eqx_bn.interop.load_torch`][] too (for its last bits of the
+            variance, `use_fast_variance=False` as well).
         - `eps`: added to the variance before the square root.
         - `use_bias`, `use_scale`: whether to learn $\beta$ and $\gamma$.
         - `inference`: use the running averages (Flax's `use_running_average`).
@@ -428,17 +529,26 @@ class BatchNorm(eqx.nn.StatefulLayer):
             then gives `torch.nn.BatchNorm2d`'s outputs and running statistics.
             As PyTorch, training on one element per channel is refused; a mask
             that leaves one element keeps that channel's running variance.
+        - `frozen`: `"statistics"` to always normalise with the running
+            statistics and never update them, in training as in inference (the
+            `inference` flag and argument make no difference); `"all"` to fix
+            the scale and bias too: no gradient reaches them, and
+            [`eqx_bn.trainable`][] leaves them out of what an optimiser trains.
+            PyTorch: `torchvision.ops.FrozenBatchNorm2d` (`"all"`); Keras:
+            `layer.trainable = False`. [`eqx_bn.freeze_batch_norms`][] sets it on
+            every BatchNorm of a model.
         - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
         - `key`: passed to the initialisers; only needed when they are random.
 
         **Raises:**
 
         - `ValueError`: for an `input_size` that is not a positive int, a
-            `momentum` outside [0, 1], an `eps` that is negative or not finite, an
-            integer (or other non-floating) `dtype` or `param_dtype`, or groups
-            given without an `axis_name`.
+            `momentum` outside [0, 1] (and not `None`), an `eps` that is negative
+            or not finite, an integer (or other non-floating) `dtype` or
+            `param_dtype`, a `frozen` that is not `"statistics"`, `"all"` or
+            `None`, or groups given without an `axis_name`.
         """
-        input_size = check_config(input_size, momentum, eps, dtype, param_dtype)
+        input_size = check_config(input_size, momentum, eps, dtype, param_dtype, frozen)
         if axis_index_groups is not None and axis_name is None:
             raise ValueError(
                 "BatchNorm: axis_index_groups needs an axis_name to group along."
@@ -451,7 +561,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.input_size = input_size
         self.axis_name = _canonical_axis_name(axis_name)
         self.axis_index_groups = _canonical_groups(axis_index_groups)
-        self.momentum = float(momentum)
+        self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
         self.dtype = None if dtype is None else np.dtype(dtype)
         self.param_dtype = param_dtype
@@ -459,9 +569,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.force_float32_reductions = force_float32_reductions
         self.channels_last = bool(channels_last)
         self.unbiased_running_var = bool(unbiased_running_var)
+        self.frozen = frozen
         stat_dtype = self.running_dtype  # reads the fields set above
+        mean, var = jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype)
         self.state_index = eqx.nn.StateIndex(
-            RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
+            RunningStats(mean, var)
+            if momentum is not None
+            else CumulativeStats(mean, var, jnp.zeros((), jnp.int32))
         )
 
     @property
@@ -542,9 +656,58 @@ class BatchNorm(eqx.nn.StatefulLayer):
             message says how to convert them).
         """
         del key
+        x, mask, channel_axis = self._checked_input(x, mask)
+        running = get_running(state, self.state_index)
+        # In a step that accumulates micro-batches (`eqx_bn.train`), the entry is a
+        # `Pooling`: known when tracing, so the plain call pays nothing for it.
+        pooling = running if isinstance(running, Pooling) else None
+        if pooling is not None:
+            running = pooling.running
+        check_running(
+            running, self.input_size, self.running_dtype, self.momentum is None
+        )
+        inference = self.inference if inference is None else inference
+        if inference or self.frozen is not None:
+            return self._normalize_with(running, x, channel_axis), state
+        if pooling is not None:
+            y, stats = self._train(
+                x,
+                mask,
+                channel_axis,
+                normalize_with=pooling.normalize_with,
+                pooled=True,
+            )
+            if stats is not None:
+                entry = pooling._replace(pooled=merge_moments(pooling.pooled, stats))
+                state = state.set(self.state_index, entry)
+            return y, state
+        y, stats = self._train(x, mask, channel_axis)
+        if stats is None:
+            return y, state
+        if self.momentum is None:
+            new_running = CumulativeStats(
+                *cumulative_average(running, stats, self.unbiased_running_var)
+            )
+        else:
+            new_running = RunningStats(
+                *running_average(
+                    running, stats, self.momentum, self.unbiased_running_var
+                )
+            )
+        try:
+            state = state.set(self.state_index, new_running)
+        except ValueError as err:
+            # Same shapes and dtypes by construction: only the placement differs.
+            raise _placement_error(running, new_running) from err
+        return y, state
+
+    def _checked_input(
+        self, x: Array | np.ndarray, mask: Array | np.ndarray | None
+    ) -> tuple[Array, Array | None, int]:
+        """`x` and `mask` as arrays, checked, a `(batch,)` mask read as one flag per
+        example; and the channel axis."""
         x = jnp.asarray(x)
         mask = None if mask is None else jnp.asarray(mask)
-        inference = self.inference if inference is None else inference
         check_dtypes(x, mask)
         if (
             self.axis_name is None
@@ -553,34 +716,49 @@ class BatchNorm(eqx.nn.StatefulLayer):
             and x.ndim > 1
         ):
             mask = per_example_mask(x, mask)
-        channel_axis = self._check_input(x, mask)
-        running = get_running(state, self.state_index)
-        pooling = running if isinstance(running, Pooling) else None
-        if pooling is not None:
-            running = pooling.running
-        check_running(running, self.input_size, self.running_dtype)
-        out_dtype = self.output_dtype(x.dtype)
-        shape = x.shape
+        return x, mask, self._check_input(x, mask)
+
+    def _normalize_with(
+        self, running: RunningStats | CumulativeStats, x: Array, channel_axis: int
+    ) -> Array:
+        """`x` normalised with the running statistics (inference, or frozen)."""
+        shape, out_dtype = x.shape, self.output_dtype(x.dtype)
+        x, _, channel_axis = drop_unit_axes(x, None, channel_axis)
+        axes = tuple(i for i in range(x.ndim) if i != channel_axis)
+        mean, var = running.mean, running.var
+        if not self.force_float32_reductions:
+            mean = mean.astype(self.param_dtype)
+            var = var.astype(self.param_dtype)
+        scale, bias = self.scale, self.bias
+        if self.frozen == "all":
+            scale, bias = jax.lax.stop_gradient((scale, bias))
+        y = normalize(x, mean, var, scale, bias, self.eps, out_dtype, axes)
+        return jnp.reshape(y, shape)
+
+    def _train(
+        self,
+        x: Array,
+        mask: Array | None,
+        channel_axis: int,
+        *,
+        normalize_with: tuple[Array, Array] | None = None,
+        pooled: bool = False,
+    ) -> tuple[Array, Moments | None]:
+        """The training output for `x` (checked) and the batch's statistics; `None`
+        for them when `x` has no element. `normalize_with`: the `(mean, var)` to
+        normalise with instead of the batch's (which are still returned); `pooled`:
+        the statistics are pooled with others (a step accumulating micro-batches),
+        so one element per channel is no error here."""
+        shape, out_dtype = x.shape, self.output_dtype(x.dtype)
         x, mask, channel_axis = drop_unit_axes(x, mask, channel_axis)
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
-
-        if inference:
-            mean, var = running
-            if not self.force_float32_reductions:
-                mean = mean.astype(self.param_dtype)
-                var = var.astype(self.param_dtype)
-            y = normalize(
-                x, mean, var, self.scale, self.bias, self.eps, out_dtype, axes
-            )
-            return jnp.reshape(y, shape), state
-
         self._check_axes_bound()
         if x.size == 0:
             # Nothing to take statistics over: as under vmap with an empty batch,
             # an empty output and the running averages as they are.
-            return jnp.zeros(shape, out_dtype), state
+            return jnp.zeros(shape, out_dtype), None
         replicas = self._replicas()
-        if self.unbiased_running_var and mask is None and pooling is None:
+        if self.unbiased_running_var and mask is None and not pooled:
             if replicas * math.prod(x.shape[a] for a in axes) == 1:
                 raise ValueError(
                     "BatchNorm(unbiased_running_var=True): expected more than 1 "
@@ -597,9 +775,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             stat_dtype=self._stat_dtype(x),
             isolate=isolates_passes(x.shape, channel_axis, replicas),
         )
-        given = None if pooling is None else pooling.normalize_with
         try:
-            if given is None:
+            if normalize_with is None:
                 y, stats = train_normalize(
                     x,
                     mask,
@@ -614,39 +791,44 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 # only pooled.
                 stats = batch_moments(x, mask, **reduction)
                 y = normalize(
-                    x, *given, self.scale, self.bias, self.eps, out_dtype, axes
+                    x,
+                    *normalize_with,
+                    self.scale,
+                    self.bias,
+                    self.eps,
+                    out_dtype,
+                    axes,
                 )
         except (NotImplementedError, AssertionError, ValueError) as err:
             ours = self._collective_error(err)
             if ours is None:
                 raise
             raise ours from err
-        if pooling is not None:
-            pooled = merge_moments(pooling.pooled, stats)
-            entry = pooling._replace(pooled=pooled)
-            return jnp.reshape(y, shape), state.set(self.state_index, entry)
-        new_running = RunningStats(
-            *running_average(running, stats, self.momentum, self.unbiased_running_var)
-        )
-        try:
-            state = state.set(self.state_index, new_running)
-        except ValueError as err:
-            # Same shapes and dtypes by construction: only the placement differs.
-            raise _placement_error(running, new_running) from err
-        return jnp.reshape(y, shape), state
+        return jnp.reshape(y, shape), stats
 
-    def _finish_pooling(self, entry: Pooling) -> RunningStats:
+    def _train_with_moments(
+        self, x: Array | np.ndarray, mask: Array | np.ndarray | None = None
+    ) -> tuple[Array, Moments | None]:
+        """A training call without the State: the output and the batch's statistics
+        (`None` for an empty `x`), for `eqx_bn.recalibrate` to accumulate."""
+        return self._train(*self._checked_input(x, mask))
+
+    def _finish_pooling(self, entry: Pooling) -> RunningStats | CumulativeStats:
         """The running statistics after a step that pooled micro-batches: one
-        update, from the moments of everything the layer saw; none if it saw
-        nothing (it ran in inference mode)."""
+        update (one batch counted, with `momentum=None`) from the moments of all
+        the layer saw; none if it saw nothing (it ran in inference mode)."""
         count, mean, m2 = entry.pooled
         stats = Moments(mean, m2 / jnp.maximum(count, 1.0), count)
-        new = RunningStats(
-            *running_average(
-                entry.running, stats, self.momentum, self.unbiased_running_var
+        running = entry.running
+        if self.momentum is not None:
+            return RunningStats(
+                *running_average(
+                    running, stats, self.momentum, self.unbiased_running_var
+                )
             )
-        )
-        return new
+        new = cumulative_average(running, stats, self.unbiased_running_var)
+        seen = jnp.any(count > 0)
+        return CumulativeStats(*(jnp.where(seen, a, b) for a, b in zip(new, running)))
 
     def _collective_error(self, err: Exception) -> ValueError | None:
         """Our error for a collective that JAX does not support; None for others."""

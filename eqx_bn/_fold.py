@@ -1,4 +1,14 @@
-"""Folding each inference BatchNorm into the Conv or Linear layer that feeds it.
+"""Transforms of a finished model's BatchNorms: freezing them (`freeze_batch_norms`,
+`unfreeze_batch_norms`, and `trainable`, the filter that leaves frozen scales and
+biases out of training), and folding each inference BatchNorm into the Conv or
+Linear layer that feeds it (`fold_batch_norms`).
+
+**Freezing** sets each BatchNorm's `frozen` configuration: a frozen layer normalises
+with its running statistics in training too and never updates them, as
+`torchvision.ops.FrozenBatchNorm2d`. The layer keeps its class, fields and State
+entry, so checkpoints, folding and the model's own code see a BatchNorm as before.
+
+**Folding.**
 
 In inference a BatchNorm is a per-channel affine map of its input,
 `y = z * mul + (beta - mean * mul)` with `mul = gamma / sqrt(var + eps)`. When `z`
@@ -17,7 +27,7 @@ import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PRNGKeyArray, Shaped
+from jaxtyping import Array, PRNGKeyArray, PyTree, Shaped
 
 from ._batch_norm import BatchNorm, check_running, get_running
 from ._numerics import promote
@@ -136,7 +146,7 @@ def _fold_pair(
             "of that dtype or narrower, or dtype= the layer's own)."
         )
     running = get_running(state, bn.state_index)
-    check_running(running, bn.input_size, bn.running_dtype)
+    check_running(running, bn.input_size, bn.running_dtype, bn.momentum is None)
     # Folded in float32 (or wider) whatever the parameters' dtype, rounded once.
     dtype = promote(weight_dtype, running.mean.dtype, jnp.float32)
     mul = jax.lax.rsqrt(running.var.astype(dtype) + jnp.asarray(bn.eps, dtype))
@@ -261,7 +271,7 @@ def _training_norms(model) -> list[str]:
     return [
         "model" + jax.tree_util.keystr(path)
         for path, v in leaves
-        if is_bn(v) and not v.inference
+        if is_bn(v) and not v.inference and v.frozen is None
     ]
 
 
@@ -301,7 +311,8 @@ def fold_batch_norms(model, state: eqx.nn.State):
     **Arguments:**
 
     - `model`: any PyTree of Equinox modules, in inference mode
-        (`eqx.nn.inference_mode(model)`).
+        (`eqx.nn.inference_mode(model)`); frozen BatchNorms
+        ([`eqx_bn.freeze_batch_norms`][]) fold in either mode.
     - `state`: the `eqx.nn.State` with the running statistics.
 
     **Returns:**
@@ -328,3 +339,124 @@ def fold_batch_norms(model, state: eqx.nn.State):
             "model: `fold_batch_norms(eqx.nn.inference_mode(model), state)`."
         )
     return _fold_tree(model, state, "model")
+
+
+# ------------------------------------------------------------------- freezing
+
+
+def _is_bn(v) -> bool:
+    return isinstance(v, BatchNorm)
+
+
+def _set_frozen(bn: BatchNorm, frozen: str | None) -> BatchNorm:
+    # `frozen` is a static field, which `eqx.tree_at` cannot change: the layer is
+    # copied and the field set, as its own __init__ would.
+    if bn.frozen == frozen:
+        return bn
+    new = copy.copy(bn)
+    object.__setattr__(new, "frozen", frozen)
+    return new
+
+
+@typecheck
+def freeze_batch_norms(model: PyTree, *, affine: bool = True) -> PyTree:
+    """Freezes every BatchNorm of `model`: each normalises with its running
+    statistics, in training as in inference, and never updates them; with
+    `affine=True` its scale and bias are fixed too. PyTorch: every `nn.BatchNorm2d`
+    replaced by a `torchvision.ops.FrozenBatchNorm2d` (timm's
+    `freeze_batch_norm_2d`).
+
+    Fine-tuning on small batches (detection, segmentation, a few examples) is the
+    usual reason: their statistics are too noisy to train with, and the
+    pretrained ones are kept.
+
+    !!! Example
+
+        ```python
+        model = eqx_bn.freeze_batch_norms(model)  # every BatchNorm
+        model = eqx.tree_at(lambda m: m.backbone, model,  # or those of one part
+                            eqx_bn.freeze_batch_norms(model.backbone))
+        ts = TrainState.create(model, state, optax.adamw(1e-4))  # trains the rest
+        ```
+
+    Each `eqx_bn.BatchNorm` gets `frozen="all"` (`"statistics"` with
+    `affine=False`), and is otherwise the same layer: the same class and fields,
+    its statistics in the same State entry (never changed), the same checkpoint
+    names. The model is called as before, and `eqx.nn.inference_mode` does not
+    undo the freeze; [`eqx_bn.unfreeze_batch_norms`][] does.
+
+    With `affine=True` no gradient reaches the frozen scales and biases
+    (`jax.lax.stop_gradient`), and [`eqx_bn.trainable`][] leaves them out of the
+    arrays an optimiser trains: a zero gradient alone would still be decayed by
+    AdamW. `TrainState.create` and `make_train_step` use it; in a loop of your own,
+    build the optimiser on `eqx.filter(model, eqx_bn.trainable(model))`.
+
+    **Arguments:**
+
+    - `model`: any PyTree holding `eqx_bn.BatchNorm`s. Those frozen already are
+        frozen again with the `affine` given.
+    - `affine`: fix the scale and bias too; `False` keeps training them (the
+        statistics still fixed: the gradients are those of inference mode).
+
+    **Returns:**
+
+    The model with every BatchNorm frozen.
+    """
+    frozen = "all" if affine else "statistics"
+    return jax.tree.map(
+        lambda v: _set_frozen(v, frozen) if _is_bn(v) else v, model, is_leaf=_is_bn
+    )
+
+
+@typecheck
+def unfreeze_batch_norms(model: PyTree) -> PyTree:
+    """Undoes [`eqx_bn.freeze_batch_norms`][]: every BatchNorm trains (batch
+    statistics, running averages updated, scale and bias trained) again, in the
+    model's current mode.
+
+    **Arguments:**
+
+    - `model`: any PyTree.
+
+    **Returns:**
+
+    The model with no frozen BatchNorm.
+    """
+    return jax.tree.map(
+        lambda v: _set_frozen(v, None) if _is_bn(v) else v, model, is_leaf=_is_bn
+    )
+
+
+@typecheck
+def trainable(model: PyTree) -> PyTree:
+    """The filter spec of what an optimiser trains in `model`: every floating-point
+    array (`eqx.is_inexact_array`) except the scales and biases of BatchNorms
+    frozen with `affine=True` ([`eqx_bn.freeze_batch_norms`][]), which are
+    PyTorch's buffers there (`FrozenBatchNorm2d`).
+
+    `eqx_bn.train.TrainState.create` and `make_train_step` use it. In a loop of
+    your own, initialise and update the optimiser with those arrays alone:
+
+    ```python
+    params = eqx.filter(model, eqx_bn.trainable(model))
+    opt_state = optimizer.init(params)
+    grads = eqx.filter(grads, eqx_bn.trainable(model))
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    ```
+
+    **Arguments:**
+
+    - `model`: any PyTree (a model, or its gradients).
+
+    **Returns:**
+
+    A PyTree of bools shaped like `model`, for `eqx.filter` and `eqx.partition`.
+    """
+
+    def spec(v):
+        if _is_bn(v) and v.frozen == "all":
+            return jax.tree.map(lambda _: False, v)
+        return jax.tree.map(eqx.is_inexact_array, v)
+
+    return jax.tree.map(spec, model, is_leaf=_is_bn)

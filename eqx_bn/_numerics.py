@@ -356,33 +356,6 @@ def batch_moments(
     )
 
 
-def merge_moments(
-    pooled: tuple[Array, Array, Array], stats: Moments
-) -> tuple[Array, Array, Array]:
-    """Chan et al.'s merge of the statistics of two sets of elements, per channel:
-    `pooled = (count, mean, m2)`, `m2` the sum of squared deviations from the
-    mean, and this batch's `stats`. The result is that of all the elements
-    together: the variance is `m2 / count` (`/ (count - 1)` unbiased). It never
-    forms `E[x^2] - E[x]^2`, which cancels in float32 when |mean| >> std. A
-    channel without valid statistics in the batch keeps `pooled`'s.
-    """
-    count_a, mean_a, m2_a = pooled
-    dtype = mean_a.dtype
-    count_b = jnp.broadcast_to(jnp.asarray(stats.count, dtype), mean_a.shape)
-    mean_b = stats.mean.astype(dtype)
-    m2_b = stats.var.astype(dtype) * count_b
-    ok = (count_b > 0) & jnp.isfinite(mean_b) & jnp.isfinite(m2_b)
-    count = count_a + count_b
-    share = count_b / jnp.where(count > 0, count, 1)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * share
-    m2 = m2_a + m2_b + delta * delta * count_a * share
-    return tuple(
-        lax.select(ok, new, old)
-        for new, old in ((count, count_a), (mean, mean_a), (m2, m2_a))
-    )
-
-
 # ---------------------------------------------------------------- normalisation
 
 
@@ -598,19 +571,12 @@ def train_normalize(
     return y, Moments(mean, var, count)
 
 
-def running_average(
-    old: tuple[Array, Array], stats: Moments, momentum: float, unbiased: bool
-) -> tuple[Array, Array]:
-    """Flax's exponential moving average of `old = (mean, var)` towards `stats`,
-    except where the batch has no valid statistics.
+def _batch_values(stats: Moments, unbiased: bool) -> tuple[Array, Array, Array, Array]:
+    """The batch's mean and variance to average in, and where each is defined.
 
-    Flax turns the running averages into NaN, for good, when the mask excludes
-    every element of a channel or the batch holds a NaN/Inf. Here those channels
-    keep their previous running averages; the NaN still shows in this step's
-    output (and so in the loss), so the bad batch does not go unnoticed.
-
-    With `unbiased`, the variance is PyTorch's: `n / (n - 1)` times the biased one,
-    undefined (the old value kept) for one element. A Python count is known to be
+    A channel without valid statistics (every element masked out, or a NaN/Inf in
+    the batch) has none. With `unbiased`, the variance is PyTorch's: `n / (n - 1)`
+    times the biased one, undefined for one element. A Python count is known to be
     more than one (the layer refuses one element without a mask).
     """
     ok = jnp.isfinite(stats.mean) & jnp.isfinite(stats.var)
@@ -626,13 +592,75 @@ def running_average(
         else:
             n = np.asarray(n, stats.var.dtype)  # rounded as an array count would be
             batch_var = stats.var * (n / (n - 1))
+    return stats.mean, ok, batch_var, var_ok
+
+
+def running_average(
+    old: tuple[Array, Array], stats: Moments, momentum: float, unbiased: bool
+) -> tuple[Array, Array]:
+    """Flax's exponential moving average of `old = (mean, var)` towards `stats`,
+    except where the batch has no valid statistics.
+
+    Flax turns the running averages into NaN, for good, when the mask excludes
+    every element of a channel or the batch holds a NaN/Inf. Here those channels
+    keep their previous running averages; the NaN still shows in this step's
+    output (and so in the loss), so the bad batch does not go unnoticed. With
+    `unbiased`, the variance averaged in is PyTorch's (see `_batch_values`).
+    """
+    mean, ok, var, var_ok = _batch_values(stats, unbiased)
     new = []
-    for previous, batch, keep in (
-        (old[0], stats.mean, ok),
-        (old[1], batch_var, var_ok),
-    ):
+    for previous, batch, keep in ((old[0], mean, ok), (old[1], var, var_ok)):
         decayed = momentum * previous
         # Standard promotion happens at the sum, as in Flax's expression.
         avg = decayed + ((1 - momentum) * batch).astype(decayed.dtype)
         new.append(lax.select(keep, avg, previous).astype(previous.dtype))
     return new[0], new[1]
+
+
+def cumulative_average(
+    old: tuple[Array, Array, Array], stats: Moments, unbiased: bool
+) -> tuple[Array, Array, Array]:
+    """PyTorch's cumulative moving average (`momentum=None`) of `old = (mean, var,
+    num_batches)` towards `stats`: the batch is counted first, then each average
+    moves by `1 / num_batches` of the way, `(1 - f) * old + f * batch` as PyTorch
+    writes it (so the first batch, `f = 1`, replaces the initial values). Channels
+    without valid statistics keep theirs, as in `running_average`; the batch is
+    counted anyway, as PyTorch counts every training call.
+    """
+    mean, ok, var, var_ok = _batch_values(stats, unbiased)
+    num_batches = old[2] + 1
+    new = []
+    for previous, batch, keep in ((old[0], mean, ok), (old[1], var, var_ok)):
+        take = jnp.ones((), previous.dtype) / num_batches.astype(previous.dtype)
+        avg = (1 - take) * previous + (take.astype(batch.dtype) * batch).astype(
+            previous.dtype
+        )
+        new.append(lax.select(keep, avg, previous))
+    return new[0], new[1], num_batches
+
+
+def merge_moments(
+    pooled: tuple[Array, Array, Array], stats: Moments
+) -> tuple[Array, Array, Array]:
+    """Chan et al.'s merge of the statistics of two sets of elements, per channel:
+    `pooled = (count, mean, m2)`, `m2` the sum of squared deviations from the
+    mean, and this batch's `stats`. The result is that of all the elements
+    together: the variance is `m2 / count` (`/ (count - 1)` unbiased). It never
+    forms `E[x^2] - E[x]^2`, which cancels in float32 when |mean| >> std. A
+    channel without valid statistics in the batch keeps `pooled`'s.
+    """
+    count_a, mean_a, m2_a = pooled
+    dtype = mean_a.dtype
+    count_b = jnp.broadcast_to(jnp.asarray(stats.count, dtype), mean_a.shape)
+    mean_b = stats.mean.astype(dtype)
+    m2_b = stats.var.astype(dtype) * count_b
+    ok = (count_b > 0) & jnp.isfinite(mean_b) & jnp.isfinite(m2_b)
+    count = count_a + count_b
+    share = count_b / jnp.where(count > 0, count, 1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * share
+    m2 = m2_a + m2_b + delta * delta * count_a * share
+    return tuple(
+        lax.select(ok, new, old)
+        for new, old in ((count, count_a), (mean, mean_a), (m2, m2_a))
+    )

@@ -39,6 +39,7 @@ from ._accumulation import (
     pooled_value_and_grad,
 )
 from ._describe import describe, tree_differences
+from ._fold import trainable
 from ._typing import typecheck
 
 __all__ = [
@@ -343,7 +344,9 @@ class TrainState(eqx.Module):
         optimizer: Any,
     ) -> "TrainState":
         """Builds the holder for `model` and its `state`, and initialises `optimizer`
-        on the model's floating-point arrays.
+        on the arrays it trains: the model's floating-point arrays, except the
+        scales and biases of frozen BatchNorms ([`eqx_bn.trainable`][]), which it
+        neither updates nor decays.
 
         The arrays are copied, so `model` and `state` stay usable whatever happens
         to the holder (even with `make_train_step(..., donate=True)`).
@@ -380,7 +383,7 @@ class TrainState(eqx.Module):
             make one).
         """
         _check_optimizer(optimizer, "TrainState.create")
-        opt_state = _init_optimizer(optimizer, eqx.filter(model, eqx.is_inexact_array))
+        opt_state = _init_optimizer(optimizer, eqx.filter(model, trainable(model)))
         parts = {"model": model, "state": state, "opt_state": opt_state}
         return cls._hold(
             parts, np.zeros((), np.int32), "TrainState.create", tx=optimizer
@@ -620,7 +623,8 @@ class TrainState(eqx.Module):
 
     @property
     def opt_state(self) -> optax.OptState:
-        """The optimiser state, over the model's floating-point arrays."""
+        """The optimiser state, over the arrays the model trains
+        ([`eqx_bn.trainable`][])."""
         return _join(self.opt_arrays, self.opt_skeleton)
 
 
@@ -674,12 +678,15 @@ def apply_gradients(
     A new `TrainState`, with `step` increased by one.
     """
     model, opt_state = train_state.model, train_state.opt_state
-    grads = eqx.filter(grads, eqx.is_inexact_array)
-    trainable = eqx.filter(model, eqx.is_inexact_array)
+    # Frozen scales and biases are no optimiser leaves (see `eqx_bn.trainable`):
+    # their zero gradient would still be decayed.
+    spec = trainable(model)
+    grads = eqx.filter(eqx.filter(grads, eqx.is_inexact_array), spec)
+    params = eqx.filter(model, spec)
     # Optax relies on standard promotion (Adam's bias correction mixes float and
     # int32); run it as designed even when the caller's config is strict.
     with jax.numpy_dtype_promotion("standard"):
-        updates, new_opt_state = train_state.tx.update(grads, opt_state, trainable)
+        updates, new_opt_state = train_state.tx.update(grads, opt_state, params)
     new_model = eqx.apply_updates(model, updates)
     return dataclasses.replace(
         train_state,
@@ -718,8 +725,9 @@ def make_train_step(
 
     `loss_fn(model, state, batch) -> (loss, (state, aux))` is called with the model
     as it is held (in training mode, unless some layers were put in inference mode
-    on purpose, e.g. a frozen BatchNorm for fine-tuning); its gradient with respect
-    to the model's floating-point arrays updates the model through the optimiser,
+    on purpose); its gradient with respect to the model's floating-point arrays
+    updates the model through the optimiser (all but the scales and biases of
+    BatchNorms frozen by [`eqx_bn.freeze_batch_norms`][]: [`eqx_bn.trainable`][]),
     and the `state` it returns (the new BatchNorm running averages) becomes the
     `TrainState`'s state.
 

@@ -37,6 +37,12 @@ CHECKS = {
         "unbiased_one_element_per_group_errors",
         "unbound_axis_errors",
     ],
+    "recalibrate_checks.py": [
+        "default_call_sharded_batches",
+        "whole_batch_model_sharded_batches",
+        "population_sharded_batches",
+        "shard_map_apply",
+    ],
     "sharding_checks.py": [
         "explicit_mesh",
         "auto_mesh",
