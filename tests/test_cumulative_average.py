@@ -16,6 +16,14 @@ import pytest
 from test_interop_torch import assert_as_accurate
 
 import eqx_bn
+from eqx_bn.interop import (
+    export_flax,
+    export_nnx,
+    export_torch,
+    load_flax,
+    load_torch,
+    torch_paths,
+)
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "torch"
 
@@ -173,3 +181,86 @@ def test_momentum_none_under_jit_keeps_one_compile(cma_ref):
 def test_bad_momentum_names_none():
     with pytest.raises(ValueError, match="None for a cumulative average"):
         eqx_bn.BatchNorm(3, momentum="none")
+
+
+# ------------------------------------------------------------------------ interop
+
+
+class _Net(eqx.Module):
+    bn: eqx_bn.BatchNorm
+
+    def __init__(self, momentum):
+        self.bn = eqx_bn.BatchNorm(
+            3, None, momentum=momentum, unbiased_running_var=True
+        )
+
+    def __call__(self, x, state):
+        return self.bn(x, state)
+
+
+def _torch_state_dict(refs, count):
+    return {
+        "bn.weight": refs["weight"],
+        "bn.bias": refs["bias"],
+        "bn.running_mean": refs["resumed/running_mean0"],
+        "bn.running_var": refs["resumed/running_var0"],
+        "bn.num_batches_tracked": np.asarray(count, np.int64),
+    }
+
+
+def test_load_torch_reads_the_count_and_steps_continue_as_torch(cma_ref):
+    """`load_torch` puts `num_batches_tracked` into the State of a `momentum=None`
+    layer, and the steps after it are torch's resumed ones."""
+    model, state = eqx.nn.make_with_state(_Net)(None)
+    model, state = load_torch(model, state, _torch_state_dict(cma_ref, 3))
+    assert int(state.get(model.bn.state_index).num_batches) == 3
+    for i in range(_steps(cma_ref, "resumed")):
+        y, state = _whole_batch(model, state, jnp.asarray(cma_ref[f"resumed/x/{i}"]))
+        assert_as_accurate(y, cma_ref, f"resumed/y/{i}")
+    entry = state.get(model.bn.state_index)
+    assert_as_accurate(entry.var, cma_ref, "resumed/running_var/2")
+
+
+def test_export_torch_writes_the_count_of_each_cumulative_layer(cma_ref):
+    model, state = eqx.nn.make_with_state(_Net)(None)
+    model, state = load_torch(model, state, _torch_state_dict(cma_ref, 3))
+    _, state = _whole_batch(model, state, jnp.asarray(cma_ref["resumed/x/0"]))
+    exported = export_torch(model, state)
+    assert exported["bn.num_batches_tracked"].dtype == np.int64
+    assert int(exported["bn.num_batches_tracked"]) == 4
+    assert "bn.num_batches_tracked" in torch_paths(model)
+    # Round trip: loading it back gives the same count.
+    _, again = load_torch(model, state, exported)
+    assert int(again.get(model.bn.state_index).num_batches) == 4
+
+
+def test_load_torch_refuses_a_count_that_does_not_fit_int32(cma_ref):
+    model, state = eqx.nn.make_with_state(_Net)(None)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        load_torch(model, state, _torch_state_dict(cma_ref, 2**31))
+
+
+def test_load_torch_without_a_count_keeps_the_states(cma_ref):
+    """A state_dict without `num_batches_tracked` (PyTorch allows it) leaves the
+    count the given State holds: 0 from make_with_state, as torch fills in 0."""
+    model, state = eqx.nn.make_with_state(_Net)(None)
+    sd = _torch_state_dict(cma_ref, 3)
+    del sd["bn.num_batches_tracked"]
+    _, state = load_torch(model, state, sd)
+    assert int(state.get(model.bn.state_index).num_batches) == 0
+
+
+def test_flax_export_leaves_the_count_out_and_load_keeps_the_states(cma_ref):
+    """Flax's BatchNorm has no batch count: `export_flax` / `export_nnx` write the
+    running mean and variance (all inference needs) and leave the count out;
+    `load_flax` keeps the count of the State it is given (documented on each)."""
+    model, state = eqx.nn.make_with_state(_Net)(None)
+    model, state = load_torch(model, state, _torch_state_dict(cma_ref, 3))
+    variables = export_flax(model, state)
+    assert set(variables["batch_stats"]["BatchNorm_0"]) == {"mean", "var"}
+    assert set(export_nnx(model, state)["bn"]) == {"scale", "bias", "mean", "var"}
+    fresh_model, fresh_state = eqx.nn.make_with_state(_Net)(None)
+    _, loaded = load_flax(fresh_model, fresh_state, variables)
+    entry = loaded.get(fresh_model.bn.state_index)
+    np.testing.assert_array_equal(entry.mean, cma_ref["resumed/running_mean0"])
+    assert int(entry.num_batches) == 0

@@ -106,7 +106,8 @@ class Entry:
         where the naming has none (`("layer1", "0", "bn1", "running_var")`).
     - `model_path`: the path in the model of the leaf or, when `state_field` is
         set, of the layer's `state_index`.
-    - `state_field`: `"mean"`/`"var"` for a leaf of a `RunningStats` in the State.
+    - `state_field`: `"mean"`/`"var"` (`"num_batches"`) for a leaf of the layer's
+        `RunningStats` (`CumulativeStats`) in the State.
     - `layout`: how the array is re-laid between the two sides.
     """
 
@@ -407,7 +408,7 @@ def _under(
 
 
 def _target(entry: Entry, model: eqx.Module, state: eqx.nn.State) -> Any:
-    """The Equinox leaf an entry fills (a model array or a RunningStats field)."""
+    """The Equinox leaf an entry fills (a model array or a field of a State entry)."""
     node = get_at(model, entry.model_path)
     if entry.state_field is None:
         return node

@@ -85,6 +85,12 @@ def load_flax(
     parameters (`ConvTranspose`, `MultiheadAttention`, `eqx.nn.BatchNorm`...) are
     reported; pair their arrays through `mapping`.
 
+    Flax's BatchNorm keeps no batch count: a `BatchNorm(momentum=None)` keeps the
+    count of the `state` given (0 from `eqx.nn.make_with_state`, so that its next
+    training step replaces the loaded averages, as PyTorch's does for a
+    state_dict without `num_batches_tracked`); set it with
+    `state.set(bn.state_index, eqx_bn.CumulativeStats(mean, var, jnp.int32(n)))`.
+
     !!! Example
 
         ```python
@@ -185,7 +191,9 @@ def export_flax(
 
     The inverse of `load_flax`: `load_flax(model, state, export_flax(model, state))`
     gives back the same arrays, and exporting a loaded model gives back the Flax
-    variables bit for bit.
+    variables bit for bit. The batch count of a `BatchNorm(momentum=None)` is left
+    out: Flax's BatchNorm has none (and no cumulative average); its running mean
+    and variance, all that inference needs, are written.
 
     **Arguments:**
 

@@ -315,7 +315,8 @@ def export_nnx(
 
     The inverse of loading NNX state with `load_flax`: exporting a model loaded from
     `nnx.to_pure_dict(nnx.state(nnx_model))` gives that dict back bit for bit (list
-    items under integer keys, as NNX has them).
+    items under integer keys, as NNX has them). As in `export_flax`, the batch
+    count of a `BatchNorm(momentum=None)` is left out (NNX's BatchNorm has none).
 
     !!! Example
 

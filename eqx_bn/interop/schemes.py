@@ -5,9 +5,9 @@ A scheme (`Naming`) says how the framework names a model's variables (automatic
 `Kind_n` names or attribute names, collections, separators) and, through its rule
 table, what each known layer kind holds there: one `Slot` per variable, saying
 where the value lives on the Equinox side (a field of the layer, or a field of its
-`RunningStats` in the `State`) and how the array is re-laid (`Layout`) between the
-two sides. The engine (`engine.py`) walks a model with a scheme; nothing here walks
-anything, and the layouts work on numpy arrays alone.
+`RunningStats` / `CumulativeStats` in the `State`) and how the array is re-laid
+(`Layout`) between the two sides. The engine (`engine.py`) walks a model with a
+scheme; nothing here walks anything, and the layouts work on numpy arrays alone.
 """
 
 import dataclasses
@@ -108,7 +108,8 @@ class Slot:
         framework has no collections (NNX, PyTorch).
     - `name`: the variable's name inside the layer's scope (`"kernel"`).
     - `field`: the attribute of the layer holding it (`"weight"`), or, when
-        `in_state`, the field of the layer's `RunningStats` (`"mean"`).
+        `in_state`, the field of the layer's State entry (`"mean"`, or a
+        `CumulativeStats`' `"num_batches"`).
     - `layout`: how the array is re-laid between the two sides.
     - `in_state`: whether the value lives in the `State` under `layer.state_index`.
     """
@@ -296,21 +297,35 @@ NNX = Naming(
 
 _WEIGHT_BIAS = (("weight", "weight", IDENTITY), ("bias", "bias", IDENTITY))
 
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+"""The PyTorch BatchNorm buffer beside `running_var`: the number of batches trained
+on. A `BatchNorm(momentum=None)` holds it (`CumulativeStats.num_batches`, paired
+like the statistics); for any other BatchNorm it is accepted on load and written
+on export (see `torch.py`)."""
+
+
+def _torch_batch_norm_slots(layer: BatchNorm) -> list[Slot]:
+    """`nn.BatchNorm2d`'s variables; the count too for a `momentum=None` layer,
+    whose cumulative average continues from it."""
+    slots = _slots(
+        None,
+        (("weight", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
+        (("running_mean", "mean"), ("running_var", "var")),
+    )(layer)
+    if layer.momentum is None:
+        slots.append(
+            Slot(None, NUM_BATCHES_TRACKED, "num_batches", IDENTITY, in_state=True)
+        )
+    return slots
+
+
 TORCH = Naming(
     framework="PyTorch",
     source="PyTorch state_dict",
     separator=".",
     collections=(),
     rules=(
-        Rule(
-            BatchNorm,
-            "BatchNorm2d",
-            _slots(
-                None,
-                (("weight", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
-                (("running_mean", "mean"), ("running_var", "var")),
-            ),
-        ),
+        Rule(BatchNorm, "BatchNorm2d", _torch_batch_norm_slots),
         Rule(
             eqx.nn.Linear,
             "Linear",
@@ -337,9 +352,6 @@ TORCH = Naming(
 )
 """PyTorch: dotted attribute paths, `nn.Sequential` layers by index."""
 
-NUM_BATCHES_TRACKED = "num_batches_tracked"
-"""The PyTorch BatchNorm buffer beside `running_var` that Equinox does not hold:
-accepted on load, written on export."""
 
 UNSUPPORTED_HINTS: dict[type, str] = {
     eqx.nn.BatchNorm: (

@@ -20,6 +20,7 @@ The scheme (`schemes.TORCH`) holds these rules; the engine (`engine.load_pairs` 
 the one `ConversionError` listing every problem.
 """
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -46,6 +47,31 @@ from .schemes import NUM_BATCHES_TRACKED, TORCH
 def _batch_norm_scopes(pairing: Pairing) -> list[tuple[str, ...]]:
     """The scopes of the model's BatchNorms (they hold `num_batches_tracked`)."""
     return [e.path[:-1] for e in pairing.entries if e.state_field == "var"]
+
+
+def _counted_scopes(pairing: Pairing) -> set[tuple[str, ...]]:
+    """The scopes of the `momentum=None` BatchNorms, whose State holds the count."""
+    return {e.path[:-1] for e in pairing.entries if e.state_field == "num_batches"}
+
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _loaded_count(value: Any, name: str) -> Any:
+    """A state_dict's `num_batches_tracked` (int64) as the int32 the State keeps;
+    anything but an integer scalar is left for the engine to report."""
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.integer):
+        return value
+    if not 0 <= int(array) <= _INT32_MAX:
+        raise ConversionError(
+            f"{name} is {int(array)}, which the int32 batch count of a "
+            f"BatchNorm(momentum=None) cannot hold (0 to {_INT32_MAX}). After that "
+            "many batches each new one moves the averages by less than float32 "
+            "resolves: load it into a layer with a momentum instead, or drop the "
+            "entry (the count then stays the State's)."
+        )
+    return np.int32(array)
 
 
 def _tensor_as_numpy(value: Any) -> Any:
@@ -130,8 +156,11 @@ def load_torch(
     `layer1.0.bn1`, an `eqx.nn.Sequential`'s layers are `0`, `1`, ... as in
     `nn.Sequential`. A BatchNorm's `running_mean`/`running_var` go into the
     State; its `num_batches_tracked` is accepted (and may be absent, as PyTorch
-    allows). torch is not needed: pass what [`eqx_bn.interop.read_torch`][] or
-    [`eqx_bn.interop.read_safetensors`][] returns, or torch tensors.
+    allows), and goes into the State of a `momentum=None` BatchNorm (as an int32
+    count, [`eqx_bn.CumulativeStats`][]), whose cumulative average continues from
+    it as PyTorch's does. torch is not needed: pass what
+    [`eqx_bn.interop.read_torch`][] or [`eqx_bn.interop.read_safetensors`][]
+    returns, or torch tensors.
 
     For PyTorch's numerics, the model's BatchNorms should be built with
     `momentum=0.9` (PyTorch's `momentum=0.1`), `eps=1e-5` and
@@ -181,8 +210,23 @@ def load_torch(
     """
     pairing = pair(model, mapping, TORCH)
     flat = _flat_state_dict(state_dict, prefix)
+    counted = _counted_scopes(pairing)
     for scope in _batch_norm_scopes(pairing):
-        flat.pop((*scope, NUM_BATCHES_TRACKED), None)
+        key = (*scope, NUM_BATCHES_TRACKED)
+        if scope not in counted:
+            flat.pop(key, None)
+        elif key in flat:
+            flat[key] = _loaded_count(flat[key], ".".join(key))
+    # PyTorch loads a state_dict without the count (it keeps its own): so does a
+    # momentum=None layer, keeping the State's.
+    pairing = dataclasses.replace(
+        pairing,
+        entries=tuple(
+            e
+            for e in pairing.entries
+            if e.state_field != "num_batches" or e.path in flat
+        ),
+    )
     try:
         return load_pairs(model, state, flat, pairing, TORCH, strict=strict, cast=cast)
     except ConversionError as e:
@@ -246,7 +290,8 @@ def export_torch(
         a PyTorch BatchNorm with `momentum=None`). `None` leaves the entries out:
         `load_state_dict` (even with `strict=True`) then keeps each BatchNorm's
         own `num_batches_tracked`, `0` in a new module (PyTorch fills it in for a
-        state_dict without `_metadata`, as this one is).
+        state_dict without `_metadata`, as this one is). A `momentum=None`
+        BatchNorm always writes its own count, from the State.
 
     **Returns:**
 
@@ -264,12 +309,15 @@ def export_torch(
     count = _batch_count(num_batches_tracked)
     pairing = pair(model, mapping, TORCH)
     exported = export_pairs(model, state, pairing, TORCH)
-    # The BatchNorms `load_torch` takes `num_batches_tracked` from; PyTorch lists
-    # it after the scope's last entry (running_var).
-    scopes = set(_batch_norm_scopes(pairing))
+    # The BatchNorms without a count of their own get `num_batches_tracked`;
+    # PyTorch lists it after the scope's last entry (running_var).
+    counted = _counted_scopes(pairing)
+    scopes = set(_batch_norm_scopes(pairing)) - counted
     last = {path[:-1]: path for path in exported if path[:-1] in scopes}
     out = {}
     for path, array in exported.items():
+        if path[-1] == NUM_BATCHES_TRACKED and path[:-1] in counted:
+            array = array.astype(np.int64)  # PyTorch's dtype for it
         # Writable, so that `torch.from_numpy` takes it without a warning.
         out[".".join(path)] = np.array(array)
         if last.get(path[:-1]) == path and count is not None:
@@ -300,8 +348,9 @@ def torch_paths(
 
     **Returns:**
 
-    A dict from each PyTorch state_dict key (without `num_batches_tracked`) to the
-    Equinox leaf it pairs with, in the model's order.
+    A dict from each PyTorch state_dict key to the Equinox leaf it pairs with, in
+    the model's order; `num_batches_tracked` only for `momentum=None` BatchNorms,
+    whose State holds it.
 
     **Raises:**
 
