@@ -101,8 +101,11 @@ def finish_pooling(model: PyTree, state: eqx.nn.State) -> eqx.nn.State:
 
 def micro_batches(batch: Any, k: int) -> Any:
     """Every leaf of `batch` split along its first axis into `k` equal parts,
-    stacked: `(n, ...)` becomes `(k, n // k, ...)`, micro-batch `i` holding rows
-    `i * n // k` to `(i + 1) * n // k`."""
+    stacked: `(n, ...)` becomes `(k, n // k, ...)`, micro-batch `i` holding the
+    examples `i, i + k, i + 2k, ...`. Interleaved, not in blocks: a batch sharded
+    over devices along its first axis then gives micro-batches sharded the same
+    way, each device holding its part of every one (blocks would put a whole
+    micro-batch on a few devices)."""
 
     def split(path: tuple, leaf: Any) -> Array:
         shape = jnp.shape(leaf)
@@ -120,7 +123,7 @@ def micro_batches(batch: Any, k: int) -> Any:
                 f"micro-batches of equal size: its first axis ({shape[0]}) is not a "
                 f"multiple of {k}. Pass batches of a multiple of {k} examples."
             )
-        return jnp.reshape(leaf, (k, shape[0] // k) + tuple(shape[1:]))
+        return jnp.moveaxis(jnp.reshape(leaf, (shape[0] // k, k) + shape[1:]), 1, 0)
 
     return jax.tree_util.tree_map_with_path(split, batch)
 

@@ -678,8 +678,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 pooled=True,
             )
             if stats is not None:
-                entry = pooling._replace(pooled=merge_moments(pooling.pooled, stats))
-                state = state.set(self.state_index, entry)
+                count, mean, m2 = merge_moments(pooling.pooled, stats)
+                entry = pooling._replace(pooled=(count, mean, m2))
+                try:
+                    state = state.set(self.state_index, entry)
+                except ValueError as err:
+                    new = RunningStats(mean, m2)  # the placement is what differs
+                    raise _placement_error(running, new) from err
             return y, state
         y, stats = self._train(x, mask, channel_axis)
         if stats is None:

@@ -769,7 +769,8 @@ def make_train_step(
         (`best = jax.tree.map(jnp.copy, ts.model)`). Passing a donated
         `TrainState` again raises a `ValueError` saying so.
     - `accumulate`: split each batch into this many micro-batches (every leaf of
-        `batch` along its first axis, which must divide), run them one after the
+        `batch` along its first axis, which must divide; micro-batch `i` holds
+        examples `i, i + accumulate, ...`), run them one after the
         other (the memory of one micro-batch's activations) and apply one
         optimiser update, from the mean of their gradients: the update of
         `optax.MultiSteps(optimizer, every_k_schedule=accumulate)` fed the
@@ -835,7 +836,9 @@ def accumulated_value_and_grad(
     (with [`apply_gradients`][]).
 
     The batch is split along the first axis of every leaf into `accumulate` equal
-    micro-batches, run one after the other (a `jax.lax.scan`: the memory of one
+    micro-batches, interleaved (micro-batch `i` holds the examples `i, i + k, i +
+    2k, ...`, so that a batch sharded over devices gives micro-batches sharded
+    alike), and run one after the other (a `jax.lax.scan`: the memory of one
     micro-batch). The gradient is the mean of the micro-batch gradients, as
     `optax.MultiSteps` accumulates it (in float32). Every `eqx_bn.BatchNorm`
     updates its running statistics once, from the moments of all it saw over the
@@ -882,7 +885,9 @@ def accumulated_value_and_grad(
     `value_and_grad(model, state, batch) -> ((loss, (state, aux)), grads)`:
     `loss` the mean of the micro-batch losses, `state` with the running
     statistics updated once, `aux` stacked over the micro-batches (leading axis
-    `accumulate`), `grads` shaped like the model (`None` for non-float leaves).
+    `accumulate`; `jnp.swapaxes(aux, 0, 1).reshape(n, ...)` puts per-example
+    outputs back in the batch's order), `grads` shaped like the model (`None`
+    for non-float leaves).
 
     **Raises:**
 

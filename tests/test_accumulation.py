@@ -95,7 +95,8 @@ def data(dtype=np.float32, seed=0):
     """A batch whose micro-batches differ in mean and spread, so that pooling, k
     updates and an average of variances all give different statistics."""
     rng = np.random.default_rng(seed)
-    shift = np.repeat(np.arange(K, dtype=np.float64), BATCH // K)[:, None]
+    # Micro-batch i holds examples i, i + K, ...: each gets its own shift.
+    shift = np.tile(np.arange(K, dtype=np.float64), BATCH // K)[:, None]
     x = rng.standard_normal((BATCH, 3)) * (1 + shift / 2) + shift
     y = rng.standard_normal((BATCH, 2))
     return x.astype(dtype), y.astype(dtype)
@@ -166,7 +167,8 @@ def assert_as_accurate(ours, whole, ref, what):
     )
     for (path, a), (_, w), (_, r) in zip(flat_ours, flat_whole, flat_ref):
         a, w, r = (np.asarray(v, np.float64) for v in (a, w, r))
-        a = a.reshape(r.shape)
+        if a.shape != r.shape:  # stacked per micro-batch: back in the batch's order
+            a = np.swapaxes(a, 0, 1).reshape(r.shape)
         err = float(np.max(np.abs(w - r), initial=0.0))
         eps = np.finfo(np.float32).eps * float(np.max(np.abs(r), initial=0.0))
         worst = float(np.max(np.abs(a - r), initial=0.0))
@@ -227,7 +229,7 @@ def test_not_k_updates_nor_an_average_of_variances(pooled):
     (which leaves out the spread between micro-batches)."""
     model, state = make()
     h = np.asarray(jax.vmap(model.dense0)(data()[0]), np.float64)
-    micro = h.reshape(K, BATCH // K, -1)
+    micro = np.stack([h[i::K] for i in range(K)])  # micro-batch i: rows i, i + K, ...
     m = 0.9
     k_updates = np.zeros(h.shape[1])
     for part in micro:
@@ -246,7 +248,7 @@ def test_deeper_batch_norms_pool_what_they_saw(pooled, whole):
     model, _ = make()
     x = np.asarray(data()[0])
     seen = []
-    for part in x.reshape(K, BATCH // K, -1):
+    for part in (x[i::K] for i in range(K)):
         h = np.asarray(jax.vmap(model.dense0)(part), np.float64)
         z = (h - h.mean(0)) / np.sqrt(h.var(0) + model.bn0.eps)
         z = z * np.asarray(model.bn0.scale) + np.asarray(model.bn0.bias)
@@ -276,7 +278,7 @@ def test_pooled_gradients_are_the_mean_of_the_micro_batch_gradients(pooled):
     x, y = data()
     grads = []
     for i in range(K):
-        part = slice(i * BATCH // K, (i + 1) * BATCH // K)
+        part = slice(i, None, K)
         (_, (state, _)), g = WHOLE(model, state, (x[part], y[part]))
         grads.append(eqx.filter(g, eqx.is_array))
     mean = jax.tree.map(lambda *g: np.mean(np.stack(g), 0), *grads)
@@ -313,7 +315,7 @@ def test_optimiser_update_equals_optax_multisteps():
         x, y = data(seed=step)
         ts, _, _ = ours(ts, (x, y))
         for i in range(K):
-            part = slice(i * BATCH // K, (i + 1) * BATCH // K)
+            part = slice(i, None, K)  # the micro-batches that accumulate=K makes
             theirs, _, _ = micro(theirs, (x[part], y[part]))
         if step == 0:
             assert_bitwise(ts.params, theirs.params)
@@ -347,7 +349,8 @@ def test_accumulating_one_batch_is_the_plain_gradient(whole, reference):
 def test_the_step_returns_the_mean_loss_and_each_micro_batch_aux(pooled):
     x, y = data()
     assert pooled["pred"].shape == (K, BATCH // K, 2)
-    micro = np.mean((pooled["pred"] - y.reshape(K, BATCH // K, 2)) ** 2, (1, 2))
+    y_micro = np.stack([y[i::K] for i in range(K)])
+    micro = np.mean((pooled["pred"] - y_micro) ** 2, (1, 2))
     np.testing.assert_allclose(pooled["loss"], micro.mean(), rtol=1e-6)
 
 

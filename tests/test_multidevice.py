@@ -22,6 +22,12 @@ PREFIX = "MULTIDEVICE-RESULTS "
 
 # Every check each script must report, so that none is skipped silently.
 CHECKS = {
+    "accumulation_checks.py": [
+        "micro_batches_stay_sharded",
+        "pooled_step_sharded",
+        "exact_step_sharded",
+        "whole_batch_layers_sharded",
+    ],
     "sync_checks.py": [
         "shard_map_vmap_inside",
         "shard_map_mesh_axis_check_vma",
