@@ -253,7 +253,7 @@ def test_model_file_path_and_own_import_errors(models, msgpack_file, tmp_path, c
         )
 
 
-@pytest.mark.slow  # a fresh interpreter: imports JAX and Equinox again
+@pytest.mark.subprocess  # a fresh interpreter: imports JAX and Equinox again
 def test_python_dash_m(models, flax_model, msgpack_file, tmp_path):
     directory, module = models
     output = tmp_path / "model.eqx"

@@ -9,6 +9,7 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import pytest
 
 import eqx_bn
 
@@ -22,6 +23,7 @@ def test_reexports_are_equinox_objects_not_copies():
     assert isinstance(eqx_bn.__version__, str) and eqx_bn.__version__
 
 
+@pytest.mark.subprocess
 def test_reading_and_converting_a_flax_checkpoint_without_flax(tmp_path):
     """Flax is a test extra only: with `import flax` made to fail, eqx_bn imports,
     reads a Flax msgpack checkpoint and loads it into an Equinox model."""
