@@ -2,6 +2,12 @@
 
 Flax's own code relies on standard promotion (e.g. bfloat16 - float32); calls into
 Flax are wrapped in `flax_promotion()` from `tests/helpers.py`.
+
+Two tiers. A bare `pytest` (the README's command) runs the quick tier: every test
+not marked `slow`. The slow tier is what starts Python interpreters, runs the
+documentation pages and the examples end to end, or trains full-size models;
+`pytest -m slow` runs it, and `.ci/run` runs both tiers, one after the other.
+Naming tests (paths, `-k`, `-m`) runs exactly those, slow or not.
 """
 
 import pathlib
@@ -16,6 +22,38 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Examples import their shared `_common` module from their own folder, as Python
 # does when a script is run; tests that import an example need the same.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+
+# Kinds of test that are slow by nature: each puts its tests in the slow tier.
+SLOW_KINDS = ("subprocess", "multidevice", "docs", "examples")
+
+
+def _names_no_tests(config: pytest.Config) -> bool:
+    """True for a bare `pytest [-n N]`: no paths, no `-k`, no `-m`."""
+    return (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and not config.option.keyword
+        and not config.option.markexpr
+    )
+
+
+QUICK_TIER = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[QUICK_TIER] = _names_no_tests(config)
+    if config.stash[QUICK_TIER]:
+        config.option.markexpr = "not slow"
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if config.stash.get(QUICK_TIER, False):
+        return "tier: quick (not slow); `pytest -m slow` runs the slow tier"
+    return None
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+        item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -129,6 +129,7 @@ def check_readme(namespace: dict) -> None:
 CHECKS = {"README.md": check_readme}
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_page_runs_as_written(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -26,6 +26,8 @@ def load_example(name: str):
     return module
 
 
+@pytest.mark.examples
+@pytest.mark.subprocess
 def test_digits_cnn_smoke_runs_as_a_command(tmp_path):
     result = subprocess.run(
         [
@@ -51,6 +53,7 @@ def test_digits_cnn_smoke_runs_as_a_command(tmp_path):
     assert accuracy > 0.3
 
 
+@pytest.mark.examples
 def test_seed_mlp_matches_flax(capsys, tmp_path):
     example = load_example("seed_mlp")
     with flax_promotion():  # the Flax half of the example needs standard promotion
@@ -66,6 +69,7 @@ def test_seed_mlp_matches_flax(capsys, tmp_path):
     assert json.loads((tmp_path / "seed_mlp.json").read_text())["eqx_bn"]["var"]
 
 
+@pytest.mark.examples
 def test_seed_mlp_without_flax_is_strict_clean(capsys, tmp_path):
     example = load_example("seed_mlp")
     # No standard-promotion context: only eqx_bn code runs, under strict promotion.
@@ -74,6 +78,7 @@ def test_seed_mlp_without_flax_is_strict_clean(capsys, tmp_path):
     assert "Flax is not installed" in capsys.readouterr().out
 
 
+@pytest.mark.examples
 def test_flax_to_equinox_carries_on(tmp_path, capsys):
     example = load_example("flax_to_equinox")
     with flax_promotion():
@@ -95,6 +100,7 @@ def test_flax_to_equinox_carries_on(tmp_path, capsys):
     assert "epoch 2/2: step 40" in printed and "flax_to_equinox: runtime" in printed
 
 
+@pytest.mark.examples
 def test_stateful_ensembles_progress_and_outputs(tmp_path, capsys):
     example = load_example("stateful_ensembles")
     with flax_promotion():  # optax.adam's bias correction: float ** int32 step
@@ -109,6 +115,7 @@ def test_stateful_ensembles_progress_and_outputs(tmp_path, capsys):
     assert "stateful_ensembles: runtime" in printed
 
 
+@pytest.mark.examples
 def test_data_parallel_compiles_its_step_once(tmp_path, monkeypatch, capsys):
     """The example used to build a new `jax.jit` every step (minutes for 50 steps).
     On this process's one device the mesh has one device; what is counted is how

@@ -293,7 +293,7 @@ def test_output_that_is_the_checkpoint_is_refused(
     assert checkpoint.read_bytes() == msgpack_file.read_bytes()
 
 
-@pytest.mark.slow  # a fresh interpreter: imports JAX and Equinox again
+@pytest.mark.subprocess  # a fresh interpreter: imports JAX and Equinox again
 def test_python_dash_m(models, flax_model, msgpack_file, tmp_path):
     directory, module = models
     output = tmp_path / "model.eqx"

@@ -154,7 +154,7 @@ def test_corrupt_metadata(tmp_path, saved):
         read_orbax(path)
 
 
-@pytest.mark.slow  # a fresh interpreter
+@pytest.mark.subprocess
 def test_missing_array_store(tmp_path, saved):
     # In a subprocess: when one array fails to open, Orbax closes its event loop while
     # TensorStore still holds callbacks for the others, which later raise "Event loop

@@ -971,6 +971,7 @@ def test_num_batches_tracked_only_for_batch_norms():
     np.testing.assert_array_equal(again.stats.running_var, model.stats.running_var)
 
 
+@pytest.mark.subprocess
 def test_read_torch_needs_no_torch(tmp_path):
     """Reading and converting with torch made unimportable."""
     code = f"""

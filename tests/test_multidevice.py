@@ -76,7 +76,6 @@ def test_this_process_keeps_one_device():
     assert jax.device_count() == 1
 
 
-@pytest.mark.slow
 @pytest.mark.multidevice
 @pytest.mark.parametrize("script", sorted(CHECKS))
 def test_multidevice_checks(script):
@@ -92,7 +91,6 @@ def test_multidevice_checks(script):
     assert not failed, "\n".join(f"--- {name}\n{tb}" for name, tb in failed.items())
 
 
-@pytest.mark.slow
 @pytest.mark.multidevice
 def test_data_parallel_example(tmp_path):
     proc = run_python("examples/data_parallel.py", "--smoke", "--out", str(tmp_path))

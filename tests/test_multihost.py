@@ -39,7 +39,7 @@ HEARTBEAT = 5  # seconds, the fault tests' --heartbeat-timeout
 INIT = 5  # seconds, the fault tests' --init-timeout
 MARGIN = 40  # seconds on top of JAX's timeouts for a loaded machine to react
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.subprocess
 
 
 def load(name, path):

@@ -45,6 +45,7 @@ def test_help_lists_every_public_name(module):
     assert not unlisted, f"help({module}) does not list {unlisted}"
 
 
+@pytest.mark.subprocess
 def test_reading_and_converting_a_flax_checkpoint_without_flax(tmp_path):
     """Flax is a test extra only: with `import flax` made to fail, eqx_bn imports,
     reads a Flax msgpack checkpoint and loads it into an Equinox model."""

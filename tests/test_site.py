@@ -23,6 +23,8 @@ import pytest
 
 import eqx_bn
 
+pytestmark = pytest.mark.docs
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Characters of code that the content column shows without scrolling at 1280 px
 # and wider: measured in headless Chromium, a line of 80 fits (688 px), one of 81

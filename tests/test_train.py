@@ -755,7 +755,7 @@ def test_tree_differences_names_each_kind():
     }
     assert tree_differences(a, b, where="t") == [
         "t['gone']: missing (expected float32[1])",
-        "t['new']: unexpected a int",
+        "t['new']: unexpected an int",
         "t['k']: expected key<fry>[], got uint32[2]",
         "t['w']: expected float32[2, 3], got float32[3, 2]",
         "t['xs']: expected a tuple, got a list",
