@@ -62,8 +62,8 @@ def train(args, x_train, y_train, x_test, y_test) -> dict:
     model, state = eqx.nn.make_with_state(CNN)(jax.random.key(args.seed))
     schedule = optax.join_schedules(
         [
-            optax.cosine_decay_schedule(0.1, (epochs - swa_epochs) * per_epoch, 0.2),
-            optax.constant_schedule(0.02),
+            optax.cosine_decay_schedule(0.1, (epochs - swa_epochs) * per_epoch),
+            optax.constant_schedule(args.swa_lr),
         ],
         [(epochs - swa_epochs) * per_epoch],
     )
@@ -93,7 +93,7 @@ def train(args, x_train, y_train, x_test, y_test) -> dict:
 def fine_tune(args, ts, x, y, *, frozen: bool):
     """One pass over `x` in batches of `FINE_TUNE_BATCH` at a small learning rate."""
     model = eqx_bn.freeze_batch_norms(ts.model) if frozen else ts.model
-    tuned = TrainState.create(model, ts.state, optax.sgd(0.01, momentum=0.9))
+    tuned = TrainState.create(model, ts.state, optax.sgd(1e-3, momentum=0.9))
     train_step = make_train_step(loss_fn)
     rng = np.random.default_rng(args.seed + 1)
     for batch in batches(x, y, FINE_TUNE_BATCH, rng):
@@ -172,6 +172,12 @@ def _parser():
         out_help="the accuracy plot and numbers (after_training.png, .json)",
     )
     result.add_argument("--epochs", type=int, default=None)
+    result.add_argument(
+        "--swa-lr",
+        type=float,
+        default=0.02,
+        help="the constant learning rate of the last epochs, which SWA averages",
+    )
     result.add_argument("--ema-decay", type=float, default=0.99)
     result.add_argument("--seed", type=int, default=0)
     return result
