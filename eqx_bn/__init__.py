@@ -17,6 +17,21 @@ from ._fold import (
 )
 from ._typing import typecheck as typecheck
 
+__all__ = [
+    "BatchNorm",
+    "FoldedBatchNorm",
+    "RunningStats",
+    "State",
+    "StateIndex",
+    "fold_batch_norms",
+    "inference_mode",
+    "interop",
+    "make_with_state",
+    "models",
+    "train",
+    "typecheck",
+]
+
 try:
     __version__ = importlib.metadata.version("eqx_bn")
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout

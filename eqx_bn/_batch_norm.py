@@ -1,7 +1,16 @@
-"""`eqx_bn.BatchNorm`: Flax's `nn.BatchNorm` numerics as an Equinox stateful layer."""
+"""`eqx_bn.BatchNorm`: Flax's `nn.BatchNorm` numerics as an Equinox stateful layer.
 
+The layer reads its configuration, checks it, its input and its State, and hands
+arrays to `_numerics`. The checks look only at Python values, shapes and dtypes, so
+under `jax.jit` they run once, at trace time, and add nothing to the compiled step.
+Each error says what it got, what was expected and the likely fix
+(`"BatchNorm: ..."`).
+"""
+
+import math
+import operator
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -9,16 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
-from ._checks import (
-    check_config,
-    check_dtypes,
-    check_running,
-    get_running,
-    per_example_mask,
+from ._describe import describe
+from ._numerics import (
+    drop_unit_axes,
+    isolates_passes,
+    normalize,
+    promote,
+    running_average,
+    train_normalize,
 )
-from ._dtypes import promote
-from ._fused import TrainConfig, normalize, train_normalize
-from ._stats import Reduction, align_mask, isolates_passes
 from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
 
 
@@ -30,6 +38,215 @@ class RunningStats(NamedTuple):
 
     mean: Float[Array, " input_size"]
     var: Float[Array, " input_size"]
+
+
+# ------------------------------------------------------------ configuration
+
+
+def _number(name: str, value: Any) -> float:
+    """`value` as a float, or the library's error for something that is not one.
+
+    Anything `float()` takes except text and bools: Python and NumPy numbers, and
+    concrete JAX scalars (from a hyperparameter sweep, say)."""
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"BatchNorm: {name} must be a real number, got {value!r} "
+            f"({type(value).__name__})."
+        ) from None
+
+
+def _count(value: Any) -> int | None:
+    """`value` as an int if it is an integer (not a bool or a float), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _floating_dtype(name: str, dtype: Any) -> None:
+    if dtype is None:
+        return
+    try:
+        d = np.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(
+            f"BatchNorm: {name} must be a floating-point dtype, got {dtype!r}."
+        ) from err
+    if not jnp.issubdtype(d, jnp.floating):
+        # Flax raises "Dtype must be inexact"; an integer output dtype would
+        # truncate the normalised values to a handful of integers.
+        raise ValueError(
+            f"BatchNorm: {name} must be a floating-point dtype (float32, bfloat16, "
+            f"float16, ...), got {d.name}: a normalised output is not an integer. "
+            "Leave dtype=None to follow x, or cast the layer's output afterwards."
+        )
+
+
+def check_config(
+    input_size: Any, momentum: Any, eps: Any, dtype: Any, param_dtype: Any
+) -> int:
+    """Raises a ValueError for a configuration `BatchNorm.__init__` cannot honour;
+    returns `input_size` as an `int` (it may be a NumPy or JAX integer)."""
+    size = _count(input_size)
+    if size is None or size <= 0:
+        raise ValueError(
+            f"BatchNorm: input_size must be a positive int, got {input_size!r}."
+        )
+    m = _number("momentum", momentum)
+    if not 0.0 <= m <= 1.0:  # NaN fails both comparisons
+        raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum}.")
+    e = _number("eps", eps)
+    if not (e >= 0 and math.isfinite(e)):
+        raise ValueError(f"BatchNorm: eps must be >= 0 and finite, got {eps}.")
+    _floating_dtype("dtype", dtype)
+    _floating_dtype("param_dtype", param_dtype)
+    return size
+
+
+# -------------------------------------------------------------------- input
+
+
+def check_dtypes(x: Array, mask: Array | None) -> None:
+    """A TypeError with the conversion to make, for a non-float `x` or non-bool mask."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"BatchNorm: x must be floating point, got {x.dtype.name} of shape "
+            f"{x.shape}. Convert it before the layer, e.g. x.astype(jnp.float32) "
+            "(integer pixels: scale them too, e.g. x.astype(jnp.float32) / 255)."
+        )
+    if mask is not None and mask.dtype != np.bool_:
+        raise TypeError(
+            f"BatchNorm: mask must be boolean, got {mask.dtype.name} of shape "
+            f"{mask.shape}. Convert it first, e.g. mask.astype(bool) (the mask "
+            "selects elements; it does not weight them)."
+        )
+
+
+def per_example_mask(x: Array, mask: Array) -> Array:
+    """With `axis_name=None`, a `(batch,)` mask is one flag per example, as under
+    vmap.
+
+    Under `jax.vmap` a per-example mask is a scalar, so the batched mask is
+    `(batch,)`. Broadcasting would align that with `x`'s *last* axis instead, and
+    when that axis happens to have `batch` entries, mask the wrong elements without
+    a word: so `(batch,)` is read as `(batch, 1, ..., 1)`. Any other 1-d mask
+    broadcasts as usual (e.g. `(time,)`, shared by every example).
+    """
+    batch = x.shape[0]
+    if mask.shape == (batch,):
+        return jnp.reshape(mask, (batch,) + (1,) * (x.ndim - 1))
+    return mask
+
+
+# -------------------------------------------------------------------- State
+
+
+def _name_key(key: object) -> str:
+    """A State key as a message shows it: the path string that
+    `eqx.nn.make_with_state` gives, or what an object key stands for."""
+    if isinstance(key, str | int):
+        return repr(key)
+    return "an object key (of a layer built without eqx.nn.make_with_state)"
+
+
+def _missing_state_error(marker: object, state: eqx.nn.State) -> ValueError:
+    # A State flattens to its values, with its keys as the node's data.
+    keys = jax.tree_util.tree_structure(state).node_data()[1]
+    held = "; ".join(_name_key(k) for k in keys[:3]) + (
+        "; ..." if len(keys) > 3 else ""
+    )
+    entries = f"{len(keys)} entr{'y' if len(keys) == 1 else 'ies'}"
+    return ValueError(
+        "BatchNorm: `state` holds no running statistics for this layer. Its key is "
+        f"{_name_key(marker)}; the State holds {entries}{f' ({held})' if keys else ''}"
+        ". eqx.nn.make_with_state keys a State by the model's class name and each "
+        "stateful layer's path, so this State was made for another model, or for a "
+        "layer at another place; a layer built without make_with_state has a key "
+        "of its own, which only eqx.nn.State(...) of that very layer holds. Build "
+        "the model and its state together, `model, state = "
+        "eqx.nn.make_with_state(Model)(...)`, and pass that state."
+    )
+
+
+def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
+    """Raises a ValueError if `running` is not this layer's `(mean, var)`.
+
+    `state.get` returns whatever the State holds under the layer's key: a State
+    of another model with the same module path, or one that `jax.vmap` gave back
+    with `out_axes=0`, would otherwise broadcast silently in inference, update
+    silently in training, or fail a call later in a reshape.
+    """
+    expected = f"{np.dtype(dtype).name}[{input_size}]"
+    parts = running if isinstance(running, tuple) and len(running) == 2 else None
+    if parts is None or any(getattr(v, "shape", None) is None for v in parts):
+        raise ValueError(
+            f"BatchNorm: the state entry for this layer is {describe(running)}, "
+            f"expected RunningStats(mean, var), each {expected}. The State belongs "
+            "to another model (a different layer at the same place): build the "
+            "model and its state together with eqx.nn.make_with_state."
+        )
+    shapes = {tuple(v.shape) for v in parts}
+    dtypes = {np.dtype(v.dtype) for v in parts}
+    if shapes == {(input_size,)} and dtypes == {np.dtype(dtype)}:
+        return
+    got = f"mean {describe(parts[0])} and var {describe(parts[1])}"
+    shape = tuple(parts[0].shape)
+    if shapes == {(input_size,)}:
+        cause = (
+            "The shapes fit but the dtype does not: the State was made for a layer "
+            "with another param_dtype / force_float32_reductions, or was cast (a "
+            "mixed-precision policy applied to the whole state?). Cast it back, "
+            f"e.g. jax.tree.map(lambda a: a.astype(jnp.{np.dtype(dtype).name}), "
+            "state), or leave the state out of the cast."
+        )
+    elif len(shapes) == 1 and len(shape) >= 2 and shape[-1] == input_size:
+        lead = shape[:-1]
+        extra = (
+            f"an extra leading axis of size {lead[0]}"
+            if len(lead) == 1
+            else f"extra leading axes {lead}"
+        )
+        cause = (
+            f"They carry {extra}: "
+            "the state was most likely returned by jax.vmap with out_axes=0, which "
+            "stacks one copy per example. Use out_axes=(0, None) for the state "
+            "(and in_axes=(0, None)), e.g. jax.vmap(model, axis_name='batch', "
+            "in_axes=(0, None), out_axes=(0, None)). For an ensemble with one state "
+            "per member, vmap over the state with in_axes=0 too."
+        )
+    elif len(shapes) == 1 and len(shape) == 1:
+        cause = (
+            f"They belong to a layer with input_size={shape[0]}: the State comes "
+            "from another model (or another build). Build the model and its state "
+            "together with eqx.nn.make_with_state, or load the state saved with "
+            "this model."
+        )
+    else:
+        cause = (
+            "The State does not match this model: build the model and its state "
+            "together with eqx.nn.make_with_state."
+        )
+    raise ValueError(
+        f"BatchNorm: the running statistics in `state` are {got}, but this layer "
+        f"(input_size={input_size}) expects {expected} each. {cause}"
+    )
+
+
+def get_running(state: eqx.nn.State, index: eqx.nn.StateIndex) -> Any:
+    """`state.get(index)`, with our message when the State has no such entry."""
+    try:
+        return state.get(index)
+    except KeyError:
+        raise _missing_state_error(index.marker, state) from None
+
+
+# ------------------------------------------------------------------- layer
 
 
 def _canonical_axis_name(axis_name: AxisName | None) -> AxisName | None:
@@ -64,12 +281,10 @@ def _unbound_axes(axis_name: AxisName) -> list[Hashable]:
 
 
 def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
-    def describe(v: Array) -> str:
-        return f"{jax.typeof(v)} on {jax.typeof(v).sharding}"
-
     return ValueError(
         "BatchNorm: the running statistics in `state` "
-        f"({describe(old.mean)}) and the new ones ({describe(new.mean)}) differ in "
+        f"({describe(old.mean, placement=True)}) and the new ones "
+        f"({describe(new.mean, placement=True)}) differ in "
         "placement, so eqx.nn.State refuses them. Under jax.jit with a batch sharded "
         "over a mesh, put the state (and model) on that mesh first, e.g. "
         "`state = jax.device_put(state, NamedSharding(mesh, P()))`. Under "
@@ -78,26 +293,6 @@ def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
         "does not name: pass the state per device (pmap in_axes=0), or name those "
         "axes in axis_name."
     )
-
-
-def _drop_unit_axes(
-    x: Array, mask: Array | None, channel_axis: int
-) -> tuple[Array, Array | None, int]:
-    """`x` (and `mask`) without their size-1 axes other than the channel axis.
-
-    XLA:CPU runs a fused elementwise-and-reduce kernel over an array with size-1
-    axes several times slower: the training step of a `(1024, 512, 1, 1)` batch (a
-    feature map pooled to 1x1) took 12x the time of the same data as `(1024, 512)`,
-    in Flax (channels last) as well. Squeezing is a bitcast, and so is the reshape
-    of the result back to `x`'s shape.
-    """
-    unit = tuple(i for i, d in enumerate(x.shape) if d == 1 and i != channel_axis)
-    if not unit:
-        return x, mask, channel_axis
-    if mask is not None:
-        mask = jnp.squeeze(align_mask(mask, x.ndim), unit)
-    channel_axis -= sum(1 for i in unit if i < channel_axis)
-    return jnp.squeeze(x, unit), mask, channel_axis
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -243,7 +438,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.force_float32_reductions = force_float32_reductions
         self.channels_last = bool(channels_last)
         self.unbiased_running_var = bool(unbiased_running_var)
-        stat_dtype = self._running_dtype()  # reads the fields set above
+        stat_dtype = self.running_dtype  # reads the fields set above
         self.state_index = eqx.nn.StateIndex(
             RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
         )
@@ -255,6 +450,33 @@ class BatchNorm(eqx.nn.StatefulLayer):
     @property
     def use_scale(self) -> bool:
         return self.scale is not None
+
+    @property
+    def running_dtype(self) -> np.dtype:
+        """The dtype of the running averages that the layer keeps in its State:
+        float32 with `force_float32_reductions` (the default), else `param_dtype` as
+        JAX stores it (float64 is float32 without x64). A State whose entry for this
+        layer has another dtype is refused."""
+        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+    def output_dtype(self, input_dtype: Any) -> np.dtype:
+        """The dtype of the layer's output for an input of `input_dtype`: `dtype` if
+        the layer was built with one, else the standard promotion of `input_dtype`
+        with the dtypes of `scale` and `bias`, as Flax's.
+
+        **Arguments:**
+
+        - `input_dtype`: the dtype of `x` (anything `numpy.dtype` takes).
+
+        **Returns:**
+
+        A `numpy.dtype`.
+        """
+        if self.dtype is not None:
+            return self.dtype
+        params = [p.dtype for p in (self.scale, self.bias) if p is not None]
+        return promote(input_dtype, *params)
 
     @jax.named_scope("eqx_bn.BatchNorm")
     @typecheck
@@ -311,12 +533,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         ):
             mask = per_example_mask(x, mask)
         channel_axis = self._check_input(x, mask)
-        shape = x.shape
-        x, mask, channel_axis = _drop_unit_axes(x, mask, channel_axis)
-        axes = tuple(i for i in range(x.ndim) if i != channel_axis)
-        out_dtype = self._out_dtype(x)
         running = get_running(state, self.state_index)
-        check_running(running, self.input_size, self._running_dtype())
+        check_running(running, self.input_size, self.running_dtype)
+        out_dtype = self.output_dtype(x.dtype)
+        shape = x.shape
+        x, mask, channel_axis = drop_unit_axes(x, mask, channel_axis)
+        axes = tuple(i for i in range(x.ndim) if i != channel_axis)
 
         if inference:
             mean, var = running
@@ -333,21 +555,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # Nothing to take statistics over: as under vmap with an empty batch,
             # an empty output and the running averages as they are.
             return jnp.zeros(shape, out_dtype), state
-        cfg = TrainConfig(
-            reduction=Reduction(
-                axes,
-                self.axis_name,
-                self.axis_index_groups,
-                isolates_passes(x.shape, channel_axis, self._replicas()),
-            ),
-            eps=self.eps,
-            use_fast_variance=self.use_fast_variance,
-            stat_dtype=self._stat_dtype(x),
-            out_dtype=out_dtype,
-        )
+        replicas = self._replicas()
         if self.unbiased_running_var and mask is None:
-            n = self._replicas() * int(np.prod([x.shape[a] for a in axes]))
-            if n == 1:
+            if replicas * math.prod(x.shape[a] for a in axes) == 1:
                 raise ValueError(
                     "BatchNorm(unbiased_running_var=True): expected more than 1 "
                     f"value per channel in training, got x of shape {shape} (as "
@@ -355,13 +565,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     "Train on a larger batch, or use inference mode."
                 )
         try:
-            y, stats = train_normalize(cfg, x, mask, self.scale, self.bias)
+            y, stats = train_normalize(
+                x,
+                mask,
+                self.scale,
+                self.bias,
+                axes=axes,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                replicas=replicas,
+                eps=self.eps,
+                fast_variance=self.use_fast_variance,
+                stat_dtype=self._stat_dtype(x),
+                out_dtype=out_dtype,
+                isolate=isolates_passes(x.shape, channel_axis, replicas),
+            )
         except (NotImplementedError, AssertionError, ValueError) as err:
             ours = self._collective_error(err)
             if ours is None:
                 raise
             raise ours from err
-        new_running = self._update(running, stats)
+        new_running = RunningStats(
+            *running_average(running, stats, self.momentum, self.unbiased_running_var)
+        )
         try:
             state = state.set(self.state_index, new_running)
         except ValueError as err:
@@ -402,50 +628,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         return None
 
-    def _update(self, running: RunningStats, stats) -> RunningStats:
-        """Flax's exponential moving average, except where the batch has no valid stats.
-
-        Flax turns the running averages into NaN, for good, when the mask excludes
-        every element of a channel or the batch holds a NaN/Inf. Here those channels
-        keep their previous running averages; the NaN still shows in this step's
-        output (and so in the loss), so the bad batch does not go unnoticed.
-        """
-        finite = jnp.isfinite(stats.mean) & jnp.isfinite(stats.var)
-        has_data = (stats.count > 0) & finite
-        batch_var, var_ok = stats.var, has_data
-        if self.unbiased_running_var:
-            # PyTorch's running variance: unbiased, undefined for one element.
-            n = stats.count
-            batch_var = stats.var * (n / jnp.maximum(n - 1, jnp.ones_like(n)))
-            var_ok = has_data & (n > 1)
-        new = []
-        for old, batch, ok in (
-            (running.mean, stats.mean, has_data),
-            (running.var, batch_var, var_ok),
-        ):
-            decayed = self.momentum * old
-            # Standard promotion happens at the sum, as in Flax's expression.
-            avg = decayed + ((1 - self.momentum) * batch).astype(decayed.dtype)
-            new.append(jnp.where(ok, avg, old).astype(old.dtype))
-        return RunningStats(*new)
-
-    def _running_dtype(self) -> np.dtype:
-        """The dtype of the running averages that `__init__` puts in the State
-        (`param_dtype` as JAX stores it: float64 is float32 without x64)."""
-        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
-
     def _stat_dtype(self, x: Array) -> np.dtype:
         dtype = x.dtype if self.dtype is None else self.dtype
         if self.force_float32_reductions:
             dtype = promote(dtype, jnp.float32)
         return np.dtype(dtype)
-
-    def _out_dtype(self, x: Array) -> np.dtype:
-        if self.dtype is not None:
-            return self.dtype
-        dtypes = [x.dtype] + [p.dtype for p in (self.scale, self.bias) if p is not None]
-        return promote(*dtypes)
 
     def _check_input(self, x: Array, mask: Array | None) -> int:
         """Returns the channel axis of `x`; raises a ValueError saying what to fix."""

@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, Shaped
 
-from ._batch_norm import BatchNorm
-from ._checks import check_running, get_running
-from ._dtypes import promote
+from ._batch_norm import BatchNorm, check_running, get_running
+from ._numerics import promote
 from ._typing import typecheck
 
 FOLD_INTO = "fold_into"
@@ -127,7 +126,7 @@ def _fold_pair(
     weight_dtype = layer.weight.dtype
     # What the BatchNorm would output for this layer's output dtype: its `dtype`,
     # or the promotion with its scale and bias.
-    bn_out = bn._out_dtype(jax.ShapeDtypeStruct((), weight_dtype))
+    bn_out = bn.output_dtype(weight_dtype)
     if bn_out != weight_dtype:
         raise ValueError(
             f"fold_batch_norms: {where}: the BatchNorm outputs {bn_out}, but "
@@ -137,7 +136,7 @@ def _fold_pair(
             "of that dtype or narrower, or dtype= the layer's own)."
         )
     running = get_running(state, bn.state_index)
-    check_running(running, bn.input_size, bn._running_dtype())
+    check_running(running, bn.input_size, bn.running_dtype)
     # Folded in float32 (or wider) whatever the parameters' dtype, rounded once.
     dtype = promote(weight_dtype, running.mean.dtype, jnp.float32)
     mul = jax.lax.rsqrt(running.var.astype(dtype) + jnp.asarray(bn.eps, dtype))
@@ -217,8 +216,8 @@ def _fold_module(module: eqx.Module, state, where: str) -> eqx.Module:
             )
         claimed[target] = name
         layer, bn = new[target], new[name]
-        if (layer is None and bn is None) or isinstance(bn, FoldedBatchNorm):
-            continue  # an optional pair that is absent, or one folded already
+        if bn is None or isinstance(bn, FoldedBatchNorm):
+            continue  # an absent optional BatchNorm, or one folded already
         if not isinstance(bn, BatchNorm):
             raise TypeError(
                 f"fold_batch_norms: {here}: the field holds a {type(bn).__name__}, "
@@ -294,7 +293,8 @@ def fold_batch_norms(model, state: eqx.nn.State):
 
         The declaration promises that `norm` is applied to `conv`'s output and to
         nothing else, and that nothing else reads that output; it is not checked
-        against `__call__`.
+        against `__call__`. A declared field that holds `None` (an optional
+        BatchNorm, absent in this model) is left as it is.
 
     BatchNorms anywhere else stay as they are (in inference mode).
 

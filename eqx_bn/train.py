@@ -11,18 +11,20 @@ The Flax workflow (a `TrainState` with `batch_stats`, `apply(..., mutable=
 - `TrainState.from_flax` / `TrainState.to_flax` to resume a Flax run (optimiser
   state included) and to hand one back.
 
-The holder keeps the model split, once, into its arrays and the rest, and stores
-every array as a flat tuple, with all structure in one static field: each step is
-a plain `jax.jit` (donating the holder's buffers if asked to), and passing the
-holder costs what passing a Flax `TrainState` costs. (`eqx.filter_jit` would
-re-partition the whole PyTree on every call, and even a plain `jax.jit` of nested
-Equinox modules flattens them one by one: for the seed MLP with Adam, 4x and 1.5x
-the per-step time of a jitted Flax step; this layout takes about 0.75x.)
+The holder keeps each of its PyTrees (the model, its State, the optimiser state)
+split as Equinox's `filter_jit` splits its arguments: a tuple of its arrays, and
+in a static field its [`Skeleton`][] (tree structure and non-array leaves). Each
+step is then a plain `jax.jit` (donating the holder's buffers if asked to), and
+passing the holder costs what passing a Flax `TrainState` costs: JAX flattens
+tuples of arrays in C++, but calls Python once per Equinox module of a tree (for
+the seed MLP with Adam, flattening the model and its two moments as modules takes
+7-9x as long as flattening Flax's dicts), and `eqx.filter_jit` would re-partition
+the whole PyTree on every call.
 """
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -31,8 +33,17 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, PyTree
 
-from ._describe import describe
+from ._describe import describe, tree_differences
 from ._typing import typecheck
+
+__all__ = [
+    "LossFn",
+    "Skeleton",
+    "TrainState",
+    "apply_gradients",
+    "make_eval_step",
+    "make_train_step",
+]
 
 LossFn = Callable[[PyTree, eqx.nn.State, Any], tuple[Array, tuple[eqx.nn.State, Any]]]
 """`loss_fn(model, state, batch) -> (loss, (state, aux))`: `loss` a scalar, `state`
@@ -55,61 +66,43 @@ def _shape_of(out: Any) -> str:
     return type(out).__name__
 
 
-class Structure:
-    """Everything about a `TrainState` that is not an array: the PyTree structures of
-    the model's arrays, the State and the optimiser state, the rest of the model
-    (configuration, flags, functions) and the optimiser itself.
+class Skeleton(NamedTuple):
+    """A PyTree without its arrays: its tree structure (`jax.tree.structure`, with
+    every node's static data, e.g. a layer's sizes) and its leaves that are not
+    arrays (flags, functions), `None` where an array goes: with the arrays, the
+    whole tree.
 
-    It is a static field of `TrainState`, so it is part of the jit cache key. Its
-    hash is computed once and equality tries identity first: the steps compare it
-    on every call, and a step's output carries the very object of its input.
+    It is what `eqx.filter_jit` keeps static of its arguments, and compares the
+    same way: by value, so two `TrainState`s built the same way are the same
+    PyTree structure and the same jit cache entry, whatever containers the model
+    holds (lists and dicts of layers included).
     """
 
-    __slots__ = ("params", "static", "state", "opt_state", "tx", "_hash")
+    treedef: jax.tree_util.PyTreeDef
+    static_leaves: tuple[Any, ...]
 
-    def __init__(self, params, static, state, opt_state, tx):
-        self.params = params  # treedef of the model's arrays
-        self.static = static  # the model without its arrays
-        self.state = state  # treedef of the eqx.nn.State
-        self.opt_state = opt_state  # treedef of the optimiser state
-        self.tx = tx
-        try:
-            self._hash = hash((params, static, state, opt_state, tx))
-        except TypeError:  # an unhashable leaf in the model: fall back on identity
-            self._hash = id(self)
 
-    def __hash__(self) -> int:
-        return self._hash
+def _split(tree: PyTree) -> tuple[tuple[Array, ...], Skeleton]:
+    """`tree`'s arrays (`eqx.is_array`, in `jax.tree.leaves` order) and the rest."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = tuple(x for x in leaves if eqx.is_array(x))
+    static = tuple(None if eqx.is_array(x) else x for x in leaves)
+    return arrays, Skeleton(treedef, static)
 
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if not isinstance(other, Structure) or self._hash != other._hash:
-            return False
-        pairs = [
-            (self.params, other.params),
-            (self.state, other.state),
-            (self.opt_state, other.opt_state),
-            (self.tx, other.tx),
-        ]
-        return all(a == b for a, b in pairs) and bool(
-            eqx.tree_equal(self.static, other.static)
-        )
 
-    def __repr__(self) -> str:
-        return f"Structure(model={type(self.static).__name__}, tx={self.tx!r})"
+def _join(arrays: tuple[Array, ...], skeleton: Skeleton) -> PyTree:
+    """The tree that `_split` took apart, a new object each time (so that
+    consuming one, e.g. with `eqx.nn.State.set`, spoils no other)."""
+    it = iter(arrays)
+    leaves = [next(it) if x is None else x for x in skeleton.static_leaves]
+    return jax.tree.unflatten(skeleton.treedef, leaves)
 
 
 @eqx.filter_jit
-def _init(
-    params: PyTree, state: eqx.nn.State, optimizer: Any
-) -> tuple[PyTree, eqx.nn.State, optax.OptState, Array]:
+def _init_optimizer(optimizer: Any, trainable: PyTree) -> optax.OptState:
     # One compiled call instead of one eager op (and one compilation) per array.
-    # The copies are fresh buffers: jit would hand an unchanged input straight back.
-    params, state = jax.tree.map(lambda x: jnp.array(x, copy=True), (params, state))
     with jax.numpy_dtype_promotion("standard"):  # Optax's code, as in apply_gradients
-        opt_state = optimizer.init(eqx.filter(params, eqx.is_inexact_array))
-    return params, state, opt_state, jnp.zeros((), jnp.int32)
+        return optimizer.init(trainable)
 
 
 _UNSET: Any = object()
@@ -118,18 +111,36 @@ _UNSET: Any = object()
 def _strong(x: Any) -> Any:
     """`x` without a weak type. A weakly typed leaf (`jnp.asarray(1e-4)`, what
     Optax's `init` gives for a Python hyperparameter) is a different jit cache key
-    than the same dtype held strongly, and would compile every step once more."""
-    if isinstance(x, jax.Array) and x.weak_type:
+    than the same dtype held strongly, and would compile every step once more.
+    (Typed PRNG keys have no weak type, nor a `weak_type` attribute.)"""
+    if getattr(x, "weak_type", False):
         return jax.lax.convert_element_type(x, x.dtype)
     return x
 
 
 @jax.jit
-def _fresh(leaves: list) -> list:
+def _fresh(arrays: list) -> list:
     # One compiled call: fresh buffers (jit would hand an unchanged input straight
     # back), so that a donating step cannot delete what the caller still holds, nor
     # be given one buffer twice (tied weights, one array for two hyperparameters).
-    return [jnp.array(_strong(x), copy=True) for x in leaves]
+    return [jnp.array(_strong(x), copy=True) for x in arrays]
+
+
+def _alive(arrays: tuple, where: str, part: str) -> None:
+    """A clear error for arrays that a donating step deleted (read from a
+    `TrainState` passed to it), instead of XLA's."""
+    if any(
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and x.is_deleted()
+        for x in arrays
+    ):
+        raise ValueError(
+            f"{where}: the {part} given holds arrays deleted by a donating step: "
+            "`make_train_step(..., donate=True)` reuses the buffers of the "
+            "TrainState passed to it, and of everything read from it. Copy what you "
+            "keep before the step, e.g. `best = jax.tree.map(jnp.copy, ts.model)`."
+        )
 
 
 def _check_optimizer(optimizer: Any, where: str) -> None:
@@ -157,74 +168,32 @@ def _check_optimizer(optimizer: Any, where: str) -> None:
     )
 
 
-def _paths(tree: PyTree) -> list[str]:
-    return [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
-
-
-def _first_difference(a: str, b: str) -> str:
-    """Where two long PyTreeDef strings first differ, with a little context."""
-    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    lo = max(0, i - 40)
-    return f"held ...{a[lo : i + 40]}..., new ...{b[lo : i + 40]}..."
-
-
-def _matching_leaves(
-    tree: PyTree, expected: Any, old: tuple[Array, ...], name: str, fix: str
-) -> tuple[Array, ...]:
-    """The leaves of `tree` for `TrainState.replace`: the same structure, shapes and
-    dtypes as the held ones (Python scalars are converted to the held dtype)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    held_paths, paths = _paths(jax.tree.unflatten(expected, old)), _paths(tree)
-    if held_paths != paths:
-        lost = [p for p in held_paths if p not in paths][:5]
-        new = [p for p in paths if p not in held_paths][:5]
-        raise ValueError(
-            f"TrainState.replace: the new {name} does not have the structure of the "
-            f"held one. Leaves only in the held {name}: {', '.join(lost) or 'none'}; "
-            f"only in the new one: {', '.join(new) or 'none'}. {fix}"
-        )
+def _scalars_converted(held: PyTree, new: PyTree, name: str) -> tuple[PyTree, list]:
+    """`new` with each Python scalar where `held` has a scalar array converted to
+    that array's dtype (a new learning rate), when that loses nothing; and the
+    scalars that would be truncated (a float for an int32 learning rate)."""
+    held_leaves, held_def = jax.tree_util.tree_flatten_with_path(held)
+    leaves, treedef = jax.tree.flatten(new)
+    if treedef != held_def:
+        return new, []
     out, problems = [], []
-    for path, leaf, held in zip(paths, leaves, old):
-        if isinstance(leaf, (bool, int, float)) and jnp.shape(held) == ():
-            kind, held_kind = np.asarray(leaf).dtype.kind, np.dtype(held.dtype).kind
+    for (path, old), leaf in zip(held_leaves, leaves):
+        if isinstance(leaf, (bool, int, float)) and eqx.is_array(old) and not old.shape:
+            kind, held_kind = np.asarray(leaf).dtype.kind, np.dtype(old.dtype).kind
             # Only a lossless conversion: a float cast to an int32 slot (a
             # learning rate built as `learning_rate=1`) would be truncated.
-            if not (
-                kind == held_kind
-                or (kind in "iu" and held_kind in "iuf")
-                or (kind == "b" and held_kind == "b")
-            ):
+            if kind == held_kind or (kind in "iu" and held_kind in "iuf"):
+                leaf = jnp.asarray(leaf, old.dtype)
+            else:
                 problems.append(
-                    f"{name}{path}: the held value is {describe(held)}, which cannot "
-                    f"hold the {type(leaf).__name__} {leaf!r} (it would be "
-                    "truncated); build the optimiser with a value of that kind, e.g. "
-                    "`learning_rate=1.0` rather than `learning_rate=1`"
+                    f"{name}{jax.tree_util.keystr(path)}: the held value is "
+                    f"{describe(old)}, which cannot hold the {type(leaf).__name__} "
+                    f"{leaf!r} (it would be truncated); build the optimiser with a "
+                    "value of that kind, e.g. `learning_rate=1.0` rather than "
+                    "`learning_rate=1`"
                 )
-                out.append(leaf)
-                continue
-            leaf = jnp.asarray(leaf, held.dtype)
-        if not hasattr(leaf, "dtype") or (
-            jnp.shape(leaf) != jnp.shape(held) or leaf.dtype != held.dtype
-        ):
-            problems.append(
-                f"{name}{path}: expected {describe(held)}, got {describe(leaf)}"
-            )
         out.append(leaf)
-    if problems:
-        raise ValueError(
-            "TrainState.replace: new leaves that do not fit the held ones (shape, "
-            "dtype or kind): " + "; ".join(problems) + f". {fix}"
-        )
-    if treedef != expected:
-        raise ValueError(
-            f"TrainState.replace: the new {name} does not have the structure of the "
-            f"held one: the same leaves, but a different configuration (static "
-            f"fields): {_first_difference(str(expected), str(treedef))}. {fix}"
-        )
-    return tuple(_fresh(out))
+    return jax.tree.unflatten(treedef, out), problems
 
 
 def _step(step: Any) -> Array:
@@ -251,23 +220,34 @@ def _step(step: Any) -> Array:
                 f"[{info.min}, {info.max}] (the step is held as int32, as in Flax), "
                 f"got {step}."
             )
-    return _fresh([jnp.asarray(step, jnp.int32)])[0]
+    return jnp.asarray(step, jnp.int32)
+
+
+# Each tree a holder keeps, and its two fields: the arrays and the rest.
+_FIELDS = {
+    "model": ("model_arrays", "model_skeleton"),
+    "state": ("state_arrays", "state_skeleton"),
+    "opt_state": ("opt_arrays", "opt_skeleton"),
+}
 
 
 class TrainState(eqx.Module):
     """Everything that changes during training: the model's arrays, its `State`, the
     optimiser state and the step count. It is a PyTree: it can be jitted, vmapped,
     saved with `eqx.tree_serialise_leaves` and restored into a `TrainState` made the
-    same way (same model configuration and optimiser).
+    same way (same model configuration and optimiser); two `TrainState`s made the
+    same way have the same PyTree structure (`jax.tree.map` takes both,
+    `eqx.tree_equal` compares them) and share the compiled steps.
 
     Build it with [`TrainState.create`][] (or [`TrainState.from_flax`][] to resume
     a Flax run); read the model back with `train_state.model` and its State with
     `train_state.state`; change any part with [`TrainState.replace`][].
 
-    The arrays are kept as flat tuples and everything else in one static
-    [`Structure`][]: flattening a `TrainState` (which `jax.jit` does on every call)
-    then costs about what flattening a Flax `TrainState` costs, where Equinox modules
-    would be flattened one by one, three times over with Adam's two moments.
+    Each of the model, its State and the optimiser state is held as a tuple of its
+    arrays and a static [`Skeleton`][], the rest:
+    flattening a `TrainState` (which `jax.jit` does on every call) then costs
+    about what flattening a Flax `TrainState` costs, where Equinox modules would be
+    flattened one by one, three times over with Adam's two moments.
 
     !!! Example
 
@@ -282,50 +262,67 @@ class TrainState(eqx.Module):
 
     **Fields:**
 
-    - `param_leaves`: the model's arrays, `jax.tree.leaves` order.
-    - `state_leaves`: the arrays of its `eqx.nn.State` (BatchNorm running averages).
-    - `opt_leaves`: the arrays of the optimiser state.
+    - `model_arrays`, `state_arrays`, `opt_arrays`: the arrays of the model, of its
+        `eqx.nn.State` (BatchNorm running averages) and of the optimiser state,
+        in `jax.tree.leaves` order.
     - `step`: the number of optimiser updates applied, an int32 scalar.
-    - `structure`: the static rest, a [`Structure`][].
+    - `model_skeleton`, `state_skeleton`, `opt_skeleton` (static): the rest of each.
+    - `tx` (static): the optimiser (Flax's `tx`), the `optimizer` given to `create`.
 
-    **Properties:** `model`, `state`, `opt_state`, `params` (the model's arrays,
-    `None` elsewhere, as `eqx.filter(model, eqx.is_array)`) and `tx`, each rebuilt
-    from the leaves when read: every read of `state` gives a fresh `eqx.nn.State`,
-    and changing what a read returned (`ts.opt_state.hyperparams["learning_rate"]
+    **Properties:** `model`, `state`, `opt_state` and `params` (the model's arrays,
+    `None` elsewhere, as `eqx.filter(model, eqx.is_array)`), each rebuilt from the
+    arrays when read: every read of `state` gives a fresh `eqx.nn.State`, and
+    changing what a read returned (`ts.opt_state.hyperparams["learning_rate"]
     = 0.01`) changes nothing in the holder; pass the changed object to
     [`TrainState.replace`][] instead.
 
     Flax's `TrainState` fields and these: `params` + `batch_stats` -> `model` +
-    `state`; `opt_state` -> `opt_state`; `tx` -> `tx` (the `optimizer` given to
-    `create`); `step` -> `step`; `apply_fn` -> none (call the model).
+    `state`; `opt_state` -> `opt_state`; `tx` -> `tx`; `step` -> `step`;
+    `apply_fn` -> none (call the model).
     """
 
-    param_leaves: tuple[Array, ...]
-    state_leaves: tuple[Array, ...]
-    opt_leaves: tuple[Array, ...]
+    model_arrays: tuple[Array, ...]
+    state_arrays: tuple[Array, ...]
+    opt_arrays: tuple[Array, ...]
     step: Int[Array, ""]
-    structure: Structure = eqx.field(static=True)
+    model_skeleton: Skeleton = eqx.field(static=True)
+    state_skeleton: Skeleton = eqx.field(static=True)
+    opt_skeleton: Skeleton = eqx.field(static=True)
+    tx: Any = eqx.field(static=True)
 
     @classmethod
-    def _assemble(
+    def _hold(
         cls,
-        params: PyTree,
-        static: PyTree,
-        state: eqx.nn.State,
-        opt_state: Any,
-        step: Array,
-        optimizer: Any,
+        parts: dict[str, PyTree],
+        step: Any,
+        where: str,
+        *,
+        tx: Any = None,
+        like: "TrainState | None" = None,
     ) -> "TrainState":
-        param_leaves, param_def = jax.tree.flatten(params)
-        state_leaves, state_def = jax.tree.flatten(state)
-        opt_leaves, opt_def = jax.tree.flatten(opt_state)
-        return cls(
-            param_leaves=tuple(map(_strong, param_leaves)),
-            state_leaves=tuple(map(_strong, state_leaves)),
-            opt_leaves=tuple(map(_strong, opt_leaves)),
-            step=_strong(step),
-            structure=Structure(param_def, static, state_def, opt_def, optimizer),
+        """A holder of `parts` (`model`, `state`, `opt_state`: those given replace
+        `like`'s), with every array given copied, strongly typed, by one compiled
+        call. A skeleton equal to `like`'s is kept as the very object."""
+        fields: dict[str, Any] = (
+            {"tx": tx}
+            if like is None
+            else {f.name: getattr(like, f.name) for f in dataclasses.fields(like)}
         )
+        held: dict[str, tuple[tuple, Skeleton]] = {}
+        for name, tree in parts.items():
+            arrays, skeleton = _split(tree)
+            _alive(arrays, where, name)
+            old = None if like is None else getattr(like, _FIELDS[name][1])
+            held[name] = (arrays, old if old == skeleton else skeleton)
+        given = [x for arrays, _ in held.values() for x in arrays]
+        copies = iter(_fresh(given + ([] if step is None else [step])))
+        for name, (arrays, skeleton) in held.items():
+            arrays_field, skeleton_field = _FIELDS[name]
+            fields[arrays_field] = tuple(next(copies) for _ in arrays)
+            fields[skeleton_field] = skeleton
+        if step is not None:
+            fields["step"] = next(copies)
+        return cls(**fields)
 
     @classmethod
     @typecheck
@@ -356,7 +353,8 @@ class TrainState(eqx.Module):
         **Arguments:**
 
         - `model`: the model, any PyTree (usually an `eqx.Module`), as returned by
-            `eqx.nn.make_with_state`.
+            `eqx.nn.make_with_state`. Typed PRNG keys in it (`jax.random.key`) are
+            held as arrays, as in an optimiser state (`optax.noisy_sgd`).
         - `state`: its `eqx.nn.State`.
         - `optimizer`: an Optax optimiser: an `optax.GradientTransformation`, or
             any object with `init(params)` and `update(updates, state, params)`
@@ -372,9 +370,11 @@ class TrainState(eqx.Module):
             make one).
         """
         _check_optimizer(optimizer, "TrainState.create")
-        params, static = eqx.partition(model, eqx.is_array)
-        params, state, opt_state, step = _init(params, state, optimizer)
-        return cls._assemble(params, static, state, opt_state, step, optimizer)
+        opt_state = _init_optimizer(optimizer, eqx.filter(model, eqx.is_inexact_array))
+        parts = {"model": model, "state": state, "opt_state": opt_state}
+        return cls._hold(
+            parts, np.zeros((), np.int32), "TrainState.create", tx=optimizer
+        )
 
     @classmethod
     @typecheck
@@ -395,8 +395,14 @@ class TrainState(eqx.Module):
         [`eqx_bn.interop.load_flax`][] puts them; the optimiser state's
         parameter-shaped parts (SGD's momentum `trace`, Adam's `mu` and `nu`,
         `MultiSteps`' `acc_grads`...) are paired with the model the same way, and
-        its other leaves (`count`, `inject_hyperparams`' hyperparameters) are
-        copied; `step` carries over.
+        its other leaves (`count`, `inject_hyperparams`' hyperparameters, PRNG keys)
+        are copied; `step` carries over. A scope that `mapping` leaves out keeps
+        the model's values, and gets a fresh optimiser state, as `optimizer.init`
+        gives it (Adam's moments at zero).
+
+        Everything is copied: `model`, `state` and `checkpoint` stay usable
+        whatever happens to the holder (even with `make_train_step(...,
+        donate=True)`).
 
         !!! Example
 
@@ -409,14 +415,19 @@ class TrainState(eqx.Module):
         **Arguments:**
 
         - `model`, `state`: the Equinox model and its State (their values are not
-            used, only their structure, shapes and dtypes).
+            used, only their structure, shapes and dtypes, except in the scopes
+            that `mapping` leaves out).
         - `checkpoint`: the Flax `TrainState` as
             [`eqx_bn.interop.read_checkpoint`][] (`read_msgpack`, `read_orbax`) or
             `flax.serialization.to_state_dict` give it: `{"step": ..., "params":
-            ..., "batch_stats": ..., "opt_state": ...}`.
+            ..., "batch_stats": ..., "opt_state": ...}`. A typed PRNG key in the
+            optimiser state (`optax.noisy_sgd`) is read as `to_state_dict` holds
+            it, or as its `jax.random.key_data` (as Orbax stores it).
         - `optimizer`: the optimiser Flax trained with (its `tx`), built the same
             way: the Flax optimiser state must have the structure this one's
-            `init` gives.
+            `init` gives. A mask (`adamw(mask=...)`, `optax.masked`) given as a
+            pytree must be shaped like the Equinox model; a function of the
+            parameters works for both.
         - `mapping`: overrides of the parameter pairing, as for `load_flax`.
         - `ignore_extra`: skip top-level entries other than `step`, `params`,
             `batch_stats` and `opt_state` (more fields of a `TrainState` subclass)
@@ -431,7 +442,8 @@ class TrainState(eqx.Module):
         - `ConversionError`: listing every missing, unexpected or mismatched entry
             of `params`, `batch_stats` and `opt_state` (for instance all of `mu`
             and `nu` when the checkpoint was trained with SGD), and layers with no
-            conversion rule. Nothing is built then.
+            conversion rule; or `optimizer.init` failing on the Equinox model's
+            parameters (a Flax-shaped mask). Nothing is built then.
         - `TypeError`: `optimizer` is not an optimiser.
         """
         _check_optimizer(optimizer, "TrainState.from_flax")
@@ -444,8 +456,8 @@ class TrainState(eqx.Module):
                 mapping=mapping,
                 ignore_extra=ignore_extra,
             )
-        params, static = eqx.partition(model, eqx.is_array)
-        return cls._assemble(params, static, state, opt_state, step, optimizer)
+        parts = {"model": model, "state": state, "opt_state": opt_state}
+        return cls._hold(parts, step, "TrainState.from_flax", tx=optimizer)
 
     def to_flax(self, *, mapping: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The holder as a saved Flax `TrainState`, the inverse of
@@ -473,13 +485,20 @@ class TrainState(eqx.Module):
         nested dicts of numpy arrays in Flax's layout (`batch_stats` only when the
         model has a BatchNorm), NamedTuples as dicts of their fields and tuples as
         `{"0": ..., "1": ...}`, as `flax.serialization.to_state_dict` writes them.
+        A typed PRNG key (`optax.noisy_sgd`'s) stays a `jax.Array` of key dtype,
+        as in `to_state_dict`: msgpack cannot store one (neither Flax's
+        `to_bytes` nor `write_msgpack`); write its `jax.random.key_data`, which
+        `from_flax` reads back, or use Orbax.
 
         **Raises:**
 
         - `ConversionError`: the model has layers with no conversion rule, or the
             optimiser state has parts not shaped like the parameters (Adafactor's
-            factored `v_row`/`v_col`).
+            factored `v_row`/`v_col`, the masked moments of `optax.masked` and
+            `multi_transform`), all named.
+        - `ValueError`: this `TrainState` was donated to a step.
         """
+        _check_not_donated(self, "TrainState.to_flax")
         return _flax_train_state().export(
             self.model, self.state, self.opt_state, self.step, mapping=mapping
         )
@@ -498,9 +517,8 @@ class TrainState(eqx.Module):
         Each new part must have the structure, shapes and dtypes of the held one,
         so that the optimiser state still fits the model and the compiled steps
         are reused (arrays are held strongly typed, so `jnp.asarray(1e-4)` does
-        not compile them again); the model's non-array configuration may change
-        (e.g. a layer frozen with `eqx.nn.inference_mode`), which compiles them
-        once more.
+        not compile them again); the model's non-array leaves may change (e.g. a
+        layer frozen with `eqx.nn.inference_mode`), which compiles them once more.
 
         The new arrays are copied, as by `create`: what was passed in stays usable
         whatever happens to the holder (even with `make_train_step(...,
@@ -533,8 +551,9 @@ class TrainState(eqx.Module):
         **Raises:**
 
         - `ValueError`: a new part does not match the held one (the message names
-            the leaves that differ), a Python float for an integer leaf, or a
-            `step` that is not an int32 integer.
+            every leaf and node that differs), a Python float for an integer leaf,
+            a `step` that is not an int32 integer, or this `TrainState` (or a part
+            given) was consumed by a donating step.
         - `TypeError`: for another keyword, with the one to use (Flax's `params`
             and `batch_stats` are `model` and `state` here).
         """
@@ -553,63 +572,60 @@ class TrainState(eqx.Module):
                 "TrainState.replace takes model=, state=, opt_state= and step=, got "
                 f"{', '.join(others)}. {hints}."
             )
-        structure = self.structure
-        changes: dict[str, Any] = {}
-        fix = (
-            "To train a different model or optimiser, build a new holder with "
-            "`TrainState.create(model, state, optimizer)`."
-        )
-        if model is not _UNSET:
-            params, static = eqx.partition(model, eqx.is_array)
-            changes["param_leaves"] = _matching_leaves(
-                params, structure.params, self.param_leaves, "model", fix
-            )
-            if not (
-                static is structure.static or eqx.tree_equal(static, structure.static)
-            ):
-                changes["structure"] = Structure(
-                    structure.params,
-                    static,
-                    structure.state,
-                    structure.opt_state,
-                    structure.tx,
+        _check_not_donated(self, "TrainState.replace")
+        given = {"model": model, "state": state, "opt_state": opt_state}
+        parts = {}
+        for name, new in given.items():
+            if new is _UNSET:
+                continue
+            held = getattr(self, name)
+            new, problems = _scalars_converted(held, new, name)
+            problems += tree_differences(held, new, where=name)
+            if problems:
+                raise ValueError(
+                    f"TrainState.replace: the new {name} does not have the "
+                    f"structure, shapes and dtypes of the held one: "
+                    f"{'; '.join(problems)}. To train a different model or "
+                    "optimiser, build a new holder with `TrainState.create(model, "
+                    "state, optimizer)`."
                 )
-        if state is not _UNSET:
-            changes["state_leaves"] = _matching_leaves(
-                state, structure.state, self.state_leaves, "state", fix
-            )
-        if opt_state is not _UNSET:
-            changes["opt_leaves"] = _matching_leaves(
-                opt_state, structure.opt_state, self.opt_leaves, "opt_state", fix
-            )
-        if step is not _UNSET:
-            changes["step"] = _step(step)
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def params(self) -> PyTree:
-        """The model's arrays, shaped like the model (`None` for non-arrays)."""
-        return jax.tree.unflatten(self.structure.params, self.param_leaves)
+            parts[name] = new
+        new_step = None if step is _UNSET else _step(step)
+        return self._hold(parts, new_step, "TrainState.replace", like=self)
 
     @property
     def model(self) -> PyTree:
         """The model: its arrays and the rest recombined."""
-        return eqx.combine(self.params, self.structure.static)
+        return _join(self.model_arrays, self.model_skeleton)
+
+    @property
+    def params(self) -> PyTree:
+        """The model's arrays, shaped like the model (`None` for non-arrays)."""
+        return eqx.filter(self.model, eqx.is_array)
 
     @property
     def state(self) -> eqx.nn.State:
         """The model's `eqx.nn.State`, a fresh object on every read."""
-        return jax.tree.unflatten(self.structure.state, self.state_leaves)
+        return _join(self.state_arrays, self.state_skeleton)
 
     @property
     def opt_state(self) -> optax.OptState:
         """The optimiser state, over the model's floating-point arrays."""
-        return jax.tree.unflatten(self.structure.opt_state, self.opt_leaves)
+        return _join(self.opt_arrays, self.opt_skeleton)
 
-    @property
-    def tx(self) -> Any:
-        """The optimiser (Flax's `tx`): the `optimizer` given to `create`."""
-        return self.structure.tx
+
+def _arrays(
+    tree: PyTree, held: PyTree, skeleton: Skeleton, name: str, what: str, fix: str
+) -> tuple[Array, ...]:
+    """`tree`'s arrays, when it is still shaped like the `held` one."""
+    arrays, new = _split(tree)
+    if new != skeleton:
+        raise ValueError(
+            f"apply_gradients: {what} changed structure during the step: "
+            + "; ".join(tree_differences(held, tree, where=name))
+            + f".{fix}"
+        )
+    return arrays
 
 
 @typecheck
@@ -647,42 +663,37 @@ def apply_gradients(
 
     A new `TrainState`, with `step` increased by one.
     """
-    structure = train_state.structure
-    params = train_state.params
+    model, opt_state = train_state.model, train_state.opt_state
     grads = eqx.filter(grads, eqx.is_inexact_array)
-    trainable = eqx.filter(params, eqx.is_inexact_array)
+    trainable = eqx.filter(model, eqx.is_inexact_array)
     # Optax relies on standard promotion (Adam's bias correction mixes float and
     # int32); run it as designed even when the caller's config is strict.
     with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = structure.tx.update(
-            grads, train_state.opt_state, trainable
-        )
-    params = eqx.apply_updates(params, updates)
-    param_leaves = _leaves(params, structure.params, "the model's arrays", "")
-    state_leaves = _leaves(
-        state,
-        structure.state,
-        "the State returned by the loss",
-        " Return the State that the model gave back for the State it was given.",
-    )
-    opt_leaves = _leaves(opt_state, structure.opt_state, "the optimiser state", "")
+        updates, new_opt_state = train_state.tx.update(grads, opt_state, trainable)
+    new_model = eqx.apply_updates(model, updates)
     return dataclasses.replace(
         train_state,
-        param_leaves=param_leaves,
-        state_leaves=state_leaves,
-        opt_leaves=opt_leaves,
+        model_arrays=_arrays(
+            new_model, model, train_state.model_skeleton, "model", "the model", ""
+        ),
+        state_arrays=_arrays(
+            state,
+            train_state.state,
+            train_state.state_skeleton,
+            "state",
+            "the State returned by the loss",
+            " Return the State that the model gave back for the State it was given.",
+        ),
+        opt_arrays=_arrays(
+            new_opt_state,
+            opt_state,
+            train_state.opt_skeleton,
+            "opt_state",
+            "the optimiser state",
+            "",
+        ),
         step=train_state.step + 1,
     )
-
-
-def _leaves(tree: PyTree, expected: Any, what: str, fix: str) -> tuple[Array, ...]:
-    leaves, treedef = jax.tree.flatten(tree)
-    if treedef != expected:
-        raise ValueError(
-            f"apply_gradients: {what} changed structure during the step: expected "
-            f"{expected}, got {treedef}.{fix}"
-        )
-    return tuple(leaves)
 
 
 @typecheck
@@ -779,21 +790,32 @@ def make_train_step(
 
 def _check_not_donated(ts: Any, where: str) -> None:
     """A clear error for a `TrainState` given to a donating step earlier."""
-    # All the holder's buffers are donated together: `step` tells for all. XLA's
-    # own error for a deleted buffer does not say where it came from.
-    if (
-        isinstance(ts, TrainState)
-        and isinstance(ts.step, jax.Array)
-        and not isinstance(ts.step, jax.core.Tracer)
-        and ts.step.is_deleted()
-    ):
-        raise ValueError(
-            f"{where}: this TrainState was donated to an earlier step (made "
-            "with `make_train_step(..., donate=True)`), which reused its "
-            "buffers. Pass the TrainState that step returned "
-            "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
-            "without `donate=True` to keep old ones usable."
-        )
+    # XLA's own error for a deleted buffer does not say where it came from. A step
+    # donates all the holder's buffers, and `replace` copies each part it is given
+    # whole, sharing the others: the step and the first array of each part tell
+    # for all (a holder made by `replace` from a donated one is refused there).
+    # This runs before every step: the fields are read through `vars` (an Equinox
+    # module's attribute access costs about a microsecond each).
+    if not isinstance(ts, TrainState):
+        return
+    fields = vars(ts)
+    firsts = [fields["step"]]
+    for name in ("model_arrays", "state_arrays", "opt_arrays"):
+        firsts += fields[name][:1]
+    for x in firsts:
+        try:
+            deleted = x.is_deleted()
+        except (AttributeError, jax.errors.ConcretizationTypeError):
+            deleted = False  # a NumPy array; a tracer (a step called under jit)
+        if deleted:
+            raise ValueError(
+                f"{where}: this TrainState was donated to an earlier step (made "
+                "with `make_train_step(..., donate=True)`), which reused its "
+                "buffers, or shares them with one that was (`replace` keeps the "
+                "parts it is not given). Pass the TrainState that step returned "
+                "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
+                "without `donate=True` to keep old ones usable."
+            )
 
 
 @typecheck

@@ -183,9 +183,25 @@ def main(argv=None) -> dict:
 
 def _parser():
     result = parser(__doc__, out_help="the losses and differences (data_parallel.json)")
-    result.add_argument("--steps", type=int, default=50)
-    result.add_argument("--devices", type=int, default=8, help="(set with =N)")
-    result.add_argument("--per-device", type=int, default=4, help="examples/device")
+    result.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="training steps (default: %(default)s; 2 with --smoke)",
+    )
+    result.add_argument(
+        "--devices",
+        type=int,
+        default=8,
+        help="devices in the mesh (default: %(default)s); on the CPU this many are "
+        "simulated. Write it --devices=N: it is read before JAX starts",
+    )
+    result.add_argument(
+        "--per-device",
+        type=int,
+        default=4,
+        help="examples per device in each batch (default: %(default)s)",
+    )
     return result
 
 

@@ -15,7 +15,7 @@ from helpers import channels_first, channels_last, flax_promotion, flax_train_st
 from hypothesis import given, settings, strategies as st
 
 import eqx_bn
-from eqx_bn._stats import isolates_passes
+from eqx_bn._numerics import isolates_passes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,3 +150,17 @@ def test_help_states_where_outputs_go(name, capsys):
     printed = capsys.readouterr().out
     assert "--out" in printed and "default: ./outputs" in " ".join(printed.split())
     assert "runtime" not in printed  # nothing ran
+
+
+def test_data_parallel_help_says_what_each_flag_is(capsys):
+    """Issue 21 item 4: `--per-device` was described as "examples/device", which
+    reads as a path."""
+    with pytest.raises(SystemExit):
+        load_example("data_parallel").main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "examples/device" not in printed
+    assert "--per-device PER_DEVICE examples per device in each batch (default: 4)" in (
+        printed
+    )
+    assert "--steps STEPS training steps (default: 50" in printed
+    assert "--devices DEVICES devices in the mesh (default: 8)" in printed

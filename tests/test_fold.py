@@ -280,6 +280,25 @@ def _declared(conv, norm):
     return eqx.nn.inference_mode(model), state
 
 
+def test_absent_optional_norm_is_left_alone(key):
+    """Issue 21 item 1: a declared BatchNorm field that holds None (an optional
+    norm, absent here) has nothing to fold; it was refused as "a NoneType"."""
+
+    class Optional(eqx.Module):
+        conv: eqx.nn.Conv2d
+        norm: eqx_bn.BatchNorm | None = eqx.field(metadata={"fold_into": "conv"})
+
+        def __call__(self, x, state):
+            return self.conv(x), state
+
+    model, state = eqx.nn.make_with_state(Optional)(
+        eqx.nn.Conv2d(3, 4, 1, key=key), None
+    )
+    folded = eqx_bn.fold_batch_norms(model, state)
+    assert folded.norm is None
+    assert folded is model  # nothing to fold: the very same model
+
+
 @pytest.mark.parametrize(
     "conv, norm, error, match",
     [

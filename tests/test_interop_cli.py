@@ -143,7 +143,7 @@ def test_converts_orbax_train_state(models, flax_model, msgpack_file, tmp_path, 
     assert status == 2 and not output.exists()
     assert err.startswith(f"{PROG}: error: Cannot load the Flax variables into MLP")
     assert "opt_state" in err and "step" in err and "Traceback" not in err
-    assert err.endswith("On the command line: --ignore-extra.\n")
+    assert err.endswith("On the command line, pass `--ignore-extra`.\n")
 
     status, err = run(
         capsys, ckpt, output, "--model", "cli_models:make", "--ignore-extra"
@@ -228,7 +228,7 @@ def test_cast_flag(models, flax_model, tmp_path, capsys):
     path.write_bytes(fser.to_bytes(as_bf16))
     args = (path, tmp_path / "o.eqx", "--model", "cli_models:make", "-q")
     status, err = run(capsys, *args)
-    assert status == 2 and err.endswith("On the command line: --cast.\n")
+    assert status == 2 and err.endswith("On the command line, pass `--cast`.\n")
     assert run(capsys, *args, "--cast") == (0, "")
     model, _ = eqx.tree_deserialise_leaves(tmp_path / "o.eqx", models[1].make())
     kernel = as_bf16["params"]["Dense_0"]["kernel"]
@@ -251,6 +251,46 @@ def test_model_file_path_and_own_import_errors(models, msgpack_file, tmp_path, c
         cli.main(
             [str(msgpack_file), "o", "--model", f"{tmp_path / 'broken_models.py'}:f"]
         )
+
+
+def test_model_file_imports_its_siblings(msgpack_file, tmp_path, capsys):
+    """Issue 21.3: `--model path/to/models.py:make` imports the file as Python
+    runs it, its folder first on sys.path, so its own `import` of a sibling
+    module works (and sys.path is as it was afterwards)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "sibling_layers_7c.py").write_text(MODELS)
+    (folder / "entry_7c.py").write_text("from sibling_layers_7c import make\n")
+    before = list(sys.path)
+    try:
+        output = tmp_path / "o.eqx"
+        args = (msgpack_file, output, "--model", f"{folder / 'entry_7c.py'}:make")
+        assert run(capsys, *args, "-q") == (0, "")
+        assert sys.path == before
+    finally:
+        sys.modules.pop("sibling_layers_7c", None)
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "link"])
+def test_output_that_is_the_checkpoint_is_refused(
+    spelling, models, msgpack_file, tmp_path, capsys, monkeypatch
+):
+    """Issue 21.3: converting a file onto itself would replace the checkpoint;
+    it is refused before anything is read or built."""
+    checkpoint = tmp_path / "a.msgpack"
+    checkpoint.write_bytes(msgpack_file.read_bytes())
+    output = checkpoint
+    if spelling == "relative":
+        monkeypatch.chdir(tmp_path)
+        output = "./sub/../a.msgpack"
+        (tmp_path / "sub").mkdir()
+    elif spelling == "link":
+        output = tmp_path / "link.msgpack"
+        output.symlink_to(checkpoint)
+    status, err = run(capsys, checkpoint, output, "--model", "cli_models:nope")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "is the checkpoint being converted" in err, err
+    assert checkpoint.read_bytes() == msgpack_file.read_bytes()
 
 
 @pytest.mark.slow  # a fresh interpreter: imports JAX and Equinox again
@@ -308,7 +348,9 @@ def test_torch_prefix_flag(models, torch_state_dict, tmp_path, capsys):
     output = tmp_path / "o.eqx"
     status, err = run(capsys, path, output, "--model", "cli_models:make", "-q")
     assert status == 2 and not output.exists()
-    assert err.endswith("On the command line: --prefix module..\n"), err
+    # Issue 21.3: the flag read from the error's `prefix` field, the sentence's
+    # period apart from it.
+    assert err.endswith("On the command line, pass `--prefix module.`.\n"), err
     args = (path, output, "--model", "cli_models:make", "--prefix", "module.")
     assert run(capsys, *args, "-q") == (0, "")
     _assert_loaded(output, models[1], expected)
@@ -320,13 +362,42 @@ def test_torch_training_checkpoint_key_flag(models, torch_state_dict, tmp_path, 
     output = tmp_path / "o.eqx"
     args = (path, output, "--model", "cli_models:make", "-q")
     status, err = run(capsys, *args)
-    assert status == 2 and err.count("\n") == 1 and not output.exists()
-    assert "training checkpoint" in err and "--key state_dict" in err, err
+    assert status == 2 and err.count("\n") == 2 and not output.exists()
+    # Read from the error's `key` field (issue 22.1), not from its text.
+    assert "training checkpoint" in err, err
+    assert err.endswith("On the command line, pass `--key state_dict`.\n"), err
     status, err = run(capsys, *args, "--key", "nope")
     assert status == 2 and "'epoch', 'state_dict'" in err, err
     status, err = run(capsys, *args, "--key", "epoch")
     assert status == 2 and "expected a dict" in err, err
     assert run(capsys, *args, "--key", "state_dict") == (0, "")
+    _assert_loaded(output, models[1], expected)
+
+
+def test_torch_training_checkpoint_with_argparse_args(
+    models, torch_state_dict, tmp_path, capsys
+):
+    """Issue 21.5: torchvision's reference scripts save `args`, an
+    `argparse.Namespace`: refused, named, and `--key` reads the model."""
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    state_dict, expected = torch_state_dict
+    path = tmp_path / "checkpoint.pth"
+    torch.save(
+        {
+            "model": jax.tree.map(torch.from_numpy, state_dict),
+            "args": argparse.Namespace(lr=0.1, epochs=90),
+            "epoch": 3,
+        },
+        path,
+    )
+    output = tmp_path / "o.eqx"
+    args = (path, output, "--model", "cli_models:make", "-q")
+    status, err = run(capsys, *args)
+    assert status == 2 and err.count("\n") == 1 and not output.exists(), err
+    assert "`argparse.Namespace` at 'args'" in err and "`--key model`" in err, err
+    assert run(capsys, *args, "--key", "model") == (0, "")
     _assert_loaded(output, models[1], expected)
 
 

@@ -409,7 +409,7 @@ def test_mapping_to_none_leaves_a_scope_out(eqx_mlp, flax_mlp):
             "not part of the model",
         ),
         ({"Dense_0": lambda m: m.missing}, "selector raised AttributeError"),
-        ({"Dense_0": lambda m: 3}, "returned a int"),
+        ({"Dense_0": lambda m: 3}, "returned an int"),
         ({"": lambda m: m.dense_0}, "empty Flax scope"),
         ({"a": lambda m: m.dense_0, "b": lambda m: m.dense_0}, "select the same part"),
     ],

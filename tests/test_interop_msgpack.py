@@ -228,10 +228,10 @@ def _file(tree):
     "data, match",
     [
         (b"", "is empty"),
-        (_file([1, 2]), "single list at the top level"),
-        (_file(3), "single int at the top level"),
-        (fser.msgpack_serialize(np.ones(2, np.float32)), "single array at the top"),
-        (_file({"__msgpack_chunked_array__": True}), "single array at the top"),
+        (_file([1, 2]), "only a list at the top level"),
+        (_file(3), "only an int at the top level"),
+        (fser.msgpack_serialize(np.ones(2, np.float32)), "only an array at the top"),
+        (_file({"__msgpack_chunked_array__": True}), "only an array at the top"),
         (
             _file({"p": {"w": _ext([2], "object", b"\0" * 16)}}),
             "at 'p/w'.*dtype b'object'",
@@ -253,7 +253,8 @@ def _file(tree):
         (_file({"w": msgpack.ExtType(2, msgpack.packb("x"))}), "at 'w'.*real, imag"),
         (_file({"a": [0, msgpack.ExtType(42, b"")]}), "at 'a/1'.*extension type 42"),
         (_file({"t": msgpack.Timestamp(1)}), "at 't'.*Timestamp"),
-        (msgpack.packb({"a": {1: 2}}, strict_types=False), "at 'a'.*key 1 is a int"),
+        (msgpack.packb({"a": {1.5: 2}}), "at 'a'.*key 1.5 is a float"),
+        (msgpack.packb({"a": {b"k": 2}}), "at 'a'.*key b'k' is a bytes"),
         (
             _file({"c": {"__msgpack_chunked_array__": True, "shape": {"0": 3}}}),
             "at 'c'.*malformed chunked array",
@@ -283,7 +284,12 @@ def _file(tree):
             "at 'c/chunks'.*keys '0', '1'",
         ),
         (b"\xc1\x00", "not valid msgpack: FormatError"),
-        (b"import os\n", "not a Flax msgpack checkpoint: it starts with a int"),
+        (b"import os\n", "not a Flax msgpack checkpoint: it starts with an int"),
+        # Issue 21.3: a bad array first, not "a _Invalid".
+        (
+            msgpack.packb(msgpack.ExtType(1, b"\xc1")) + b"\x00",
+            "it starts with an array, not a map",
+        ),
         (_file({"a": 1}) + b"\x00", "1 unexpected bytes after its data"),
     ],
 )
@@ -342,3 +348,17 @@ def test_unreadable_paths(tmp_path):
     (tmp_path / "empty.msgpack").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.msgpack' is empty"):
         read_checkpoint(tmp_path / "empty.msgpack")
+
+
+def test_integer_keys_are_read_as_flax_reads_them():
+    """Issue 21.1: `msgpack_serialize` keeps integer keys (NNX list items, from
+    `nnx.to_pure_dict`); Flax's `msgpack_restore` gives them back as ints, and so
+    does `read_msgpack`."""
+    tree = {"blocks": {0: {"w": np.ones(2, np.float32)}, 1: {"w": np.zeros(2)}}}
+    raw = fser.msgpack_serialize(tree)
+    got, flax = read_msgpack(raw), fser.msgpack_restore(raw)
+    assert list(got["blocks"]) == list(flax["blocks"]) == [0, 1]
+    np.testing.assert_array_equal(got["blocks"][1]["w"], flax["blocks"][1]["w"])
+    clash = msgpack.packb({"b": {0: 1, "0": 2}}, strict_types=False)
+    with pytest.raises(CheckpointError, match="at 'b'.*keys 0 and '0' both read"):
+        read_msgpack(clash)

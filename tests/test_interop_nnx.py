@@ -9,6 +9,7 @@ layer kind alone, the layout detection, and every way a load can fail.
 
 import contextlib
 import sys
+import warnings
 
 import equinox as eqx
 import flax.serialization
@@ -306,11 +307,27 @@ def _load(case, tree, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "form", ["pure", "state", "flax_msgpack", "eqx_bn_msgpack", "orbax_state"]
+    "form",
+    [
+        "pure",
+        "state",
+        "flax_msgpack",
+        "msgpack_serialize",
+        "eqx_bn_msgpack",
+        "orbax_state",
+    ],
 )
 def test_every_form_of_the_state_loads_the_same(case, form, tmp_path):
     if form == "pure":
         tree = case.pure
+    elif form == "msgpack_serialize":
+        # Issue 21.1: saved the natural way, list items keep their integer keys
+        # in the file; Flax's own `msgpack_restore` reads them back as ints.
+        raw = flax.serialization.msgpack_serialize(case.pure)
+        (tmp_path / "int_keys.msgpack").write_bytes(raw)
+        with flax_blocked():
+            tree = read_msgpack(tmp_path / "int_keys.msgpack")
+        assert_bitwise(tree, flax.serialization.msgpack_restore(raw))
     elif form == "state":
         tree = case.state  # an nnx.State: needs Flax, which the caller has
     elif form == "flax_msgpack":
@@ -719,10 +736,76 @@ def test_random_streams_are_extra_entries(key):
             "rngs/dropout/key (random-stream state)",
         )
         assert "ignore_extra=True" in str(info.value)
+        # Issue 21.6: named for what it is, not as the rest of a TrainState.
+        assert "NNX random-stream state (`nnx.Rngs` keys" in str(info.value)
+        assert "TrainState" not in str(info.value)
         loaded, _ = load_flax(model, state, tree, ignore_extra=True)
         np.testing.assert_array_equal(
             loaded.linear.weight.T, nnx_state["linear"]["kernel"].get_value()
         )
+
+
+class Sowing(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.linear(x)
+        self.sow(nnx.Intermediate, "features", y)
+        return y
+
+
+class EqxLinear(eqx.Module):
+    linear: eqx.nn.Linear
+
+
+def test_sown_intermediates_are_extra_entries(key, tmp_path):
+    """Issue 21.6: values stored with `sow` are in `nnx.state(model)` after a
+    call; they are no parameters: reported as NNX intermediates, skipped with
+    ignore_extra=True, in every form the state comes in."""
+    nnx_model = Sowing(nnx.Rngs(0))
+    with warnings.catch_warnings():  # sow outside nnx.capture: deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        nnx_model(jnp.ones((1, 2)))
+    nnx_state = nnx.state(nnx_model)
+    pure = nnx.to_pure_dict(nnx_state)
+    assert isinstance(pure["features"], tuple)
+    model = EqxLinear(eqx.nn.Linear(2, 2, key=key))
+    state = eqx.nn.State(model)
+    forms = {
+        "state": nnx_state,
+        "pure": pure,
+        "to_bytes": read_msgpack(flax.serialization.to_bytes(pure)),
+    }
+    for form, tree in forms.items():
+        with pytest.raises(ConversionError) as info:
+            load_flax(model, state, tree)
+        message = str(info.value)
+        assert "NNX intermediates (values stored with `sow`" in message, form
+        assert "ignore_extra=True" in message and "TrainState" not in message, form
+        assert all(e.endswith("(intermediate)") for e in info.value.extra), form
+        loaded, _ = load_flax(model, state, tree, ignore_extra=True)
+        np.testing.assert_array_equal(
+            loaded.linear.weight.T, pure["linear"]["kernel"], err_msg=form
+        )
+
+
+def test_optimizer_state_is_named_with_what_to_pass(key):
+    """Issue 21.6: `nnx.state(optimizer)` is the optimiser's state, not the
+    model's: the error says so and what to pass, not layout='linen'."""
+    nnx_model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(nnx_model, optax.adam(1e-3), wrt=nnx.Param)
+    opt_state = nnx.state(optimizer)
+    model = eqx.nn.Linear(2, 2, key=key)
+    state = eqx.nn.State(model)
+    for tree in (opt_state, nnx.to_pure_dict(opt_state)):
+        with pytest.raises(ConversionError) as info:
+            load_flax(model, state, tree)
+        message = str(info.value)
+        assert "an `nnx.Optimizer`'s state (`step` and `opt_state`" in message
+        assert "`nnx.state(model)`" in message and "layout='linen'" not in message
+    loaded, _ = load_flax(model, state, nnx.to_pure_dict(nnx.state(nnx_model)))
+    np.testing.assert_array_equal(loaded.weight.T, nnx_model.kernel.get_value())
 
 
 def test_a_partly_wrapped_tree_keeps_attributes_called_value(key):

@@ -10,9 +10,15 @@ import pytest
 
 import eqx_bn
 from eqx_bn.interop import ConversionError
-from eqx_bn.interop.convert import export_pairs, load_pairs, paths_of
-from eqx_bn.interop.layers import IDENTITY, VECTOR, Rule, Slot, parameter_slots
-from eqx_bn.interop.paths import Naming, pair
+from eqx_bn.interop.engine import export_pairs, load_pairs, pair, paths_of
+from eqx_bn.interop.schemes import (
+    IDENTITY,
+    VECTOR,
+    Naming,
+    Rule,
+    Slot,
+    parameter_slots,
+)
 
 
 def _linear(layer):
@@ -74,7 +80,7 @@ def net():
 
 def test_attribute_names_follow_fields_indices_and_sequential(net):
     model, _ = net
-    paths = paths_of(pair(model, naming=DOTTED), DOTTED, "Net")
+    paths = paths_of(pair(model, None, DOTTED), DOTTED, "Net")
     assert paths == {
         "blocks.0.lin.w": "model.blocks[0].lin.weight",
         "blocks.0.lin.b": "model.blocks[0].lin.bias",
@@ -92,19 +98,19 @@ def test_attribute_names_follow_fields_indices_and_sequential(net):
         "fc.w": "model.renamed.weight",
         "fc.b": "model.renamed.bias",
     }
-    under_layers = paths_of(pair(model, naming=UNDER_LAYERS), UNDER_LAYERS, "Net")
+    under_layers = paths_of(pair(model, None, UNDER_LAYERS), UNDER_LAYERS, "Net")
     assert under_layers["head.layers.1.w"] == "model.head.layers[1].weight"
 
 
 def test_a_bare_layer_and_a_top_level_sequential_are_the_root(key):
     assert set(
-        paths_of(pair(eqx.nn.Linear(2, 2, key=key), naming=DOTTED), DOTTED, "")
+        paths_of(pair(eqx.nn.Linear(2, 2, key=key), None, DOTTED), DOTTED, "")
     ) == {
         "w",
         "b",
     }
     seq = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=key)])
-    assert set(paths_of(pair(seq, naming=UNDER_LAYERS), UNDER_LAYERS, "")) == {
+    assert set(paths_of(pair(seq, None, UNDER_LAYERS), UNDER_LAYERS, "")) == {
         "layers.0.w",
         "layers.0.b",
     }
@@ -112,7 +118,7 @@ def test_a_bare_layer_and_a_top_level_sequential_are_the_root(key):
 
 def test_export_then_load_is_the_identity_and_relays(net):
     model, state = net
-    pairing = pair(model, naming=DOTTED)
+    pairing = pair(model, None, DOTTED)
     flat = export_pairs(model, state, pairing, DOTTED)
     assert flat[("gain",)].shape == ()  # a 0-d parameter stays 0-d
     doubled = {k: v * 2 for k, v in flat.items()}
@@ -137,7 +143,7 @@ def test_overrides_use_the_scheme_separator(net):
 
 def test_every_problem_is_listed_once_in_the_scheme_words(net):
     model, state = net
-    pairing = pair(model, naming=DOTTED)
+    pairing = pair(model, None, DOTTED)
     flat = export_pairs(model, state, pairing, DOTTED)
     del flat[("gain",)]
     flat[("blocks", "0", "lin", "w")] = np.zeros((4, 3), np.float32)

@@ -34,13 +34,22 @@ from eqx_bn.interop import (
     export_torch,
     load_torch,
     read_checkpoint,
+    read_msgpack,
     read_safetensors,
     read_torch,
+    to_msgpack_bytes,
     to_safetensors_bytes,
     torch_paths,
     write_safetensors,
 )
-from eqx_bn.models import TorchResNet, TorchResNet18, TorchResNet34, TorchResNet50
+from eqx_bn.models import (
+    TorchResNet,
+    TorchResNet18,
+    TorchResNet34,
+    TorchResNet50,
+    TorchResNeXt50_32x4d,
+    TorchWideResNet50_2,
+)
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "torch"
 FACTOR = 4  # how many times PyTorch's own float32 error eqx_bn may be off
@@ -281,6 +290,35 @@ def test_num_batches_tracked_is_optional_on_load_and_export(loaded):
         export_torch(model, state, num_batches_tracked=-1)
 
 
+@pytest.mark.parametrize(
+    "count", [5, np.int64(5), jnp.int32(5), jnp.asarray(5, jnp.int32), np.array(5)]
+)
+def test_num_batches_tracked_takes_any_integer_scalar(count):
+    """Issue 21.2: `ts.step` (a jax int32 scalar), numpy and jax integers."""
+    model, state = _narrow("basic")
+    model, state = jax.tree.map(jnp.zeros_like, (model, state))
+    out = export_torch(model, state, num_batches_tracked=count)
+    assert out["bn1.num_batches_tracked"].dtype == np.int64
+    assert out["bn1.num_batches_tracked"].shape == ()
+    assert int(out["bn1.num_batches_tracked"]) == 5
+
+
+@pytest.mark.parametrize(
+    "count, error, message",
+    [
+        (2.0, TypeError, "must be an integer.*got a float"),
+        (True, TypeError, "must be an integer.*got a bool"),
+        (jnp.float32(2), TypeError, r"must be an integer.*got float32\[\]"),
+        (np.arange(2), TypeError, r"must be an integer.*got int64\[2\]"),
+        (np.int8(-1), ValueError, "must be >= 0, got -1"),
+    ],
+)
+def test_num_batches_tracked_refuses_what_is_no_count(count, error, message):
+    model, state = _narrow("basic")
+    with pytest.raises(error, match=message):
+        export_torch(model, state, num_batches_tracked=count)
+
+
 # ------------------------------------------------------------------------ models
 
 
@@ -290,10 +328,13 @@ def test_num_batches_tracked_is_optional_on_load_and_export(loaded):
         (TorchResNet18, "resnet18"),
         (TorchResNet34, "resnet34"),
         (TorchResNet50, "resnet50"),
+        (TorchResNeXt50_32x4d, "resnext50_32x4d"),
+        (TorchWideResNet50_2, "wide_resnet50_2"),
     ],
 )
 def test_models_pair_with_torchvision_state_dicts(factory, name):
-    """Every torchvision key pairs without a mapping, with torchvision's shape."""
+    """Every torchvision key pairs without a mapping, with torchvision's shape
+    (issue 21: ResNeXt and wide ResNets gave 176 shape problems)."""
     keys = json.loads((DATA / "torchvision_keys.json").read_text())[name]
     model, state = eqx.filter_eval_shape(
         eqx.nn.make_with_state(factory), key=jax.random.key(0)
@@ -318,6 +359,17 @@ def test_model_bad_arguments():
         TorchResNet("wide", (1, 1, 1, 1), key=jax.random.key(0))
     with pytest.raises(ValueError, match="four positive block counts"):
         TorchResNet("basic", (1, 1, 1), key=jax.random.key(0))
+    # As torchvision's BasicBlock: groups and width_per_group are bottleneck-only.
+    with pytest.raises(ValueError, match="only groups=1 and base_width=64"):
+        TorchResNet("basic", (1, 1, 1, 1), groups=2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="channels inside the block"):
+        TorchResNet(
+            "bottleneck",
+            (1, 1, 1, 1),
+            width=4,
+            width_per_group=8,
+            key=jax.random.key(0),
+        )
 
 
 def test_models_use_pytorch_batch_norm():
@@ -433,7 +485,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     "pickle_bytes, message",
     [
         # builtins.eval("...") through the GLOBAL and REDUCE opcodes
-        (b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.", "builtins.eval"),
+        (b"\x80\x02cbuiltins\neval\nX\x03\x00\x00\x001+1\x85R.", "builtins.eval"),
         # a torch name that is not a tensor-rebuild one
         (b"\x80\x02ctorch\nload\n.", "torch.load"),
         # BUILD (__setstate__) on a dict into arbitrary attributes is dropped, but on
@@ -829,11 +881,13 @@ def test_load_torch_lists_every_problem(loaded):
 def test_load_torch_whole_checkpoint_and_prefix(loaded):
     name, model, state = loaded
     sd = read_torch(DATA / f"narrow_{name}.pt")
-    with pytest.raises(ConversionError, match=r"checkpoint\['state_dict'\]"):
+    with pytest.raises(ConversionError, match=r"checkpoint\['state_dict'\]") as info:
         load_torch(model, state, {"state_dict": sd, "epoch": 3})
+    assert info.value.key == "state_dict" and info.value.prefix is None
     wrapped = {f"module.{k}": v for k, v in sd.items()}
-    with pytest.raises(ConversionError, match="pass prefix='module.'"):
+    with pytest.raises(ConversionError, match="pass prefix='module.'") as info:
         load_torch(model, state, wrapped)
+    assert info.value.prefix == "module." and info.value.key is None
     model2, _ = load_torch(model, state, wrapped, prefix="module.")
     np.testing.assert_array_equal(model2.fc.weight, sd["fc.weight"])
 
@@ -990,3 +1044,123 @@ def test_torch_to_equinox_example_without_torch(tmp_path, monkeypatch):
     original = read_torch(DATA / "narrow_basic.pt")
     assert not np.array_equal(saved.conv1.weight, original["conv1.weight"])
     np.testing.assert_allclose(saved.conv1.weight, original["conv1.weight"], atol=0.05)
+
+
+# ------------------------------------------------- files given to the wrong reader
+
+
+def _flax_msgpack(path):
+    path.write_bytes(to_msgpack_bytes({"params": {"w": np.ones(2, np.float32)}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, reader, message",
+    [
+        (
+            lambda p: _flax_msgpack(p / "x.msgpack"),
+            read_torch,
+            "looks like a Flax msgpack checkpoint; read it with "
+            "eqx_bn.interop.read_msgpack",
+        ),
+        (
+            lambda p: _copy(DATA / "narrow_basic.safetensors", p / "x.safetensors"),
+            read_torch,
+            "looks like a safetensors file; read it with "
+            "eqx_bn.interop.read_safetensors",
+        ),
+        (
+            lambda p: _copy(DATA / "narrow_basic.pt", p / "x.safetensors"),
+            read_safetensors,
+            r"looks like a torch.save file \(a zip archive\); read it with "
+            "eqx_bn.interop.read_torch",
+        ),
+        (
+            lambda p: _copy(DATA / "narrow_basic.pt", p / "x.msgpack"),
+            read_msgpack,
+            "looks like a torch.save file",
+        ),
+        (
+            lambda p: _copy(DATA / "narrow_basic.safetensors", p / "x.msgpack"),
+            read_msgpack,
+            "looks like a safetensors file",
+        ),
+        (
+            lambda p: _write(p / "x.pkl", pickle.dumps({"w": [1.0, 2.0]}, protocol=4)),
+            read_msgpack,
+            r"looks like a plain Python pickle \(`pickle.dump`\), not a torch.save "
+            "file; no reader here loads one",
+        ),
+        (
+            lambda p: _write(p / "x.pkl", pickle.dumps({"w": [1.0, 2.0]}, protocol=4)),
+            read_checkpoint,
+            "not a torch.save file: it looks like a plain Python pickle",
+        ),
+        (
+            lambda p: _flax_msgpack(p / "x.safetensors"),
+            read_safetensors,
+            "looks like a Flax msgpack checkpoint",
+        ),
+    ],
+)
+def test_a_file_given_to_the_wrong_reader_is_named(tmp_path, make, reader, message):
+    """Issue 21.4: the error says what the file looks like and which reader reads
+    it (not "two files concatenated?" or "header length does not fit")."""
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        reader(path)
+
+
+def _copy(source, target):
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_read_checkpoint_goes_by_the_bytes_before_the_suffix(tmp_path):
+    """A torch.save file named `.safetensors` is read as what it is."""
+    path = _copy(DATA / "narrow_basic.pt", tmp_path / "x.safetensors")
+    assert set(read_checkpoint(path)) == set(read_torch(DATA / "narrow_basic.pt"))
+
+
+def test_a_training_checkpoint_holding_argparse_args_is_read_by_keys(tmp_path):
+    """Issue 21.5: torchvision's reference scripts save `args`, an
+    `argparse.Namespace`, beside the model. It is refused (reading it would import
+    and call argparse), the error names it and how to read the rest, and the rest
+    reads with `keys=`."""
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    sd = read_torch(DATA / "narrow_basic.pt")
+    path = tmp_path / "checkpoint.pth"
+    args = argparse.Namespace(lr=0.1, model="resnet18", epochs=90)
+    torch.save(
+        {
+            "model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+            "args": args,
+            "epoch": 3,
+        },
+        path,
+    )
+    for read in (read_torch, read_checkpoint):
+        with pytest.raises(
+            CheckpointError,
+            match=r"refusing to load `argparse.Namespace` at 'args'.*"
+            r"pass keys=\['model'\] to read_torch or read_checkpoint "
+            r"\(`--key model` on the command line\)",
+        ):
+            read(path)
+        got = read(path, keys=["model", "epoch"])
+        assert list(got) == ["model", "epoch"] and got["epoch"] == 3
+        model, state = load_torch(*_narrow("basic"), got["model"])
+        np.testing.assert_array_equal(model.fc.weight, sd["fc.weight"])
+    with pytest.raises(
+        CheckpointError, match="refusing.*`argparse.Namespace` at 'args'"
+    ):
+        read_torch(path, keys=["args"])
+    with pytest.raises(CheckpointError, match="no entry 'optimizer'.*'args', 'epoch'"):
+        read_torch(path, keys=["optimizer"])

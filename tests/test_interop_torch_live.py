@@ -30,7 +30,7 @@ from eqx_bn.interop import (  # noqa: E402
     read_torch,
     write_safetensors,
 )
-from eqx_bn.models import TorchResNet18, TorchResNet50  # noqa: E402
+from eqx_bn.models import TorchResNet, TorchResNet18, TorchResNet50  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "data"))
 import make_torch_reference as reference  # noqa: E402
@@ -66,16 +66,10 @@ def _trained(name: str) -> torch.nn.Module:
     return net
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def case(request, tmp_path_factory):
-    """The trained torch model, its files, the reference results, and the
-    eqx_bn model loaded from the .pt file with torch blocked."""
-    name = request.param
-    net = _trained(name)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 3, 32, 32, generator=gen)
-    labels = torch.randint(0, NUM_CLASSES, (4,), generator=gen)
-    # The references, as make_torch_reference.py makes the recorded ones.
+def _references(name: str, net: torch.nn.Module, x, labels) -> dict:
+    """Eval logits and one train step of `net` in float64 (the reference), with
+    the errors of float32 and of rounding every layer, as make_torch_reference.py
+    makes the recorded ones (what `assert_as_accurate` reads)."""
     f64 = reference._results(reference.copy.deepcopy(net).double(), x.double(), labels)
     f32 = reference._results(reference.copy.deepcopy(net), x, labels)
     rounded = []
@@ -87,6 +81,19 @@ def case(request, tmp_path_factory):
     terms = reference._term_sizes(net, x.double(), labels)
     refs = reference._with_error(f64, f32, f"{name}/", rounded, terms)
     refs["x"], refs["labels"] = x.numpy(), labels.numpy().astype(np.int32)
+    return refs
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request, tmp_path_factory):
+    """The trained torch model, its files, the reference results, and the
+    eqx_bn model loaded from the .pt file with torch blocked."""
+    name = request.param
+    net = _trained(name)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (4,), generator=gen)
+    refs = _references(name, net, x, labels)
 
     folder = tmp_path_factory.mktemp(name)
     state_dict = net.state_dict()
@@ -221,6 +228,76 @@ def test_load_torch_takes_torch_tensors(case):
     loaded, _ = load_torch(model, state, half, cast=True)
     want = half["layer1.0.conv1.weight"].float().numpy()
     np.testing.assert_array_equal(loaded.layer1[0].conv1.weight, want)
+
+
+# (groups, width_per_group) of a narrow ResNeXt and a narrow wide ResNet: 8 stem
+# channels, so the 3x3 convolutions have 16 ... 128 (ResNeXt, in 4 groups) and
+# 16 ... 128 (wide) channels.
+VARIANTS = {"resnext": (4, 32), "wide": (1, 128)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request):
+    """torchvision's own grouped / widened Bottleneck in a narrow ResNet (issue 21:
+    these state_dicts gave 176 shape problems), with BatchNorms away from their
+    initial values, its references, and the eqx_bn model loaded from it."""
+    name = request.param
+    groups, width_per_group = VARIANTS[name]
+    torch.manual_seed(0)
+    net = reference.NarrowResNet(
+        torchvision.models.resnet.Bottleneck,
+        [1, 1, 1, 1],
+        NUM_CLASSES,
+        8,
+        groups=groups,
+        width_per_group=width_per_group,
+    )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.3, 0.3, generator=gen)
+                m.running_mean.uniform_(-0.2, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    x = torch.randn(4, 3, 24, 24, generator=gen)
+    labels = torch.randint(0, NUM_CLASSES, (4,), generator=gen)
+    refs = _references(name, net, x, labels)
+    model, state = eqx.filter_eval_shape(
+        eqx.nn.make_with_state(TorchResNet),
+        "bottleneck",
+        (1, 1, 1, 1),
+        NUM_CLASSES,
+        width=8,
+        groups=groups,
+        width_per_group=width_per_group,
+        key=jax.random.key(0),
+    )
+    state_dict = {k: v.numpy() for k, v in net.state_dict().items()}
+    model, state = load_torch(model, state, state_dict)
+    return name, net, refs, model, state
+
+
+def test_resnext_and_wide_eval_logits_equal_torch(variant):
+    name, net, refs, model, state = variant
+    assert model.layer1[0].conv2.groups == VARIANTS[name][0]
+    logits = _eval(model, state, jnp.asarray(refs["x"]))
+    assert_as_accurate(logits, refs, f"{name}/eval_logits")
+
+
+@pytest.mark.parametrize("variant", ["resnext"], indirect=True)
+def test_resnext_train_step_equals_torch(variant):
+    """Logits, every running statistic and every parameter gradient through the
+    grouped convolutions (the wide variant differs only in its widths)."""
+    name, net, refs, model, state = variant
+    x, labels = jnp.asarray(refs["x"]), jnp.asarray(refs["labels"])
+    logits, new_state, grads = _train_step(model, state, x, labels)
+    assert_as_accurate(logits, refs, f"{name}/train_logits")
+    stats = export_torch(model, new_state, num_batches_tracked=None)
+    grads = export_torch(grads, new_state, num_batches_tracked=None)
+    for key in stats:
+        kind, ours = ("state", stats) if "running" in key else ("grad", grads)
+        assert_as_accurate(ours[key], refs, f"{name}/{kind}/{key}")
 
 
 def test_export_without_num_batches_tracked_loads_strictly_in_torch():

@@ -8,19 +8,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax_reference import ResNet as FlaxResNet, numpy_init
 from helpers import channels_first, channels_last, flax_promotion
 
-from eqx_bn.interop import flax_paths, load_flax
+import eqx_bn
+from eqx_bn.interop import export_flax, flax_paths, load_flax
 from eqx_bn.models import (
     ResNet,
     ResNet18,
     ResNet34,
     ResNetBlock,
     SeedMLP,
+    TorchResNet,
+    TorchResNet18,
     channels_last_conv,
 )
-from eqx_bn.models.resnet import _max_pool
+from eqx_bn.models._resnet import max_pool
+
+
+def _max_pool(x):
+    return max_pool(x, ResNet._pool_padding)  # Flax's "SAME"
 
 
 def _flat(variables):
@@ -225,3 +233,192 @@ def test_channels_last_conv_rejects_what_it_cannot_run():
     )
     with pytest.raises(ValueError, match="padding_mode='REFLECT'"):
         channels_last_conv(reflect, jnp.ones((8, 8, 3)))
+
+
+# ------------------------------------------- construction (issue 22) and input
+
+
+def _ks(ours, reference, what, limit=20000):
+    """Two-sample Kolmogorov-Smirnov test that `ours` is drawn as `reference` is
+    (at most `limit` values of each). The keys are fixed, so the outcome is too;
+    a p-value under 1e-3 means another distribution: at 20000 values a
+    difference of D > 0.02 between the two CDFs (a scale off by 5%), at 200000
+    D > 0.006 (a plain normal for a truncated one)."""
+    ours, reference = np.ravel(ours)[:limit], np.ravel(reference)[:limit]
+    p = scipy.stats.ks_2samp(ours, reference, method="asymp").pvalue
+    assert p > 1e-3, f"{what}: p={p:.2g}, std {ours.std():.4g} vs {reference.std():.4g}"
+
+
+def _constant(values):
+    values = np.asarray(values)
+    return values.size > 0 and bool(np.all(values == values.flat[0]))
+
+
+@pytest.mark.slow  # importing torch alone takes seconds
+@pytest.mark.parametrize("case", ["resnet18", "resnext_zero_init"])
+def test_torchvision_named_weights_are_drawn_as_torchvision_draws_them(case):
+    """Every array of a TorchResNet against the same one of torchvision's model,
+    by its state_dict name: the constants equal (BatchNorm weight 1 or, with
+    zero_init_residual, 0; bias 0; running statistics), the rest drawn from the
+    same distribution (kaiming_normal_ fan_out for the convolutions, grouped ones
+    too; nn.Linear's default for fc)."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from eqx_bn.interop import export_torch
+
+    torch.manual_seed(0)
+    if case == "resnet18":
+        net = torchvision.models.resnet18(num_classes=100)
+        make = functools.partial(TorchResNet18, 100)
+    else:
+        kwargs = dict(groups=4, width_per_group=32, zero_init_residual=True)
+        bottleneck = torchvision.models.resnet.Bottleneck
+        net = torchvision.models.ResNet(bottleneck, [1, 1, 1, 1], 100, **kwargs)
+        make = functools.partial(TorchResNet, "bottleneck", (1, 1, 1, 1), 100, **kwargs)
+    model, state = eqx.nn.make_with_state(make)(key=jax.random.key(0))
+    ours = export_torch(model, state, num_batches_tracked=None)
+    theirs = {
+        k: v.numpy() for k, v in net.state_dict().items() if "num_batches" not in k
+    }
+    assert list(ours) == list(theirs)
+    for name, reference in theirs.items():
+        if _constant(reference):
+            np.testing.assert_array_equal(ours[name], reference, err_msg=name)
+        else:
+            _ks(ours[name], reference, name)
+    if case == "resnext_zero_init":
+        assert np.all(ours["layer4.0.bn3.weight"] == 0)
+
+
+def test_flax_named_weights_are_drawn_as_flax_draws_them():
+    """Every kernel against Flax's own default initialiser (`lecun_normal`, the
+    `kernel_init` of nn.Conv and nn.Dense): scaled by the square root of Flax's
+    fan-in (all but the output axis of the Flax kernel), each is distributed as
+    that initialiser's draw at fan-in 1, a truncated normal. The Dense bias and
+    BatchNorm bias start at 0, the scales at 1 but the last of each block (the
+    example's `scale_init=zeros_init()`), the statistics at 0 and 1."""
+    lecun = nn.Conv.__dataclass_fields__["kernel_init"].default
+    assert nn.Dense.__dataclass_fields__["kernel_init"].default is lecun
+    unit = np.asarray(lecun(jax.random.key(1), (1, 200000)))
+    model, state = eqx.nn.make_with_state(ResNet18)(
+        100, num_filters=32, key=jax.random.key(0)
+    )
+    variables = export_flax(model, state)
+    pooled = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        name = "/".join(k.key for k in path)
+        if name.endswith("kernel"):
+            pooled.append(leaf * np.sqrt(np.prod(leaf.shape[:-1])))
+            _ks(pooled[-1], unit, name)
+            continue
+        zero = name.endswith(("bias", "mean")) or "BatchNorm_1/scale" in name
+        np.testing.assert_array_equal(leaf, np.full(leaf.shape, 0.0 if zero else 1.0))
+    # Every kernel together: the shape of the distribution, truncation included.
+    rng = np.random.default_rng(0)
+    pooled = rng.permutation(np.concatenate([np.ravel(p) for p in pooled]))
+    _ks(pooled, unit, "all kernels", limit=200000)
+
+
+def test_seed_mlp_weights_are_drawn_as_equinox_draws_them():
+    model = SeedMLP(5000, key=jax.random.key(0))
+    linear = eqx.nn.Linear(5000, 4, key=jax.random.key(1))
+    _ks(model.dense_0.weight, linear.weight, "dense_0.weight")
+    assert model.dense_0.bias.shape == (4,)
+    assert np.all(np.abs(model.dense_0.bias) <= 1 / np.sqrt(5000))
+
+
+def test_batch_norms_start_as_batch_norm_builds_them():
+    """The models fill their BatchNorms without running BatchNorm.__init__'s
+    arrays (models/_init.py restates them): they must stay the same."""
+    model, state = eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
+    bn, bn_state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(4, momentum=0.99)
+    for a, b in ((model.norm.scale, bn.scale), (model.norm.bias, bn.bias)):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    ours, theirs = state.get(model.norm.state_index), bn_state.get(bn.state_index)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+def _tiny(kind, key):
+    if kind == "flax":
+        return ResNet((1, 1), 3, num_filters=2, key=key)
+    if kind == "torch":
+        return TorchResNet("bottleneck", (1, 1, 1, 1), 3, width=4, key=key)
+    return SeedMLP(3, key=key)
+
+
+def _same(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["flax", "torch", "mlp"])
+def test_a_key_gives_its_weights_eagerly_and_under_jit(kind):
+    key, other = jax.random.key(0), jax.random.key(1)
+    model = _tiny(kind, key)
+    _same(_tiny(kind, key), model)
+    # Under jit the key is a tracer and the draw a pure_callback: the same numbers.
+    _same(eqx.filter_jit(_tiny)(kind, key), model)
+    # Another key: every weight drawn at random differs.
+    changed = _tiny(kind, other)
+    drawn = lambda m: [  # noqa: E731
+        leaf.weight
+        for leaf in jax.tree.leaves(m, is_leaf=lambda x: isinstance(x, eqx.nn.Linear))
+        if isinstance(leaf, eqx.nn.Conv | eqx.nn.Linear)
+    ]
+    assert drawn(model)
+    for a, b in zip(drawn(model), drawn(changed), strict=True):
+        assert not np.any(a == b)
+
+
+def test_an_ensemble_built_under_vmap_has_each_keys_weights():
+    keys = jax.random.split(jax.random.key(0), 2)
+    ensemble = eqx.filter_vmap(lambda k: _tiny("mlp", k))(keys)
+    for i in range(2):
+        member = jax.tree.map(lambda x: x[i], eqx.filter(ensemble, eqx.is_array))
+        _same(member, eqx.filter(_tiny("mlp", keys[i]), eqx.is_array))
+
+
+def test_building_compiles_nothing():
+    """Issue 22: each eager jax.random initialiser compiled once per shape (a cold
+    TorchResNet18 took 18.6 s, a TorchResNet50 30-95 s). Now a model is drawn
+    with no XLA compile at all (benchmarks/build_time.py times it)."""
+    key = jax.random.key(7)
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for make, args in (
+            (TorchResNet, ("bottleneck", (1, 1, 1, 1), 17)),
+            (TorchResNet18, (13,)),
+            (ResNet, ((1, 2), 11)),
+            (SeedMLP, (9,)),
+            (ResNetBlock, (5, 6, 2)),
+        ):
+            eqx.nn.make_with_state(make)(*args, key=key)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
+
+
+def test_models_take_numpy_input():
+    """Issue 21: the bundled models refused NumPy arrays (BatchNorm and eqx.nn
+    layers take them)."""
+    model, state = eqx.nn.make_with_state(SeedMLP)(3, key=jax.random.key(0))
+    x = np.random.default_rng(0).normal(size=3).astype(np.float32)
+    y, _ = model(x, state, inference=True)  # eagerly, as a user in a notebook
+    np.testing.assert_array_equal(y, model(jnp.asarray(x), state, inference=True)[0])
+    image = np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32)
+    for kind in ("flax", "torch"):
+        model, state = eqx.nn.make_with_state(_tiny)(kind, jax.random.key(0))
+        # The NumPy image reaches the model as it is (closed over, not traced).
+        out, _ = jax.eval_shape(lambda s: model(image, s, inference=True), state)
+        assert out.shape == (3,)

@@ -1,5 +1,8 @@
 """The package's public face, and that Flax is never needed to use it."""
 
+import importlib
+import pydoc
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,6 +12,7 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import pytest
 
 import eqx_bn
 
@@ -20,6 +24,25 @@ def test_reexports_are_equinox_objects_not_copies():
     assert eqx_bn.inference_mode is eqx.nn.inference_mode
     assert issubclass(eqx_bn.BatchNorm, eqx.nn.StatefulLayer)
     assert isinstance(eqx_bn.__version__, str) and eqx_bn.__version__
+
+
+@pytest.mark.parametrize(
+    "module", ["eqx_bn", "eqx_bn.interop", "eqx_bn.models", "eqx_bn.train"]
+)
+def test_help_lists_every_public_name(module):
+    """Issue 21 item 3: `help(eqx_bn)` listed no public names, as pydoc shows only
+    the objects a module defines itself unless `__all__` says otherwise."""
+    mod = importlib.import_module(module)
+    assert mod.__all__ and len(set(mod.__all__)) == len(mod.__all__)
+    missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+    assert not missing, f"{module}.__all__ names what it lacks: {missing}"
+    text = pydoc.render_doc(mod, renderer=pydoc.plaintext)
+    unlisted = [
+        name
+        for name in mod.__all__
+        if not re.search(rf"^ +(class )?{name}\b", text, flags=re.M)
+    ]
+    assert not unlisted, f"help({module}) does not list {unlisted}"
 
 
 def test_reading_and_converting_a_flax_checkpoint_without_flax(tmp_path):

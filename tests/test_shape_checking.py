@@ -14,7 +14,7 @@ import pytest
 from jaxtyping import Array, Float, TypeCheckError, install_import_hook
 
 import eqx_bn
-from eqx_bn.models import ResNet, SeedMLP
+from eqx_bn.models import ResNet, SeedMLP, TorchResNet
 
 
 def pool(h: Float[Array, "channels height width"]) -> Float[Array, " channels"]:
@@ -230,10 +230,41 @@ def test_resnet_channels_last_image_to_a_channels_first_model_names_the_flag(res
         jax.eval_shape(batched(model), jnp.ones((2, 8, 8, 3)), state)
 
 
-def test_resnet_batch_without_vmap_names_the_layout(resnet):
+def _abstract(make, *args, **kwargs):
+    return eqx.filter_eval_shape(
+        eqx.nn.make_with_state(make), *args, key=jax.random.key(0), **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "name, build, batch",
+    [
+        ("ResNet", lambda: _abstract(ResNet, (1,), 10, num_filters=4), (2, 3, 8, 8)),
+        (
+            "TorchResNet",
+            lambda: _abstract(TorchResNet, "basic", (1, 1, 1, 1), width=4),
+            (2, 3, 8, 8),
+        ),
+        ("SeedMLP", lambda: _abstract(SeedMLP, 2), (4, 2)),
+    ],
+)
+def test_batch_without_vmap_says_vmap(name, build, batch):
+    """Issue 21: a whole batch passed without jax.vmap gave jaxtyping's print-out
+    of the whole State; the model's own message, naming the vmap call, comes
+    first."""
+    model, state = build()
+    with pytest.raises(ValueError, match=f"^{name}: x has shape") as e:
+        jax.eval_shape(model, jnp.ones(batch), state)
+    message = str(e.value)
+    assert "a whole batch?" in message
+    assert "jax.vmap(model, axis_name='batch', in_axes=(0, None)" in message
+    assert "State" not in message and "Called with parameters" not in message
+
+
+def test_integer_image_is_named_before_the_type_check(resnet):
     model, state = resnet(False)
-    with pytest.raises(TypeCheckError, match="channels height width"):
-        jax.eval_shape(model, jnp.ones((2, 3, 8, 8)), state)
+    with pytest.raises(TypeError, match="x is int32\\[3, 8, 8\\], expected a floating"):
+        jax.eval_shape(model, jnp.ones((3, 8, 8), jnp.int32), state)
 
 
 def test_seed_mlp_names_in_features():

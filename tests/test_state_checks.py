@@ -75,6 +75,33 @@ def test_state_of_another_build_is_a_value_error_not_a_key_error():
     assert "make_with_state" in str(e.value)
 
 
+def test_state_of_another_instance_is_caught_where_the_keys_differ():
+    """Issue 21 item 2: a State made for another BatchNorm of the same shape, as
+    docs/faq.md describes it with Equinox 0.13.8's keys."""
+    # Built without make_with_state, each layer has an object key of its own.
+    bn = eqx_bn.BatchNorm(3, axis_name=None)
+    other = eqx_bn.BatchNorm(3, axis_name=None)
+    with pytest.raises(ValueError, match="holds no running statistics") as e:
+        bn(X, eqx.nn.State(other))
+    assert "State holds 1 entry (an object key" in str(e.value)
+    # make_with_state keys by class name and path: another class's State lacks it.
+    bn, state = make(3, axis_name=None)
+    _, seq_state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [eqx_bn.BatchNorm(3, axis_name=None)]
+    )
+    expected = (
+        "Its key is 'BatchNorm.state_index'; the State holds 1 entry "
+        "('Sequential.layers[0].state_index')"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        bn(X, seq_state)
+    # The same class built again has the same keys: its State is accepted (by
+    # Equinox's design, so that a rebuilt model takes a saved State).
+    _, twin_state = make(3, axis_name=None)
+    y, twin_state = bn(X, twin_state)
+    assert y.shape == X.shape
+
+
 def test_eqx_batch_norm_gives_a_bare_key_error_for_another_build():
     ebn, _ = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
     other = eqx.nn.State(eqx.nn.BatchNorm(3, "batch", mode="batch"))

@@ -281,9 +281,9 @@ def test_steps_compile_once():
     assert counted.traces == 2
     assert int(ts.step) == 5
     # A holder made afresh the same way is the same jit cache entry: its static
-    # `Structure` compares by value (same model configuration, same optimiser).
+    # skeletons compare by value (same model configuration, same optimiser).
     _, _, other = fresh_state()
-    assert other.structure is not ts.structure
+    assert other.model_skeleton is not ts.model_skeleton
     other, _, _ = train_step(other, (xs[0], ys[0]))
     eval_step(other, (xs[0], ys[0]))
     assert counted.traces == 2
@@ -430,7 +430,7 @@ def test_replace_model_state_and_step():
     back = trained.replace(model=model, state=state, step=7)
     assert eqx.tree_equal(back.params, ts.params) and int(back.step) == 7
     assert eqx.tree_equal(back.state, ts.state)
-    assert back.structure is trained.structure  # same compiled steps
+    assert back.model_skeleton is trained.model_skeleton  # same compiled steps
     # A change of configuration only (a layer frozen) is a new static structure.
     frozen = eqx.tree_at(lambda m: m.norm, model, eqx.nn.inference_mode(model.norm))
     assert trained.replace(model=frozen).model.norm.inference
@@ -580,3 +580,236 @@ def test_replace_copies_what_a_donating_step_consumes():
     # An evaluation of the donated holder says what happened, not an XLA error.
     with pytest.raises(ValueError, match="eval_step: this TrainState was donated"):
         EVAL_STEP(ts, (xs[1], ys[1]))
+
+
+class Keyed(eqx.Module):
+    """A model holding a typed PRNG key (e.g. for its own dropout)."""
+
+    linear: eqx.nn.Linear
+    key: jax.Array
+
+    def __init__(self):
+        self.linear = eqx.nn.Linear(3, 1, key=jax.random.key(0))
+        self.key = jax.random.key(1)
+
+    def __call__(self, x, state):
+        return self.linear(x), state
+
+
+def keyed_loss(model, state, batch):
+    x, y = batch
+    pred, state = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
+    return jnp.mean((pred - y) ** 2), (state, None)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (initial_model(), optax.noisy_sgd(0.1, key=jax.random.key(3))),
+        lambda: (
+            initial_model(),
+            optax.chain(optax.add_noise(0.01, 0.55, key=7), optax.sgd(0.1)),
+        ),
+        lambda: (eqx.nn.make_with_state(Keyed)(), optax.sgd(0.1)),
+    ],
+    ids=["noisy_sgd", "chain add_noise", "model with a key field"],
+)
+def test_typed_prng_keys_are_held(make):
+    """Issue 21, item 1: a typed PRNG key (in the optimiser state or the model) made
+    `create` fail (`'PRNGKeyArray' object has no attribute 'weak_type'`); Flax's
+    TrainState takes these optimisers."""
+    (model, state), tx = make()
+    ts = TrainState.create(model, state, tx)
+    keys = [
+        x
+        for x in jax.tree.leaves(ts)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
+    assert keys
+    step = make_train_step(loss_fn if isinstance(model, SeedMLP) else keyed_loss)
+    xs, ys = data(2)
+    after, _, _ = step(ts, (xs[0], ys[0]))
+    after, _, _ = step(after, (xs[1], ys[1]))
+    assert int(after.step) == 2
+    # `replace` checks and copies keys like any other array.
+    again = after.replace(model=after.model, opt_state=after.opt_state)
+    assert eqx.tree_equal(again, after)
+    if not isinstance(model, Keyed):  # the noise's key moved on at every step
+        old, new = (
+            jax.random.key_data(k) for k in (keys[0], after.opt_state[0].rng_key)
+        )
+        assert not np.array_equal(old, new)
+
+
+class Layers(eqx.Module):
+    """Layers in a list and a dict: an unhashable static part."""
+
+    layers: list
+    heads: dict
+
+    def __init__(self):
+        self.layers = [
+            eqx.nn.Linear(3, 4, key=jax.random.key(0)),
+            eqx_bn.BatchNorm(4, "batch"),
+        ]
+        self.heads = {"out": eqx.nn.Linear(4, 1, key=jax.random.key(1))}
+
+    def __call__(self, x, state):
+        x, state = self.layers[1](self.layers[0](x), state)
+        return self.heads["out"](x), state
+
+
+def test_holders_of_a_model_with_lists_are_one_structure():
+    """Issue 21, item 2: with a list or dict field the static part was unhashable
+    and hashed by `id`: two holders built the same way were different pytrees
+    (`jax.tree.map` over both failed, `eqx.tree_equal` was False) and the step
+    compiled once per `create`."""
+    model, state = eqx.nn.make_with_state(Layers)()
+    tx = OPTIMIZERS["sgd"]
+    holders = [TrainState.create(model, state, tx) for _ in range(3)]
+    first, second = holders[:2]
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    jax.tree.map(lambda a, b: a, first, second)
+    assert bool(eqx.tree_equal(first, second))
+    assert hash(first.model_skeleton) == hash(second.model_skeleton)
+    counted = Counter(loss_fn)
+    step = make_train_step(counted)
+    xs, ys = data(1)
+    for ts in holders:
+        step(ts, (xs[0], ys[0]))
+    assert counted.traces == 1
+
+
+def test_a_donated_holder_is_refused_everywhere():
+    """Issue 21: `old.replace(step=3)` of a donated holder ended in "Array has been
+    deleted" at the next step, `old.to_flax()` in a raw RuntimeError; a holder
+    sharing a part with a donated one (`replace` keeps what it is not given), or a
+    model read from one, too."""
+    _, _, ts = fresh_state()
+    xs, ys = data(2)
+    donating = make_train_step(loss_fn, donate=True)
+    kept = ts.replace(step=5)  # shares the model, State and optimiser state
+    model_read = ts.model
+    new, _, _ = donating(ts, (xs[0], ys[0]))
+    with pytest.raises(
+        ValueError, match="TrainState.replace: this TrainState was donated"
+    ):
+        ts.replace(step=3)
+    with pytest.raises(
+        ValueError, match="TrainState.to_flax: this TrainState was donated"
+    ):
+        ts.to_flax()
+    with pytest.raises(ValueError, match="train_step: this TrainState was donated"):
+        donating(kept, (xs[1], ys[1]))
+    with pytest.raises(
+        ValueError, match="the model given holds arrays deleted by a donating"
+    ):
+        new.replace(model=model_read)
+    # The holder the step returned is unaffected.
+    assert int(donating(new, (xs[1], ys[1]))[0].step) == 2
+
+
+def test_replace_names_every_difference():
+    """`replace` reports each difference with its path (one helper,
+    `eqx_bn._describe.tree_differences`, also used by `from_flax`)."""
+    model, state, ts = fresh_state()
+    wider = eqx.nn.make_with_state(SeedMLP)(5, key=jax.random.key(0))[0]
+    with pytest.raises(ValueError) as info:
+        ts.replace(model=wider)
+    text = str(info.value)
+    assert "model.dense_0.in_features: expected 3, got 5 (a static field)" in text
+    assert "model.dense_0.weight: expected float32[4, 3], got float32[4, 5]" in text
+    halved = eqx.tree_at(
+        lambda m: m.dense_1.bias, model, model.dense_1.bias.astype(jnp.bfloat16)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"model.dense_1.bias: expected float32\[1\], got bfloat16\[1\]",
+    ):
+        ts.replace(model=halved)
+    no_bias = eqx.tree_at(lambda m: m.dense_1.bias, model, None)
+    with pytest.raises(
+        ValueError, match=r"model.dense_1.bias: expected float32\[1\], got None"
+    ):
+        ts.replace(model=no_bias)
+
+
+def test_tree_differences_names_each_kind():
+    """The one tree-difference helper (issue 22): paths, and each kind of
+    difference; typed PRNG keys named as JAX prints them."""
+    from eqx_bn._describe import describe, tree_differences
+
+    key = jax.random.key(0)
+    assert describe(key) == "key<fry>[]" and describe(None) == "None"
+    a = {
+        "w": jnp.zeros((2, 3)),
+        "k": key,
+        "xs": (1.0, jnp.zeros(2)),
+        "gone": jnp.zeros(1),
+    }
+    b = {
+        "w": jnp.zeros((3, 2)),
+        "k": jax.random.key_data(key),
+        "xs": [1.0, jnp.zeros(2)],
+        "new": 2,
+    }
+    assert tree_differences(a, b, where="t") == [
+        "t['gone']: missing (expected float32[1])",
+        "t['new']: unexpected a int",
+        "t['k']: expected key<fry>[], got uint32[2]",
+        "t['w']: expected float32[2, 3], got float32[3, 2]",
+        "t['xs']: expected a tuple, got a list",
+    ]
+    assert tree_differences(a, a) == []
+    # Non-array leaves are configuration: not compared.
+    assert tree_differences({"f": jax.nn.relu}, {"f": jax.nn.gelu}) == []
+
+
+def test_train_imports_nothing_from_interop_at_load():
+    """Issue 22: `eqx_bn.train` is below `eqx_bn.interop` (nothing -> train, train
+    -> core): its Flax conversion is imported on first use, inside a function."""
+    import ast
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    source = pathlib.Path(train.__file__)
+    tree = ast.parse(source.read_text())
+
+    def module_level(node):  # what runs at import: all but function bodies
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            ):
+                yield child
+                yield from module_level(child)
+
+    imported = []
+    for node in module_level(tree):
+        if isinstance(node, ast.Import):
+            imported += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "eqx_bn." * (node.level > 0) + (node.module or "")
+            imported += [
+                f"{base}.{a.name}".replace("eqx_bn..", "eqx_bn.") for a in node.names
+            ]
+    assert imported and not [n for n in imported if "interop" in n], imported
+
+    # And by running it: train.py and what it imports, as a package of their own
+    # (eqx_bn's own __init__ imports interop), bring no interop module in.
+    name = "eqx_bn_isolated"
+    package = types.ModuleType(name)
+    package.__path__ = [str(source.parent)]
+    sys.modules[name] = package
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}.train", source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        loaded = [m for m in sys.modules if m.startswith(name)]
+        assert f"{name}.train" in loaded
+        assert not [m for m in loaded if "interop" in m], loaded
+    finally:
+        for m in [m for m in sys.modules if m.startswith(name)]:
+            del sys.modules[m]

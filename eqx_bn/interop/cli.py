@@ -22,7 +22,6 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -30,7 +29,8 @@ from typing import Any
 import equinox as eqx
 import jax
 
-from .convert import ConversionError, load_flax
+from .engine import ConversionError
+from .flax import load_flax
 from .formats import CheckpointError, atomic_write, checkpoint_kind, read_checkpoint
 from .torch import load_torch
 
@@ -105,18 +105,16 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _cwd_importable() -> Iterator[None]:
-    # `python -m` puts the working directory on sys.path, an installed script
-    # does not; `--model my_models:make` should work the same from both.
-    cwd = os.getcwd()
-    added = cwd not in sys.path
+def _importable(directory: str) -> Iterator[None]:
+    """`directory` first on `sys.path` while the factory's module is imported."""
+    added = directory not in sys.path
     if added:
-        sys.path.insert(0, cwd)
+        sys.path.insert(0, directory)
     try:
         yield
     finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
+        if added and directory in sys.path:
+            sys.path.remove(directory)
 
 
 def _import_module(name: str) -> Any:
@@ -128,10 +126,15 @@ def _import_module(name: str) -> Any:
         if spec is None or spec.loader is None:
             raise _UsageError(f"--model: cannot import {name!r}")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # As `python path/to/models.py` would: its folder is where its own
+        # `import helpers` finds the file's siblings.
+        with _importable(os.path.dirname(os.path.abspath(name))):
+            spec.loader.exec_module(module)
         return module
     try:
-        with _cwd_importable():
+        # `python -m` puts the working directory on sys.path, an installed script
+        # does not; `--model my_models:make` should work the same from both.
+        with _importable(os.getcwd()):
             return importlib.import_module(name)
     except ModuleNotFoundError as e:
         # Only a missing module named in --model is a usage error; an import that
@@ -266,41 +269,25 @@ def _entry(variables: Any, key: str) -> Any:
     return entry
 
 
-# Where training scripts usually keep the model's state_dict in a checkpoint.
-_STATE_DICT_NAMES = ("state_dict", "model_state_dict", "model", "net", "module")
-
-
-def _check_torch_top_level(variables: Mapping) -> None:
-    """A training checkpoint (`{"state_dict": ..., "epoch": ...}`) named with the
-    `--key` that picks its state_dict, before `load_torch` refuses it."""
-    nested = sorted(str(k) for k, v in variables.items() if isinstance(v, Mapping))
-    if not nested:
-        return
-    usual = [
-        name
-        for name, entry in variables.items()
-        if name in _STATE_DICT_NAMES
-        and isinstance(entry, Mapping)
-        and not any(isinstance(v, Mapping) for v in entry.values())
-    ]
-    if len(usual) == 1:
-        raise _UsageError(
-            f"The checkpoint holds the dict {usual[0]!r} beside other entries: it "
-            "looks like a whole training checkpoint. Convert its state_dict with "
-            f"--key {usual[0]}."
-        )
-    raise _UsageError(
-        f"The checkpoint holds nested dicts under {', '.join(map(repr, nested))}, "
-        "not a flat state_dict: pass --key NAME with the entry that holds the "
-        "model's state_dict."
-    )
-
-
-def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
-    # Fail before the (possibly long) read if the output cannot be written.
+def _check_output(args: argparse.Namespace) -> None:
+    """Fails before the (possibly long) read if the output cannot be written, or
+    would replace the checkpoint itself."""
     directory = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(directory):
         raise _UsageError(f"cannot write {args.output!r}: no directory {directory!r}")
+    if os.path.exists(args.output) and os.path.exists(args.checkpoint):
+        same = os.path.samefile(args.output, args.checkpoint)
+    else:
+        same = os.path.realpath(args.output) == os.path.realpath(args.checkpoint)
+    if same:
+        raise _UsageError(
+            f"OUTPUT {args.output!r} is the checkpoint being converted: writing it "
+            "would replace the checkpoint. Give the Equinox file another name."
+        )
+
+
+def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    _check_output(args)
     is_torch = (
         os.path.isfile(args.checkpoint)
         and checkpoint_kind(args.checkpoint) != "msgpack"
@@ -308,8 +295,11 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     _check_flags(args, is_torch)
     model, state = _build(args.model)
     update, bar = _progress(args.checkpoint, args.quiet)
+    # With --key, only that entry is read: what the others hold (a training
+    # checkpoint's `args`, an argparse.Namespace) does not matter.
+    keys = None if args.key is None else [args.key]
     try:
-        variables = read_checkpoint(args.checkpoint, progress=update)
+        variables = read_checkpoint(args.checkpoint, progress=update, keys=keys)
     except ImportError as e:  # an Orbax directory without orbax-checkpoint
         raise _UsageError(str(e)) from None
     finally:
@@ -323,8 +313,6 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     if args.key is not None:
         variables = _entry(variables, args.key)
     if is_torch:
-        if args.key is None:
-            _check_torch_top_level(variables)
         model, state = load_torch(
             model, state, variables, cast=args.cast, prefix=args.prefix or ""
         )
@@ -351,6 +339,20 @@ def _convert(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     )
 
 
+def _flags(error: ConversionError) -> list[str]:
+    """The flags that do what the error's hints advise (`ignore_extra=True`...)."""
+    flags = []
+    if error.extra:
+        flags.append("`--ignore-extra`")
+    if error.castable:
+        flags.append("`--cast`")
+    if error.prefix is not None:
+        flags.append(f"`--prefix {error.prefix}`")
+    if error.key is not None:
+        flags.append(f"`--key {error.key}`")
+    return flags
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Runs the converter; returns the exit status (0, or 2 on any error).
 
@@ -374,17 +376,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         _convert(args, say)
     except (CheckpointError, ConversionError, _UsageError) as e:
         message = str(e)
-        flags = []
-        if getattr(e, "extra", ()):
-            flags.append("--ignore-extra")
-        if any("cast=True" in m for m in getattr(e, "mismatched", ())):
-            flags.append("--cast")
-        # load_torch's hint for a model saved in a wrapper: `pass prefix='module.'`.
-        prefix = re.search(r"pass prefix='([^']+)'", message)
-        if prefix is not None:
-            flags.append(f"--prefix {prefix.group(1)}")
+        flags = _flags(e) if isinstance(e, ConversionError) else []
         if flags:
-            message += f"\nOn the command line: {' and '.join(flags)}."
+            message += f"\nOn the command line, pass {' and '.join(flags)}."
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     return 0

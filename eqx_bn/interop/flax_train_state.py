@@ -10,8 +10,10 @@ shape with Equinox containers, and its parameter-shaped subtrees (`trace`, `mu`,
 Both sides are walked in parallel, the Equinox side (`optimizer.init` of the model)
 giving the structure. A parameter-shaped subtree is converted by the public
 `load_flax`/`export_flax`, exactly as `params` is, so the pairing (and `mapping=`)
-is the same; every other leaf (`count`, hyperparameters) is copied with its shape
-and dtype checked. All problems end up in one `ConversionError`.
+is the same; every other leaf (`count`, hyperparameters, PRNG keys) is copied with
+its shape and dtype checked (`tree_differences`, as `TrainState.replace` checks).
+A scope that `mapping` leaves out gets `optimizer.init`'s fresh state. All problems
+end up in one `ConversionError`.
 """
 
 from collections.abc import Mapping
@@ -22,11 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._describe import describe
-from .convert import ConversionError, export_flax, load_flax
+from .._describe import describe, tree_differences
+from .engine import ConversionError
+from .flax import export_flax, load_flax
 
 TRAIN_STATE_KEYS = ("step", "params", "batch_stats", "opt_state")
 """The entries of a saved Flax `TrainState` (with a `batch_stats` field)."""
+
+_CAST_HINT = "; pass cast=True to convert"
+"""How `load_flax` ends a dtype mismatch: advice for it, not for `from_flax`."""
 
 
 def _is_named_tuple(x: Any) -> bool:
@@ -42,6 +48,7 @@ class _Problems:
         self.mismatched: list[str] = []
         self.extra: list[str] = []
         self.unsupported: list[str] = []
+        self.dtypes = False  # some dtype differs: say what to do once, at the end
 
     def absorb(self, error: ConversionError, prefix: str | None = None) -> None:
         """The problems of a `load_flax` call, with its `params/` renamed `prefix/`."""
@@ -60,7 +67,9 @@ class _Problems:
 
         self.missing += renamed(error.missing)
         self.unexpected += renamed(error.unexpected)
-        self.mismatched += renamed(error.mismatched)
+        for item in renamed(error.mismatched):
+            self.dtypes |= item.endswith(_CAST_HINT)
+            self.mismatched.append(item.removesuffix(_CAST_HINT))
         self.extra += error.extra
         # A layer with no rule is reported once, not once per optimiser subtree.
         self.unsupported += [u for u in error.unsupported if u not in self.unsupported]
@@ -102,6 +111,13 @@ class _Problems:
                 f"TrainState subclass?): {', '.join(self.extra)}; pass "
                 "ignore_extra=True to skip them."
             )
+        if self.dtypes:
+            lines.append(
+                "TrainState.from_flax does not convert dtypes (it has no `cast=`): "
+                "build the model in the checkpoint's dtypes (its optimiser state "
+                "follows), or convert the checkpoint's arrays of the wrong dtype to "
+                "the model's before passing it (`a.astype(np.float32)`)."
+            )
         lines.append(
             "Pass the optimiser the Flax TrainState was trained with (its `tx`), "
             "built the same way (same chain, same hyperparameters as arrays or not); "
@@ -126,7 +142,7 @@ class _Loader:
         self.mapping = mapping
         self.batch_stats = batch_stats
         self.problems = problems
-        trainable, self.rest = eqx.partition(model, eqx.is_inexact_array)
+        trainable, self.rest = eqx.partition(model, _is_trainable)
         self.param_def = jax.tree.structure(trainable)
         self.param_shapes = _shapes(trainable)
 
@@ -153,7 +169,9 @@ class _Loader:
         except ConversionError as e:
             self.problems.absorb(e, prefix=path)
             return template
-        return eqx.filter(loaded, eqx.is_inexact_array)
+        # A scope that `mapping` leaves out keeps the template's placeholder, filled
+        # by `_fill_left_out` with `optimizer.init`'s values.
+        return eqx.filter(loaded, _is_value_or_placeholder)
 
     def walk(self, template: Any, node: Any, path: str) -> Any:
         if self.is_param_shaped(template):
@@ -183,10 +201,7 @@ class _Loader:
             return dict(zip(template, out))
         if isinstance(template, jax.ShapeDtypeStruct):
             return self.leaf(template, node, path)
-        self.problems.unsupported.append(
-            f"{path}: an optimiser state node of type {type(template).__name__} "
-            "(masked or custom optimiser states are not mapped)"
-        )
+        self.problems.unsupported.append(_not_mapped(path, template))
         return template
 
     def children(self, templates, keys, node, path) -> list:
@@ -214,11 +229,14 @@ class _Loader:
         return out
 
     def leaf(self, template: jax.ShapeDtypeStruct, node: Any, path: str) -> Any:
-        """A non-parameter leaf (a count, a hyperparameter): same shape and dtype.
+        """A non-parameter leaf (a count, a hyperparameter, a PRNG key): same shape
+        and dtype.
 
         Python scalars (as Orbax restores scalars saved as such) are accepted for a
         scalar of the same kind.
         """
+        if jax.dtypes.issubdtype(template.dtype, jax.dtypes.prng_key):
+            return self.key(template, node, path)
         dtype = np.dtype(template.dtype)
         if isinstance(node, (bool, int, float, np.generic)) and template.shape == ():
             # By dtype kind, not by `type(node)`: NumPy scalars (`np.float64` is
@@ -235,12 +253,51 @@ class _Loader:
                 f"{path}: expected {describe(template)}, got {describe(node)}"
             )
             return template
-        if value.shape != template.shape or value.dtype != dtype:
-            self.problems.mismatched.append(
-                f"{path}: expected {describe(template)}, got {describe(value)}"
-            )
+        differences = tree_differences(template, value, where=path)
+        if differences:
+            self.problems.mismatched += differences
             return template
         return jnp.asarray(value)
+
+    def key(self, template: jax.ShapeDtypeStruct, node: Any, path: str) -> Any:
+        """A typed PRNG key (`optax.noisy_sgd`'s): as Flax's `to_state_dict` holds
+        it, a key array of the same implementation, or as its `key_data` (unsigned
+        integers with a trailing axis, as Orbax stores it)."""
+        if isinstance(node, jax.Array) and not tree_differences(template, node):
+            return node
+        data = jax.eval_shape(jax.random.key_data, template)
+        try:
+            value = np.asarray(node)
+        except (TypeError, ValueError):  # e.g. a key of another implementation
+            value = None
+        if value is not None and not tree_differences(data, value):
+            # The implementation, read off a key of the template's dtype.
+            impl = jax.random.key_impl(jnp.zeros((), template.dtype))
+            return jax.random.wrap_key_data(value, impl=impl)
+        self.problems.mismatched.append(
+            f"{path}: expected {describe(template)} (a PRNG key, or its key data "
+            f"{describe(data)}), got {describe(node)}"
+        )
+        return template
+
+
+def _is_trainable(x: Any) -> bool:
+    """What the optimiser updates: floating-point arrays, or their shapes and
+    dtypes in a model built abstractly (`eqx.filter_eval_shape`)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jnp.issubdtype(x.dtype, jnp.inexact)
+    return eqx.is_inexact_array(x)
+
+
+def _is_value_or_placeholder(x: Any) -> bool:
+    return eqx.is_inexact_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _not_mapped(path: str, node: Any) -> str:
+    return (
+        f"{path}: an optimiser state node of type {type(node).__name__} (masked or "
+        "custom optimiser states are not mapped)"
+    )
 
 
 def _shapes(tree: Any) -> list[tuple[int, ...]]:
@@ -287,6 +344,49 @@ def _step(value: Any, problems: _Problems) -> Any:
     return jnp.zeros((), jnp.int32)
 
 
+def _template(optimizer: Any, trainable: Any, model: eqx.Module) -> Any:
+    """The shapes and dtypes of `optimizer.init` of the Equinox parameters."""
+    try:
+        return eqx.filter_eval_shape(optimizer.init, trainable)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            "TrainState.from_flax: `optimizer.init` fails on the parameters of the "
+            f"Equinox model ({type(model).__name__}): {first}. An optimiser built "
+            "with a pytree of the parameters (a mask: `optax.adamw(mask=...)`, "
+            "`optax.masked`; labels: `optax.multi_transform`) needs it shaped like "
+            "the Equinox model, not like Flax's `params` dict: build it from the "
+            "model (e.g. `jax.tree.map(lambda x: x.ndim > 1, eqx.filter(model, "
+            "eqx.is_inexact_array))`), or pass a function of the parameters "
+            "(`mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params)`), "
+            "which works with both."
+        ) from e
+
+
+def _fill_left_out(opt_state: Any, optimizer: Any, model: eqx.Module) -> Any:
+    """`opt_state` with `optimizer.init`'s values where the walk left a placeholder:
+    the scopes that `mapping` leaves out start afresh, as they would in `create`."""
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(opt_state)):
+        return opt_state
+    fresh = eqx.filter_jit(optimizer.init)(eqx.filter(model, eqx.is_inexact_array))
+    return jax.tree.map(
+        lambda got, new: new if isinstance(got, jax.ShapeDtypeStruct) else got,
+        opt_state,
+        fresh,
+    )
+
+
+def _abstract(tree: Any, name: str) -> list[str]:
+    """The leaves of `tree` with no value (`eqx.filter_eval_shape`'s)."""
+    return [
+        f"{name}{jax.tree_util.keystr(path)}: expected {describe(x)}, left out by "
+        "`mapping` and abstract in the model given (built by `eqx.filter_eval_shape`); "
+        "pass a model built with values, or map the scope"
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if isinstance(x, jax.ShapeDtypeStruct)
+    ]
+
+
 def load(
     model: eqx.Module,
     state: eqx.nn.State,
@@ -309,6 +409,7 @@ def load(
             "`TrainState.create(model, state, optimizer)`.",
             missing=tuple(k for k in ("params", "opt_state") if k not in checkpoint),
         )
+    template = _template(optimizer, eqx.filter(model, _is_trainable), model)
     problems = _Problems()
     if not ignore_extra:
         problems.extra += [str(k) for k in checkpoint if k not in TRAIN_STATE_KEYS]
@@ -324,11 +425,18 @@ def load(
     # The checkpoint's running statistics complete the pairing of each optimiser
     # subtree (`load_flax` pairs whole models); their problems are reported once.
     batch_stats = checkpoint.get("batch_stats")
-    trainable = eqx.filter(model, eqx.is_inexact_array)
-    template = eqx.filter_eval_shape(optimizer.init, trainable)
     loader = _Loader(model, state, mapping, batch_stats, problems)
     opt_state = loader.walk(template, checkpoint["opt_state"], "opt_state")
     step = _step(checkpoint.get("step", 0), problems)
+    if not problems:
+        problems.missing += _abstract(loaded_model, "model")
+        problems.missing += _abstract(loaded_state, "state")
+    if problems:
+        raise problems.error(type(model).__name__)
+    opt_state = _fill_left_out(opt_state, optimizer, loaded_model)
+    # What the walk built is what `init` builds: were it not, optax would fail
+    # inside the first step, far from here.
+    problems.mismatched += tree_differences(template, opt_state, where="opt_state")
     if problems:
         raise problems.error(type(model).__name__)
     return loaded_model, loaded_state, opt_state, step
@@ -337,10 +445,15 @@ def load(
 def export(
     model: eqx.Module, state: eqx.nn.State, opt_state: Any, step: Any, *, mapping: Any
 ) -> dict[str, Any]:
-    """A Flax TrainState's state dict: `step`, `params`, `batch_stats`, `opt_state`."""
+    """A Flax TrainState's state dict: `step`, `params`, `batch_stats`, `opt_state`.
+
+    Typed PRNG keys stay key arrays, as `flax.serialization.to_state_dict` keeps
+    them (`from_state_dict` then restores them as they were).
+    """
     variables = export_flax(model, state, mapping=mapping)
     trainable, rest = eqx.partition(model, eqx.is_inexact_array)
     param_def, param_shapes = jax.tree.structure(trainable), _shapes(trainable)
+    unsupported: list[str] = []
 
     def walk(node: Any, path: str) -> Any:
         if _laid_out_like(node, param_def, param_shapes):
@@ -348,10 +461,8 @@ def export(
                 "params"
             ]
         if jax.tree.structure(node) == param_def and not eqx.is_array(node):
-            message = _factored(path)
-            raise ConversionError(
-                f"TrainState.to_flax: cannot write {message}.", unsupported=(message,)
-            )
+            unsupported.append(_factored(path))
+            return None
         if node is None:
             return None
         if _is_named_tuple(node):
@@ -361,14 +472,20 @@ def export(
         if isinstance(node, dict):
             return {str(k): walk(v, f"{path}/{k}") for k, v in node.items()}
         if eqx.is_array(node):
+            if jax.dtypes.issubdtype(node.dtype, jax.dtypes.prng_key):
+                return node  # NumPy has no key dtype
             return np.asarray(node)
-        raise TypeError(
-            f"TrainState.to_flax: cannot write an optimiser state node of type "
-            f"{type(node).__name__} in Flax's layout."
-        )
+        unsupported.append(_not_mapped(path, node))
+        return None
 
-    return {
-        "step": np.asarray(step),
-        **variables,
-        "opt_state": walk(opt_state, "opt_state"),
-    }
+    flax_opt_state = walk(opt_state, "opt_state")
+    if unsupported:
+        raise ConversionError(
+            "TrainState.to_flax: cannot write the optimiser state in Flax's layout:\n"
+            + "\n".join(f"  {item}" for item in unsupported)
+            + "\nResume with an optimiser whose state is shaped like the parameters "
+            "(SGD, Adam...), or save in Equinox's format "
+            "(`eqx.tree_serialise_leaves`).",
+            unsupported=tuple(unsupported),
+        )
+    return {"step": np.asarray(step), **variables, "opt_state": flax_opt_state}

@@ -1,4 +1,5 @@
-"""Flax NNX state: reading it without Flax, and telling it apart from linen variables.
+"""Flax NNX's front-end: reading NNX state without Flax, loading it (for
+`load_flax`), `export_nnx` and `nnx_paths`.
 
 An NNX model's state is named by attribute (`{"dense_0": {"kernel", "bias"}, "norm":
 {"scale", "bias", "mean", "var"}, "blocks": {0: ..., 1: ...}}`), with no
@@ -11,32 +12,29 @@ one flat `{("blocks", "0", "conv", "kernel"): array}`:
 - either of those saved with msgpack (`int` keys become strings) or Orbax (an
     `nnx.State` comes back with every leaf wrapped as `{"value": array}`).
 
-Here too: the NNX naming scheme (`NNX`: attribute names, lists by index,
-`nnx.Sequential`'s `layers`), its layer rules, the choice between linen and NNX that
-`load_flax` makes, and the NNX front-ends `export_nnx` and `nnx_paths`. Nothing of
-Flax is imported here.
+What marks a tree as certainly NNX (`certainly_nnx`) is here; the choice between
+linen and NNX is `load_flax`'s (`flax.py`). The naming scheme is `schemes.NNX`.
+Nothing of Flax is imported here.
 """
 
-import dataclasses
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import equinox as eqx
 
 from .._typing import typecheck
-from .convert import (
+from .engine import (
     ConversionError,
-    _split_variables,
+    NameMapping,
+    Pairing,
     export_pairs,
     load_pairs,
+    pair,
     paths_of,
 )
-from .layers import LINEN_RULES, Rule, Slot
-from .paths import LINEN, NameMapping, Naming, pair
-
-TreeLayout = Literal["auto", "linen", "nnx"]
-"""How `load_flax` reads its tree: detected (`"auto"`), linen variables or NNX state."""
+from .formats.tree import flatten, map_tree, unflatten
+from .schemes import LINEN, NNX, PARAMS
 
 _WRAPPER = "value"
 # An NNX random stream (`nnx.Rngs`, or the `rngs` of `nnx.Dropout`) holds these two.
@@ -56,8 +54,9 @@ def is_nnx_state(tree: Any) -> bool:
     return cls is not None and isinstance(tree, cls)
 
 
-def _variable(node: Any) -> tuple[bool, Any, bool]:
-    """`(is a Variable, its value, is random-stream state)`."""
+def _variable(node: Any) -> tuple[bool, Any, str | None]:
+    """`(is a Variable, its value, what it holds if not a parameter or statistic:
+    "rng", "intermediate" or "optimizer", else None)`."""
     variable = _flax_class("flax.nnx.variablelib", "Variable")
     # Flax before 0.11 puts `VariableState`s (value and type) in an `nnx.State`.
     old = _flax_class("flax.nnx.variablelib", "VariableState")
@@ -66,38 +65,47 @@ def _variable(node: Any) -> tuple[bool, Any, bool]:
     elif old is not None and isinstance(node, old):
         kind, value = node.type, node.value
     else:
-        return False, node, False
-    rng = _flax_class("flax.nnx.rnglib", "RngState")
-    return True, value, rng is not None and issubclass(kind, rng)
+        return False, node, None
+    for name, module, cls in _NOT_PARAMETERS:
+        found = _flax_class(module, cls)
+        if found is not None and issubclass(kind, found):
+            return True, value, name
+    return True, value, None
+
+
+# The kinds of NNX Variable that hold no parameter or statistic of the model.
+_NOT_PARAMETERS = (
+    ("rng", "flax.nnx.rnglib", "RngState"),  # nnx.Rngs: keys and counts
+    ("intermediate", "flax.nnx.variablelib", "Intermediate"),  # `sow`'s values
+    ("optimizer", "flax.nnx.training.optimizer", "OptState"),  # nnx.Optimizer's
+)
 
 
 def _is_orbax_variable(node: Any) -> bool:
-    """`{"value": array}`: how Orbax restores one `nnx.Variable`."""
+    """`{"value": array}`: how Orbax restores one `nnx.Variable` (a `sow`n tuple's
+    value as `{"0": array, ...}`)."""
+    if not (isinstance(node, Mapping) and len(node) == 1 and _WRAPPER in node):
+        return False
+    value = node[_WRAPPER]
+    return not isinstance(value, Mapping) or _is_stored_tuple(value)
+
+
+def _is_stored_tuple(node: Any) -> bool:
+    """A tuple as Flax's formats store it: `{"0": a, "1": b}` (ambiguous but where
+    an array is expected: a list of arrays is stored the same)."""
     return (
         isinstance(node, Mapping)
-        and len(node) == 1
-        and _WRAPPER in node
-        and not isinstance(node[_WRAPPER], Mapping)
+        and bool(node)
+        and all(str(k).isdigit() for k in node)
+        and not any(isinstance(v, Mapping) for v in node.values())
     )
 
 
-def _leaves(tree: Mapping, prefix: tuple[str, ...], out: list) -> None:
-    """Appends `(path, node, from_variable, rng)` for every leaf; a `{"value": x}`
-    dict is kept whole here, to be unwrapped (or not) once all leaves are known."""
-    for key, node in tree.items():
-        path = (*prefix, str(key))
-        is_var, value, rng = _variable(node)
-        if is_var:
-            out.append((path, value, True, rng))
-        elif _is_orbax_variable(node):
-            out.append((path, node, False, False))
-        elif isinstance(node, Mapping):
-            _leaves(node, path, out)
-        else:
-            out.append((path, node, False, False))
+def _is_leaf(node: Any) -> bool:
+    return _variable(node)[0] or _is_orbax_variable(node)
 
 
-def read_nnx(tree: Mapping) -> tuple[dict[tuple[str, ...], Any], set[tuple[str, ...]]]:
+def read_nnx(tree: Mapping) -> tuple[dict[tuple[str, ...], Any], dict[tuple, str]]:
     """Flattens NNX state in any of the forms it comes in.
 
     **Arguments:**
@@ -107,37 +115,42 @@ def read_nnx(tree: Mapping) -> tuple[dict[tuple[str, ...], Any], set[tuple[str, 
 
     **Returns:**
 
-    `(flat, rng)`: `flat` maps each path (a tuple of strings: integer keys as their
-    decimal string, as msgpack stores them) to its array; `rng` holds the paths
-    that belong to random streams (`nnx.Rngs` state: not parameters).
+    `(flat, kinds)`: `flat` maps each path (a tuple of strings: integer keys as
+    their decimal string, as msgpack stores them) to its value; `kinds` names the
+    paths that hold no parameter or statistic: `"rng"` for random streams
+    (`nnx.Rngs` state), `"intermediate"` for values stored with `sow` (a tuple, in
+    a pure dict), `"optimizer"` for `nnx.Optimizer` state.
 
     Leaves wrapped as `{"value": array}` are unwrapped when every leaf is: that is
     how Orbax restores an `nnx.State`. A tree with only some leaves so wrapped is
     taken as it is (an NNX attribute may well be called `value`).
     """
-    found: list = []
-    _leaves(tree, (), found)
+    found = flatten(tree, is_leaf=_is_leaf)
     unwrap = bool(found) and all(
-        not from_var and _is_orbax_variable(node) for _, node, from_var, _ in found
+        not _variable(node)[0] and _is_orbax_variable(node) for node in found.values()
     )
     flat: dict[tuple[str, ...], Any] = {}
-    rng: set[tuple[str, ...]] = set()
-    for path, node, _, is_rng in found:
+    kinds: dict[tuple, str] = {}
+    for path, node in found.items():
+        _, node, kind = _variable(node)
         if unwrap:
             node = node[_WRAPPER]
         elif _is_orbax_variable(node):
             path, node = (*path, _WRAPPER), node[_WRAPPER]
         flat[path] = node
-        if is_rng:
-            rng.add(path)
+        if kind is None and isinstance(node, (list, tuple, Mapping)):
+            # `sow` keeps a tuple of values where any other Variable has an array.
+            kind = "intermediate"
+        if kind is not None:
+            kinds[path] = kind
     # In a pure dict (or a file), a random stream is `{"key": ..., "count": ...}`.
     parents: dict[tuple[str, ...], set[str]] = {}
     for path in flat:
         parents.setdefault(path[:-1], set()).add(path[-1])
     for parent, names in parents.items():
         if names == _RNG_STREAM:
-            rng.update((*parent, name) for name in names)
-    return flat, rng
+            kinds.update({(*parent, name): "rng" for name in names})
+    return flat, kinds
 
 
 def certainly_nnx(tree: Mapping) -> bool:
@@ -151,19 +164,18 @@ def _nnx_evidence(tree: Mapping) -> str | None:
     """Why `tree` is certainly NNX state (a phrase for messages), or `None`."""
     if is_nnx_state(tree):
         return "they are an `nnx.State`"
-    found: list = []
-    _leaves(tree, (), found)
-    if any(from_var for _, _, from_var, _ in found):
+    found = list(flatten(tree, is_leaf=_is_leaf).values())
+    if any(_variable(node)[0] for node in found):
         return "their leaves are `nnx.Variable`s"
-    if found and all(_is_orbax_variable(node) for _, node, _, _ in found):
+    if found and all(_is_orbax_variable(node) for node in found):
         return (
             "every leaf is wrapped as `{'value': array}`, as Orbax restores NNX state"
         )
-    if isinstance(tree.get("params"), Mapping):
+    if isinstance(tree.get(PARAMS), Mapping):
         # A linen TrainState: only `params`/`batch_stats` are the model's; the
         # rest (`opt_state`) may well have integer keys, e.g. the `inner_states`
         # of `optax.multi_transform` with integer labels.
-        scanned = [tree[name] for name in ("params", "batch_stats") if name in tree]
+        scanned = [tree[name] for name in LINEN.collections if name in tree]
     else:
         scanned = [tree]
     if any(_has_int_keys(node) for node in scanned):
@@ -172,123 +184,34 @@ def _nnx_evidence(tree: Mapping) -> str | None:
 
 
 def _has_int_keys(tree: Any) -> bool:
-    if not isinstance(tree, Mapping):
-        return False
-    return any(isinstance(k, int) or _has_int_keys(v) for k, v in tree.items())
-
-
-# -- The naming scheme --------------------------------------------------------------
-
-NNX_NAME = "nnx_name"
-"""The `eqx.field` metadata key with which a field declares its NNX attribute name."""
-
-
-# NNX's layers hold the same variables as linen's, under the same names and in the
-# same layouts (nnx.Linear's kernel is linen Dense's); only there are no collections:
-# nnx.BatchNorm keeps its running statistics beside its parameters. So the rules are
-# linen's, with each slot's collection dropped, and only the class names differ.
-_NNX_KINDS = {"Dense": "Linear"}
-
-
-def _without_collection(
-    slots: Callable[[eqx.Module], list[Slot]],
-) -> Callable[[eqx.Module], list[Slot]]:
-    """A linen rule's slots function, giving the same slots with no collection."""
-
-    def nnx_slots(layer: eqx.Module) -> list[Slot]:
-        return [dataclasses.replace(slot, collection=None) for slot in slots(layer)]
-
-    return nnx_slots
-
-
-NNX_RULES: tuple[Rule, ...] = tuple(
-    Rule(
-        rule.eqx_type,
-        _NNX_KINDS.get(rule.kind, rule.kind),
-        _without_collection(rule.slots),
+    ints: list = []
+    map_tree(
+        tree,
+        lambda path, leaf: None,
+        is_leaf=_is_leaf,
+        key=lambda path, k: ints.append(k) if type(k) is int else None,
     )
-    for rule in LINEN_RULES
-)
-"""The layer kinds converted automatically to and from Flax NNX, first match wins:
-linen's (`eqx_bn.interop.layers.LINEN_RULES`) without collections."""
-
-NNX = Naming(
-    framework="Flax NNX",
-    source="NNX state",
-    separator="/",
-    collections=(),
-    rules=NNX_RULES,
-    numbered=False,
-    sequential=("layers",),
-    metadata_key=NNX_NAME,
-    paths_function="eqx_bn.interop.nnx_paths",
-)
-"""Flax NNX: attribute names, list items by index, `nnx.Sequential`'s `layers`."""
+    return bool(ints)
 
 
-# -- Linen or NNX ------------------------------------------------------------------
-
-
-def _fits(flat: Mapping, pairing) -> bool:
-    return bool(flat) and set(flat) == {e.path for e in pairing.entries}
-
-
-def choose_layout(
-    variables: Mapping,
-    model: eqx.Module,
-    mapping: NameMapping | None,
-    layout: TreeLayout,
-) -> Literal["linen", "nnx"]:
-    """Whether `load_flax` reads `variables` as linen variables or NNX state.
-
-    Linen variables have a `params` collection at the top; NNX state never does,
-    unless the model has an attribute called `params` (or `batch_stats`). Only then
-    is the tree ambiguous, and the layout that pairs with the model exactly wins.
-
-    **Raises:**
-
-    - `ConversionError`: an ambiguous tree that fits both layouts or neither.
-    """
-    if layout != "auto":
-        return layout
-    if certainly_nnx(variables) or not isinstance(variables.get("params"), Mapping):
-        return "nnx"
-    nnx_pairing = pair(model, mapping, NNX)
-    clash = sorted({e.path[0] for e in nnx_pairing.entries} & {"params", "batch_stats"})
-    if not clash:
-        return "linen"
-    linen_pairing = pair(model, mapping, LINEN)
-    linen_flat = _split_variables(variables, linen_pairing)[0]
-    fits = [
-        name
-        for name, ok in (
-            ("linen", _fits(linen_flat, linen_pairing)),
-            ("nnx", _fits(_nnx_variables(variables, nnx_pairing)[0], nnx_pairing)),
-        )
-        if ok
-    ]
-    if len(fits) == 1:
-        return fits[0]
-    raise ConversionError(
-        "Cannot tell whether these are Flax linen variables or NNX state: they have "
-        f"a top-level `params`, as linen variables do, and {type(model).__name__} "
-        f"has an attribute `{clash[0]}`, which NNX state has at the top; they pair "
-        f"with {'both' if fits else 'neither'} exactly. Pass layout='linen' or "
-        "layout='nnx' to load_flax (--layout on the command line)."
-    )
-
-
-def _nnx_variables(
-    variables: Mapping, pairing
-) -> tuple[dict[tuple[str, ...], Any], list[str]]:
-    """The NNX leaves, and the random-stream state nothing in the model wants
-    (reported as extra entries: it is not part of an Equinox model)."""
-    flat, rng = read_nnx(variables)
+def nnx_variables(
+    variables: Mapping, pairing: Pairing
+) -> tuple[dict[tuple[str, ...], Any], list[tuple[str, str]]]:
+    """The NNX leaves, and what nothing in the model wants and is no parameter
+    (random streams, `sow`n intermediates, optimiser state) as `(name, kind)`:
+    reported as extra entries, skipped with `ignore_extra=True`."""
+    flat, kinds = read_nnx(variables)
     wanted = {e.path for e in pairing.entries}
-    extra = sorted(p for p in rng if p not in wanted)
+    scopes = {e.path[:i] for e in pairing.entries for i in range(len(e.path))}
+    for path in flat:
+        # `to_bytes` stores a `sow`n tuple as `{"0": array}`: an index under a
+        # scope the model does not have.
+        if path not in wanted and path[-1].isdigit() and path[:-1] not in scopes:
+            kinds.setdefault(path, "intermediate")
+    extra = sorted((p for p in kinds if p not in wanted), key=lambda p: "/".join(p))
     for path in extra:
         del flat[path]
-    return flat, [f"{'/'.join(p)} (random-stream state)" for p in extra]
+    return flat, [("/".join(p), kinds[p]) for p in extra]
 
 
 def load_nnx(
@@ -304,11 +227,13 @@ def load_nnx(
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """`load_flax` for NNX state (see there)."""
     pairing = pair(model, mapping, NNX)
-    flat, extra = _nnx_variables(variables, pairing)
+    flat, extra = nnx_variables(variables, pairing)
     wanted = {e.path for e in pairing.entries}
-    if detected and flat and wanted and not wanted & set(flat):
-        # Nothing pairs: most likely not NNX state at all; say why it was read so.
-        raise _unpaired(model, variables, flat, mapping)
+    names = [*("/".join(p) for p in flat), *(name for name, _ in extra)]
+    if detected and names and wanted and not wanted & set(flat):
+        # Nothing pairs: most likely not NNX state at all, or not a model's
+        # (an optimiser's); say why it was read so.
+        raise _unpaired(model, variables, flat, names, mapping)
     return load_pairs(
         model,
         state,
@@ -321,9 +246,20 @@ def load_nnx(
     )
 
 
-def _unpaired(model, variables, flat, mapping) -> ConversionError:
+def _unpaired(model, variables, flat, names, mapping) -> ConversionError:
     linen = {e.path for e in pair(model, mapping, LINEN).entries}
-    if {("params", *p) for p in flat} & linen:
+    if _is_optimizer_state(variables):
+        inside = (
+            " (here under 'model': pass `variables['model']`)"
+            if isinstance(variables.get("model"), Mapping)
+            else ""
+        )
+        hint = (
+            "They look like an `nnx.Optimizer`'s state (`step` and `opt_state`, "
+            "the optimiser's moments), not a model's: pass the model's state, "
+            f"`nnx.state(model)` or its `nnx.to_pure_dict`{inside}."
+        )
+    elif {(PARAMS, *p) for p in flat} & linen:
         hint = (
             "They look like a Flax linen `params` collection on its own: pass "
             "`{'params': params, 'batch_stats': batch_stats}`."
@@ -335,13 +271,27 @@ def _unpaired(model, variables, flat, mapping) -> ConversionError:
             "these are linen variables."
         )
     why = _nnx_evidence(variables) or "they have no `params` collection at the top"
-    names = ", ".join(sorted("/".join(p) for p in list(flat)[:5]))
-    more = ", ..." if len(flat) > 5 else ""
+    more = ", ..." if len(names) > 5 else ""
     return ConversionError(
         f"Cannot load these variables into {type(model).__name__}: they were read as "
-        f"Flax NNX state because {why}, but none of their names ({names}{more}) is "
-        f"one the model has. {hint}",
-        unexpected=tuple("/".join(p) for p in flat),
+        f"Flax NNX state because {why}, but none of their names "
+        f"({', '.join(sorted(names[:5]))}{more}) is one the model has. {hint}",
+        unexpected=tuple(names),
+    )
+
+
+def _is_optimizer_state(tree: Mapping) -> bool:
+    """`nnx.state(optimizer)`, in any form: `step` and `opt_state` at the top (and
+    `model` too, in Flax before 0.11)."""
+    return (
+        "opt_state" in tree
+        and "step" in tree
+        and set(map(str, tree))
+        <= {
+            "opt_state",
+            "step",
+            "model",
+        }
     )
 
 
@@ -393,15 +343,8 @@ def export_nnx(
     - `ConversionError`: when the model has layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model.
     """
-    tree: dict = {}
-    for path, array in export_pairs(
-        model, state, pair(model, mapping, NNX), NNX
-    ).items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(_index(part), {})
-        node[_index(path[-1])] = array
-    return tree
+    exported = export_pairs(model, state, pair(model, mapping, NNX), NNX)
+    return unflatten(exported.items(), key=_index)
 
 
 @typecheck

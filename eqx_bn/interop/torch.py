@@ -1,10 +1,10 @@
 """PyTorch `state_dict` names <-> an Equinox model and its State.
 
 PyTorch names a variable by the attribute path of its module, joined with dots:
-`layer1.0.bn1.running_var`, `downsample.0.weight`, `fc.bias`. The `TORCH` naming
+`layer1.0.bn1.running_var`, `downsample.0.weight`, `fc.bias`. The `TORCH` scheme
 pairs these with the model's fields by name (list and tuple items by index, an
-`eqx.nn.Sequential`'s layers by index directly, as `nn.Sequential`'s), and the
-rules here say what each layer kind holds in PyTorch:
+`eqx.nn.Sequential`'s layers by index directly, as `nn.Sequential`'s), and its
+rules say what each layer kind holds in PyTorch:
 
 - `nn.Conv*d` <-> `eqx.nn.Conv*`: the weight is `(out, in / groups, *kernel)` on
   both sides; the bias `(out,)` is `(out, 1, ..., 1)` in Equinox;
@@ -15,8 +15,9 @@ rules here say what each layer kind holds in PyTorch:
 - `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`, `nn.Embedding`: `weight`/`bias`;
 - a plain array field of a custom module <-> an `nn.Parameter` of that name.
 
-The check-and-build engine is `convert.load_pairs` / `export_pairs`, shared with
-Flax: the same strictness and the one `ConversionError` listing every problem.
+The scheme (`schemes.TORCH`) holds these rules; the engine (`engine.load_pairs` /
+`export_pairs`), shared with Flax, pairs, checks and builds: the same strictness and
+the one `ConversionError` listing every problem.
 """
 
 import sys
@@ -26,77 +27,20 @@ from typing import Any
 import equinox as eqx
 import ml_dtypes
 import numpy as np
+from jaxtyping import ArrayLike
 
-from .._batch_norm import BatchNorm
+from .._describe import describe
 from .._typing import typecheck
-from .convert import ConversionError, export_pairs, load_pairs, paths_of
-from .layers import IDENTITY, VECTOR, Layout, Rule, Slot, parameter_slots
-from .paths import NameMapping, Naming, Pairing, pair
-
-TORCH_NAME = "torch_name"
-"""The `eqx.field` metadata key with which a field declares its PyTorch name."""
-
-NUM_BATCHES_TRACKED = "num_batches_tracked"
-
-LINEAR_WEIGHT = Layout(
-    "Linear weight (out, in) <-> Equinox (out, in), or (in,) for a scalar output",
-    external_shape=lambda shape: shape if len(shape) == 2 else (1, *shape),
-    to_eqx=lambda a, shape: np.reshape(a, shape),
-    to_external=lambda a: a if a.ndim == 2 else np.reshape(a, (1, *a.shape)),
+from .engine import (
+    ConversionError,
+    NameMapping,
+    Pairing,
+    export_pairs,
+    load_pairs,
+    pair,
+    paths_of,
 )
-"""`eqx.nn.Linear(..., out_features="scalar")` keeps its weight as `(in,)`."""
-
-
-def _params(layer: eqx.Module, pairs: tuple[tuple[str, str, Layout], ...]):
-    return parameter_slots(layer, pairs, collection=None)
-
-
-def _batch_norm(layer: BatchNorm) -> list[Slot]:
-    return _params(
-        layer, (("weight", "scale", IDENTITY), ("bias", "bias", IDENTITY))
-    ) + [
-        Slot(None, "running_mean", "mean", IDENTITY, in_state=True),
-        Slot(None, "running_var", "var", IDENTITY, in_state=True),
-    ]
-
-
-def _linear(layer: eqx.nn.Linear) -> list[Slot]:
-    return _params(
-        layer, (("weight", "weight", LINEAR_WEIGHT), ("bias", "bias", VECTOR))
-    )
-
-
-def _conv(layer: eqx.nn.Conv) -> list[Slot]:
-    return _params(layer, (("weight", "weight", IDENTITY), ("bias", "bias", VECTOR)))
-
-
-def _weight_bias(layer: eqx.Module) -> list[Slot]:
-    return _params(layer, (("weight", "weight", IDENTITY), ("bias", "bias", IDENTITY)))
-
-
-TORCH_RULES: tuple[Rule, ...] = (
-    Rule(BatchNorm, "BatchNorm2d", _batch_norm),
-    Rule(eqx.nn.Linear, "Linear", _linear),
-    Rule(eqx.nn.Conv, "Conv2d", _conv),  # also Conv1d/2d/3d, which subclass it
-    Rule(eqx.nn.LayerNorm, "LayerNorm", _weight_bias),
-    Rule(eqx.nn.GroupNorm, "GroupNorm", _weight_bias),
-    Rule(eqx.nn.RMSNorm, "RMSNorm", _weight_bias),
-    Rule(eqx.nn.Embedding, "Embedding", _weight_bias),
-)
-"""The layer kinds converted automatically to and from PyTorch, first match wins."""
-
-TORCH = Naming(
-    framework="PyTorch",
-    source="PyTorch state_dict",
-    separator=".",
-    collections=(),
-    rules=TORCH_RULES,
-    numbered=False,
-    sequential=(),
-    metadata_key=TORCH_NAME,
-    paths_function="eqx_bn.interop.torch_paths",
-)
-"""PyTorch: dotted attribute paths, `nn.Sequential` layers by index."""
+from .schemes import NUM_BATCHES_TRACKED, TORCH
 
 
 def _batch_norm_scopes(pairing: Pairing) -> list[tuple[str, ...]]:
@@ -115,14 +59,33 @@ def _tensor_as_numpy(value: Any) -> Any:
     return value
 
 
+# Where training scripts usually keep the model's state_dict in a checkpoint.
+_STATE_DICT_NAMES = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def _state_dict_entry(checkpoint: Mapping) -> str | None:
+    """The entry of a training checkpoint that holds the model's state_dict: the
+    one flat dict under a usual name, else `None`."""
+    usual = [
+        str(name)
+        for name, entry in checkpoint.items()
+        if name in _STATE_DICT_NAMES
+        and isinstance(entry, Mapping)
+        and not any(isinstance(v, Mapping) for v in entry.values())
+    ]
+    return usual[0] if len(usual) == 1 else None
+
+
 def _flat_state_dict(state_dict: Mapping, prefix: str) -> dict[tuple[str, ...], Any]:
     nested = sorted(str(k) for k, v in state_dict.items() if isinstance(v, Mapping))
     if nested:
+        key = _state_dict_entry(state_dict)
         raise ConversionError(
             "The PyTorch state_dict holds nested dicts under "
             f"{', '.join(map(repr, nested))}: it looks like a whole training "
             "checkpoint. Pass the model's state_dict alone, e.g. "
-            f"`checkpoint[{nested[0]!r}]`."
+            f"`checkpoint[{key or nested[0]!r}]`.",
+            key=key,
         )
     flat = {}
     for key, value in state_dict.items():
@@ -139,15 +102,14 @@ def _flat_state_dict(state_dict: Mapping, prefix: str) -> dict[tuple[str, ...], 
     return flat
 
 
-def _prefix_hint(flat: Mapping[tuple[str, ...], Any], pairing: Pairing) -> str:
+def _common_prefix(flat: Mapping[tuple[str, ...], Any], pairing: Pairing) -> str | None:
+    """`"module."` when every key starts with `module.` and the model has no
+    `module` (a model saved inside a wrapper, e.g. nn.DataParallel), else `None`."""
     firsts = {path[0] for path in flat}
     if len(firsts) == 1 and not any(e.path[0] in firsts for e in pairing.entries):
         (first,) = firsts
-        return (
-            f" Every key starts with {first + '.'!r} (a model saved inside a "
-            f"wrapper, e.g. nn.DataParallel): pass prefix={first + '.'!r}."
-        )
-    return ""
+        return first + "."
+    return None
 
 
 @typecheck
@@ -191,7 +153,9 @@ def load_torch(
         `module.state_dict()` gives it (numpy or JAX arrays, or torch tensors).
     - `mapping`: overrides of the pairing, `{dotted_scope: selector}`:
         `{"classifier": lambda m: m.fc}`; `None` as selector leaves the scope out
-        on both sides (e.g. a new head). See `eqx_bn.interop.paths.pair`.
+        on both sides (e.g. a new head): its entries are not read and the
+        model's leaves there keep their values. See the pairing with
+        [`eqx_bn.interop.torch_paths`][].
     - `strict`: require every paired model leaf to be in the state_dict and every
         entry of it to be used, as `load_state_dict(strict=True)`. With
         `strict=False`, leaves without a value keep theirs and unused entries are
@@ -222,17 +186,37 @@ def load_torch(
     try:
         return load_pairs(model, state, flat, pairing, TORCH, strict=strict, cast=cast)
     except ConversionError as e:
-        hint = _prefix_hint(flat, pairing) if e.unexpected else ""
-        if not hint:
+        common = _common_prefix(flat, pairing) if e.unexpected else None
+        if common is None:
             raise
         raise ConversionError(
-            str(e) + hint,
+            f"{e} Every key starts with {common!r} (a model saved inside a "
+            f"wrapper, e.g. nn.DataParallel): pass prefix={common!r}.",
             missing=e.missing,
             unexpected=e.unexpected,
             mismatched=e.mismatched,
             extra=e.extra,
             unsupported=e.unsupported,
+            castable=e.castable,
+            prefix=common,
         ) from None
+
+
+def _batch_count(value: ArrayLike | None) -> int | None:
+    """`num_batches_tracked` as a Python int (`None` kept)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(
+            "export_torch: num_batches_tracked must be an integer (an int, or an "
+            f"integer scalar such as a TrainState's `step`), got {describe(value)}."
+        )
+    if int(array) < 0:
+        raise ValueError(
+            f"export_torch: num_batches_tracked must be >= 0, got {int(array)}."
+        )
+    return int(array)
 
 
 @typecheck
@@ -241,7 +225,7 @@ def export_torch(
     state: eqx.nn.State,
     *,
     mapping: NameMapping | None = None,
-    num_batches_tracked: int | None = 0,
+    num_batches_tracked: ArrayLike | None = 0,
 ) -> dict[str, np.ndarray]:
     """Writes an Equinox model and its State as a PyTorch `state_dict`.
 
@@ -256,7 +240,8 @@ def export_torch(
     - `model`, `state`: as for `load_torch`.
     - `mapping`: the same overrides as for `load_torch`.
     - `num_batches_tracked`: the value written as every BatchNorm's
-        `num_batches_tracked` (an int64 scalar, as PyTorch keeps it): the number
+        `num_batches_tracked` (an int64 scalar, as PyTorch keeps it): an int or
+        an integer scalar of numpy or JAX (a `TrainState`'s `step`), the number
         of training steps taken, if PyTorch should know it (it only matters for
         a PyTorch BatchNorm with `momentum=None`). `None` leaves the entries out:
         `load_state_dict` (even with `strict=True`) then keeps each BatchNorm's
@@ -273,12 +258,10 @@ def export_torch(
     - `ConversionError`: when the model has layers with no conversion rule.
     - `ValueError`: for a `mapping` whose selectors do not pick part of the model,
         or a negative `num_batches_tracked`.
+    - `TypeError`: for a `num_batches_tracked` that is not an integer scalar (a
+        float, a bool, an array with axes).
     """
-    if num_batches_tracked is not None and num_batches_tracked < 0:
-        raise ValueError(
-            "export_torch: num_batches_tracked must be >= 0, got "
-            f"{num_batches_tracked}."
-        )
+    count = _batch_count(num_batches_tracked)
     pairing = pair(model, mapping, TORCH)
     exported = export_pairs(model, state, pairing, TORCH)
     # The BatchNorms `load_torch` takes `num_batches_tracked` from; PyTorch lists
@@ -289,10 +272,10 @@ def export_torch(
     for path, array in exported.items():
         # Writable, so that `torch.from_numpy` takes it without a warning.
         out[".".join(path)] = np.array(array)
-        if last.get(path[:-1]) == path and num_batches_tracked is not None:
+        if last.get(path[:-1]) == path and count is not None:
             scope = ".".join(path[:-1])
             key = f"{scope}.{NUM_BATCHES_TRACKED}" if scope else NUM_BATCHES_TRACKED
-            out[key] = np.array(num_batches_tracked, dtype=np.int64)
+            out[key] = np.array(count, dtype=np.int64)
     return out
 
 

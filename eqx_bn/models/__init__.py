@@ -17,4 +17,22 @@ from .torchvision_resnet import (
     TorchResNet18 as TorchResNet18,
     TorchResNet34 as TorchResNet34,
     TorchResNet50 as TorchResNet50,
+    TorchResNeXt50_32x4d as TorchResNeXt50_32x4d,
+    TorchWideResNet50_2 as TorchWideResNet50_2,
 )
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "Downsample",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNetBlock",
+    "SeedMLP",
+    "TorchResNet",
+    "TorchResNet18",
+    "TorchResNet34",
+    "TorchResNet50",
+    "channels_last_conv",
+]

@@ -71,26 +71,3 @@ def channels_last_conv(
     if conv.bias is not None:
         y = y + jnp.reshape(conv.bias, (1,) * spatial + (-1,))
     return y
-
-
-def check_image(model: str, x: Array, in_channels: int, channels_last: bool) -> None:
-    """Raises a ValueError naming the numbers if the image `x` has not
-    `in_channels` channels where the layout puts them (a type annotation can say
-    only the rank: jaxtyping cannot name the number `in_channels` should be)."""
-    axis = x.ndim - 1 if channels_last else 0
-    if x.ndim == 3 and x.shape[axis] == in_channels:
-        return
-    layout = (
-        "(height, width, channels)" if channels_last else "(channels, height, width)"
-    )
-    hint = ""
-    other = 0 if channels_last else x.ndim - 1
-    if x.ndim == 3 and x.shape[other] == in_channels:
-        hint = (
-            f" Axis {other} has {in_channels} entries: if those are the channels, "
-            f"build the model with channels_last={not channels_last}."
-        )
-    raise ValueError(
-        f"{model}: the image has {x.shape[axis]} channels on axis {axis} (shape "
-        f"{x.shape}), expected in_channels={in_channels} as in {layout}.{hint}"
-    )

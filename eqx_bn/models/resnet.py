@@ -1,59 +1,70 @@
 """An Equinox ResNet (v1) that mirrors `examples/imagenet/models.py` of Flax.
 
 One example at a time under `jax.vmap(..., axis_name="batch")`, images channels first
-by default or channels last (Flax's layout) with `channels_last=True`. Inside, the
-network always runs channels last, the layout of XLA's convolutions, so neither input
-layout pays transposes around the convolutions. The module tree pairs with the Flax
-example's variables by the automatic naming of `eqx_bn.interop`: `conv_init`,
-`bn_init`, `ResNetBlock_0 ... ResNetBlock_N` (each with `Conv_0`, `BatchNorm_0`,
-`Conv_1`, `BatchNorm_1` and, where the shape changes, `conv_proj`, `norm_proj`), and
-the head `Dense_0`.
+by default or channels last (Flax's layout) with `channels_last=True`. The module
+tree pairs with the Flax example's variables by the automatic naming of
+`eqx_bn.interop`: `conv_init`, `bn_init`, `ResNetBlock_0 ... ResNetBlock_N` (each
+with `Conv_0`, `BatchNorm_0`, `Conv_1`, `BatchNorm_1` and, where the shape changes,
+`conv_proj`, `norm_proj`), and the head `Dense_0`. The forward pass and the stage
+layout are those of `_resnet.py`, shared with the torchvision-named `TorchResNet`.
+
+The initial weights are Flax's: `lecun_normal` (a normal truncated at two standard
+deviations, variance 1 / fan-in) for every convolution and for the head, a zero
+head bias, BatchNorm scale 1 and bias 0, and scale 0 for the last norm of a block.
 """
 
+import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
-from jax import lax
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from .._batch_norm import BatchNorm
-from .._typing import typecheck
-from ._layout import channels_last_conv, check_image
+from ._init import (
+    Constant,
+    Distribution,
+    TruncatedNormal,
+    batch_norm_init,
+    fan_in,
+    initialise,
+)
+from ._resnet import AbstractBlock, AbstractResNet, split_keys, stage_plan
 
 
-def _conv(module: eqx.nn.Conv, x: Array, channels_last: bool) -> Array:
-    return channels_last_conv(module, x) if channels_last else module(x)
+def _flax_init(names: tuple[str, ...], owners: tuple) -> Distribution:
+    """Flax's initialisers: `nn.Conv` and `nn.Dense` kernels `lecun_normal()`,
+    `nn.Dense` bias zeros, `nn.BatchNorm` scale ones (zeros for `norm_1`, as the
+    example's `scale_init=zeros_init()`) and bias zeros."""
+    layer = owners[-1]
+    if isinstance(layer, eqx.nn.Conv | eqx.nn.Linear):
+        if names[-1] == "bias":
+            return Constant(0.0)
+        return TruncatedNormal(1 / math.sqrt(fan_in(layer.weight.shape)))
+    return batch_norm_init(names, owners, zero=ResNetBlock._last_norm)
 
 
-def _norm(
-    features: int, axis_name: str | None, channels_last: bool, **kwargs
-) -> BatchNorm:
+def _norm(features: int, axis_name: str | None, channels_last: bool) -> BatchNorm:
     # The Flax example's `norm`: momentum 0.9, epsilon 1e-5.
     return BatchNorm(
-        features,
-        axis_name,
-        momentum=0.9,
-        eps=1e-5,
-        channels_last=channels_last,
-        **kwargs,
+        features, axis_name, momentum=0.9, eps=1e-5, channels_last=channels_last
     )
 
 
-def _max_pool(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
-    """`nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")` on one example,
-    channels last.
+def _conv(in_channels, out_channels, kernel, stride=1, *, key) -> eqx.nn.Conv2d:
+    """`nn.Conv(out, (kernel, kernel), stride, use_bias=False)`, "SAME" padded."""
+    return eqx.nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        stride,
+        padding="SAME",
+        use_bias=False,
+        key=key,
+    )
 
-    XLA's "SAME" puts the odd padding element at the end, as Flax does; an explicit
-    symmetric `padding=1` would shift the windows on even inputs.
-    """
-    # A Python scalar init, not a jnp array: under jit an array init is a tracer,
-    # and reduce_window then falls back to a form with no reverse-mode rule.
-    return lax.reduce_window(x, -jnp.inf, lax.max, (3, 3, 1), (2, 2, 1), "SAME")
 
-
-class ResNetBlock(eqx.Module):
+class ResNetBlock(AbstractBlock):
     """Two 3x3 convolutions with BatchNorm and a residual connection.
 
     When the stride or the number of channels changes, the residual goes through a
@@ -71,6 +82,8 @@ class ResNetBlock(eqx.Module):
     )
     channels_last: bool = eqx.field(static=True)
 
+    _last_norm: ClassVar[str] = "norm_1"
+
     def __init__(
         self,
         in_channels: int,
@@ -87,56 +100,37 @@ class ResNetBlock(eqx.Module):
         - `stride`: of the first convolution (and the projection).
         - `axis_name`: the vmap axis the BatchNorm statistics are taken over.
         - `channels_last`: the layout of the activations, `(h, w, c)` if True.
-        - `key`: for the initial weights.
+        - `key`: for the initial weights (Flax's initialisers, see the module).
         """
+
+        def build(key):
+            k0, k1, k2 = split_keys(key, 3)
+            project = stride != 1 or in_channels != filters
+            return dict(
+                conv_0=_conv(in_channels, filters, 3, stride, key=k0),
+                norm_0=_norm(filters, axis_name, channels_last),
+                conv_1=_conv(filters, filters, 3, key=k1),
+                norm_1=_norm(filters, axis_name, channels_last),
+                conv_proj=_conv(in_channels, filters, 1, stride, key=k2)
+                if project
+                else None,
+                norm_proj=_norm(filters, axis_name, channels_last) if project else None,
+            )
+
+        for name, value in initialise(build, key, _flax_init).items():
+            setattr(self, name, value)
         self.channels_last = channels_last
-        k0, k1, k2 = jax.random.split(key, 3)
-        self.conv_0 = eqx.nn.Conv2d(
-            in_channels, filters, 3, stride, padding="SAME", use_bias=False, key=k0
-        )
-        self.norm_0 = _norm(filters, axis_name, channels_last)
-        self.conv_1 = eqx.nn.Conv2d(
-            filters, filters, 3, padding="SAME", use_bias=False, key=k1
-        )
-        # Flax initialises the last scale of a block to zero.
-        self.norm_1 = _norm(
-            filters, axis_name, channels_last, scale_init=jax.nn.initializers.zeros
-        )
-        if stride != 1 or in_channels != filters:
-            self.conv_proj = eqx.nn.Conv2d(
-                in_channels, filters, 1, stride, padding="SAME", use_bias=False, key=k2
-            )
-            self.norm_proj = _norm(filters, axis_name, channels_last)
-        else:
-            self.conv_proj = None
-            self.norm_proj = None
 
-    @typecheck
-    def __call__(
-        self,
-        x: Float[Array, "height width in_channels"]
-        | Float[Array, "in_channels height width"],
-        state: eqx.nn.State,
-        *,
-        inference: bool | None,
-    ) -> tuple[
-        Float[Array, "new_height new_width filters"]
-        | Float[Array, "filters new_height new_width"],
-        eqx.nn.State,
-    ]:
-        last = self.channels_last
-        y, state = self.norm_0(_conv(self.conv_0, x, last), state, inference=inference)
-        y = _conv(self.conv_1, jax.nn.relu(y), last)
-        y, state = self.norm_1(y, state, inference=inference)
-        residual = x
-        if self.conv_proj is not None and self.norm_proj is not None:
-            residual, state = self.norm_proj(
-                _conv(self.conv_proj, x, last), state, inference=inference
-            )
-        return jax.nn.relu(residual + y), state
+    def _branch(self):
+        return (self.conv_0, self.norm_0), (self.conv_1, self.norm_1)
+
+    def _projection(self):
+        if self.conv_proj is None or self.norm_proj is None:
+            return None
+        return self.conv_proj, self.norm_proj
 
 
-class ResNet(eqx.Module):
+class ResNet(AbstractResNet):
     """ResNet v1 with basic blocks, as Flax's ImageNet example (`ResNet18`, ...).
 
     `conv_init` (7x7, stride 2, padding 3) -> `bn_init` -> relu -> 3x3 max pool
@@ -161,6 +155,8 @@ class ResNet(eqx.Module):
     head: eqx.nn.Linear
     stage_sizes: tuple[int, ...] = eqx.field(static=True)
     channels_last: bool = eqx.field(static=True)
+
+    _pool_padding: ClassVar[str] = "SAME"
 
     def __init__(
         self,
@@ -187,81 +183,59 @@ class ResNet(eqx.Module):
             does, instead of `(channels, height, width)`. Either way the layers
             compute channels last (a channels-first image is moved once, at the
             input), so the parameters, the state and the logits are the same.
-        - `key`: for the initial weights.
+        - `key`: for the initial weights (Flax's initialisers, see the module),
+            drawn without compiling anything: the model builds in about a second.
         """
         if not stage_sizes or any(n <= 0 for n in stage_sizes):
             raise ValueError(
                 f"ResNet: stage_sizes must be positive block counts, got {stage_sizes}."
             )
-        keys = iter(jax.random.split(key, 2 + sum(stage_sizes)))
-        self.conv_init = eqx.nn.Conv2d(
-            in_channels, num_filters, 7, 2, padding=3, use_bias=False, key=next(keys)
-        )
-        # Channels last inside whatever the input layout: XLA's convolutions work
-        # channels last, and a channels-first network pays a transpose of its
-        # activations in and out of each of them (1.1x Flax's step time on CPU).
-        self.bn_init = _norm(num_filters, axis_name, channels_last=True)
-        blocks = []
-        channels = num_filters
-        for i, size in enumerate(stage_sizes):
-            for j in range(size):
-                stride = 2 if i > 0 and j == 0 else 1
-                filters = num_filters * 2**i
-                blocks.append(
-                    ResNetBlock(
-                        channels,
-                        filters,
-                        stride,
-                        axis_name=axis_name,
-                        channels_last=True,
-                        key=next(keys),
-                    )
+        stages, channels = stage_plan(stage_sizes, num_filters, expansion=1)
+
+        def build(key):
+            keys = iter(split_keys(key, 2 + sum(stage_sizes)))
+            conv = eqx.nn.Conv2d(
+                in_channels,
+                num_filters,
+                7,
+                2,
+                padding=3,
+                use_bias=False,
+                key=next(keys),
+            )
+            blocks = tuple(
+                ResNetBlock(
+                    cin,
+                    filters,
+                    stride,
+                    axis_name=axis_name,
+                    channels_last=True,
+                    key=next(keys),
                 )
-                channels = filters
-        self.blocks = tuple(blocks)
-        self.head = eqx.nn.Linear(channels, num_classes, key=next(keys))
+                for stage in stages
+                for cin, filters, stride in stage
+            )
+            head = eqx.nn.Linear(channels, num_classes, key=next(keys))
+            return dict(
+                conv_init=conv,
+                bn_init=_norm(num_filters, axis_name, True),
+                blocks=blocks,
+                head=head,
+            )
+
+        for name, value in initialise(build, key, _flax_init).items():
+            setattr(self, name, value)
         self.stage_sizes = tuple(stage_sizes)
         self.channels_last = channels_last
 
-    @typecheck
-    def __call__(
-        self,
-        x: Float[Array, "channels height width"]
-        | Float[Array, "height width channels"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
-        """**Arguments:**
+    def _stem(self):
+        return self.conv_init, self.bn_init
 
-        - `x`: one image, `(channels, height, width)`, or
-            `(height, width, channels)` for a `channels_last` model.
-        - `state`: the running statistics of every BatchNorm.
-        - `key`: unused.
-        - `inference`: use the running statistics (default: the layers' flags,
-            set with `eqx.nn.inference_mode`).
+    def _blocks(self):
+        return self.blocks
 
-        **Returns:**
-
-        `(logits, state)`, the logits of shape `(num_classes,)`.
-
-        **Raises:**
-
-        - `ValueError`: if the image's channel axis is not `in_channels` long.
-        """
-        del key
-        check_image(
-            type(self).__name__, x, self.conv_init.in_channels, self.channels_last
-        )
-        if not self.channels_last:
-            x = jnp.moveaxis(x, 0, -1)
-        x = channels_last_conv(self.conv_init, x)
-        x, state = self.bn_init(x, state, inference=inference)
-        x = _max_pool(jax.nn.relu(x))
-        for block in self.blocks:
-            x, state = block(x, state, inference=inference)
-        return self.head(jnp.mean(x, axis=(0, 1))), state
+    def _head(self):
+        return self.head
 
 
 def ResNet18(

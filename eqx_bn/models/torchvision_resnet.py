@@ -7,35 +7,57 @@ leaves pair with a torchvision `state_dict()` without a mapping: `conv1`, `bn1`,
 (`downsample.0` the 1x1 convolution, `downsample.1` its BatchNorm), and the head
 `fc`. Each BatchNorm declares the convolution it follows (`fold_into`), so
 `eqx_bn.fold_batch_norms` folds all of them for inference. Layers without
-parameters (`relu`, `maxpool`, `avgpool`) are functions.
+parameters (`relu`, `maxpool`, `avgpool`) are functions. The forward pass and the
+stage layout are those of `_resnet.py`, shared with the Flax-named `ResNet`.
 
 The BatchNorms have PyTorch's semantics: `momentum=0.9` (PyTorch's 0.1), `eps=1e-5`
 and the unbiased running variance (`unbiased_running_var=True`), so a training step
 updates the running statistics exactly as `torch.nn.BatchNorm2d` does.
 
+The initial weights follow torchvision's: `kaiming_normal_(mode="fan_out",
+nonlinearity="relu")` for the convolutions (a normal of variance 2 / fan-out),
+BatchNorm weight 1 and bias 0 (weight 0 for the last norm of each block with
+`zero_init_residual=True`), and `nn.Linear`'s default for `fc` (weight and bias
+uniform on +-1/sqrt(in_features)).
+
 One example at a time under `jax.vmap(..., axis_name="batch")`, images channels
-first `(3, H, W)` as PyTorch's, or channels last with `channels_last=True`. Inside,
-the network runs channels last, the layout of XLA's convolutions, whatever the input.
+first `(3, H, W)` as PyTorch's, or channels last with `channels_last=True`.
 """
 
+import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
-from .._typing import typecheck
-from ._layout import channels_last_conv, check_image
-
-# torchvision initialises its convolutions with `kaiming_normal_(mode="fan_out",
-# nonlinearity="relu")`: an untruncated normal of variance 2 / fan_out.
-_conv_init = jax.nn.initializers.variance_scaling(
-    2.0, "fan_out", "normal", in_axis=1, out_axis=0
+from ._init import (
+    Distribution,
+    Normal,
+    Rule,
+    Uniform,
+    batch_norm_init,
+    fan_out,
+    initialise,
 )
+from ._layout import channels_last_conv
+from ._resnet import AbstractBlock, AbstractResNet, split_keys, stage_plan
+
+
+def _torchvision_init(zero: str | None) -> Rule:
+    """torchvision's initialisers; the BatchNorms in fields named `zero` (the last
+    of each block, with `zero_init_residual=True`) start with weight 0."""
+
+    def rule(names: tuple[str, ...], owners: tuple) -> Distribution:
+        layer = owners[-1]
+        if isinstance(layer, eqx.nn.Conv):
+            return Normal(math.sqrt(2.0 / fan_out(layer.weight.shape)))
+        if isinstance(layer, eqx.nn.Linear):
+            return Uniform(1 / math.sqrt(layer.in_features))
+        return batch_norm_init(names, owners, zero=zero)
+
+    return rule
 
 
 def _conv(
@@ -43,24 +65,25 @@ def _conv(
     out_channels: int,
     kernel: int,
     stride: int = 1,
+    groups: int = 1,
     *,
     key: PRNGKeyArray,
 ) -> eqx.nn.Conv2d:
-    """`nn.Conv2d(in, out, kernel, stride, padding=kernel // 2, bias=False)`."""
-    conv = eqx.nn.Conv2d(
+    """`nn.Conv2d(in, out, kernel, stride, padding=kernel // 2, groups=groups,
+    bias=False)`."""
+    return eqx.nn.Conv2d(
         in_channels,
         out_channels,
         kernel,
         stride,
         padding=kernel // 2,
+        groups=groups,
         use_bias=False,
         key=key,
     )
-    weight = _conv_init(key, conv.weight.shape, conv.weight.dtype)
-    return eqx.tree_at(lambda c: c.weight, conv, weight)
 
 
-def _bn(channels: int, axis_name: str | None, zero: bool = False) -> BatchNorm:
+def _bn(channels: int, axis_name: str | None) -> BatchNorm:
     """`nn.BatchNorm2d(channels)`: PyTorch's momentum 0.1, eps 1e-5, unbiased
     running variance; channels last, as the activations inside the network."""
     return BatchNorm(
@@ -70,17 +93,6 @@ def _bn(channels: int, axis_name: str | None, zero: bool = False) -> BatchNorm:
         eps=1e-5,
         channels_last=True,
         unbiased_running_var=True,
-        scale_init=jax.nn.initializers.zeros if zero else jax.nn.initializers.ones,
-    )
-
-
-def _max_pool(x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 c"]:
-    """`nn.MaxPool2d(kernel_size=3, stride=2, padding=1)` on one channels-last
-    example: one row/column of padding on *each* side (not XLA's "SAME")."""
-    # A Python scalar init: under jit an array init is a tracer, and reduce_window
-    # then falls back to a form with no reverse-mode rule.
-    return lax.reduce_window(
-        x, -jnp.inf, lax.max, (3, 3, 1), (2, 2, 1), ((1, 1), (1, 1), (0, 0))
     )
 
 
@@ -113,18 +125,21 @@ def _downsample(
     )
 
 
-def _residual(
-    downsample: Downsample | None,
-    x: Array,
-    state: eqx.nn.State,
-    inference: bool | None,
-) -> tuple[Array, eqx.nn.State]:
-    if downsample is None:
-        return x, state
-    return downsample(x, state, inference=inference)
+class _TorchBlock(AbstractBlock):
+    """What torchvision's two blocks share: channels last inside the network, and
+    the projection in `downsample`."""
+
+    downsample: eqx.AbstractVar[Downsample | None]
+
+    channels_last: ClassVar[bool] = True
+
+    def _projection(self):
+        if self.downsample is None:
+            return None
+        return self.downsample.conv, self.downsample.bn
 
 
-class BasicBlock(eqx.Module):
+class BasicBlock(_TorchBlock):
     """torchvision's `BasicBlock`: 3x3 conv (with the stride), BN, relu, 3x3 conv,
     BN, plus the residual (through `downsample` where the shape changes), relu."""
 
@@ -134,7 +149,8 @@ class BasicBlock(eqx.Module):
     bn2: BatchNorm = eqx.field(metadata={"fold_into": "conv2"})
     downsample: Downsample | None
 
-    expansion = 1
+    expansion: ClassVar[int] = 1
+    _last_norm: ClassVar[str] = "bn2"
 
     def __init__(
         self,
@@ -142,6 +158,8 @@ class BasicBlock(eqx.Module):
         planes: int,
         stride: int = 1,
         *,
+        groups: int = 1,
+        base_width: int = 64,
         axis_name: str | None = "batch",
         zero_init_residual: bool = False,
         key: PRNGKeyArray,
@@ -151,33 +169,47 @@ class BasicBlock(eqx.Module):
         - `in_channels`: channels in (torchvision's `inplanes`).
         - `planes`: channels out.
         - `stride`: of `conv1` and `downsample`.
+        - `groups`, `base_width`: accepted as torchvision's block accepts them,
+            and only at their defaults 1 and 64.
         - `axis_name`: the vmap axis the BatchNorm statistics are taken over.
         - `zero_init_residual`: start `bn2`'s scale at zero, as torchvision's
             option of the same name.
-        - `key`: for the initial weights.
+        - `key`: for the initial weights (torchvision's, see the module).
+
+        **Raises:**
+
+        - `ValueError`: for `groups` other than 1 or `base_width` other than 64,
+            as torchvision.
         """
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.conv1 = _conv(in_channels, planes, 3, stride, key=k1)
-        self.bn1 = _bn(planes, axis_name)
-        self.conv2 = _conv(planes, planes, 3, key=k2)
-        self.bn2 = _bn(planes, axis_name, zero=zero_init_residual)
-        self.downsample = _downsample(in_channels, planes, stride, axis_name, k3)
+        if groups != 1 or base_width != 64:
+            raise ValueError(
+                "BasicBlock: only groups=1 and base_width=64 (width_per_group=64), "
+                f"as in torchvision; got groups={groups}, base_width={base_width}. "
+                "ResNeXt and wide ResNets use block='bottleneck'."
+            )
 
-    def __call__(
-        self, x: Float[Array, "h w c"], state: eqx.nn.State, *, inference: bool | None
-    ) -> tuple[Float[Array, "h2 w2 c2"], eqx.nn.State]:
-        y, state = self.bn1(
-            channels_last_conv(self.conv1, x), state, inference=inference
-        )
-        y = channels_last_conv(self.conv2, jax.nn.relu(y))
-        y, state = self.bn2(y, state, inference=inference)
-        residual, state = _residual(self.downsample, x, state, inference)
-        return jax.nn.relu(y + residual), state
+        def build(key):
+            k1, k2, k3 = split_keys(key, 3)
+            return dict(
+                conv1=_conv(in_channels, planes, 3, stride, key=k1),
+                bn1=_bn(planes, axis_name),
+                conv2=_conv(planes, planes, 3, key=k2),
+                bn2=_bn(planes, axis_name),
+                downsample=_downsample(in_channels, planes, stride, axis_name, k3),
+            )
+
+        rule = _torchvision_init(self._last_norm if zero_init_residual else None)
+        for name, value in initialise(build, key, rule).items():
+            setattr(self, name, value)
+
+    def _branch(self):
+        return (self.conv1, self.bn1), (self.conv2, self.bn2)
 
 
-class Bottleneck(eqx.Module):
+class Bottleneck(_TorchBlock):
     """torchvision's `Bottleneck` (ResNet v1.5): 1x1 conv, BN, relu, 3x3 conv (with
-    the stride), BN, relu, 1x1 conv to `4 * planes`, BN, plus the residual, relu."""
+    the stride, in `groups` groups), BN, relu, 1x1 conv to `4 * planes`, BN, plus
+    the residual, relu."""
 
     conv1: eqx.nn.Conv2d
     bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
@@ -187,7 +219,8 @@ class Bottleneck(eqx.Module):
     bn3: BatchNorm = eqx.field(metadata={"fold_into": "conv3"})
     downsample: Downsample | None
 
-    expansion = 4
+    expansion: ClassVar[int] = 4
+    _last_norm: ClassVar[str] = "bn3"
 
     def __init__(
         self,
@@ -195,6 +228,8 @@ class Bottleneck(eqx.Module):
         planes: int,
         stride: int = 1,
         *,
+        groups: int = 1,
+        base_width: int = 64,
         axis_name: str | None = "batch",
         zero_init_residual: bool = False,
         key: PRNGKeyArray,
@@ -202,36 +237,49 @@ class Bottleneck(eqx.Module):
         """**Arguments:**
 
         As [`eqx_bn.models.BasicBlock`][]; the output has `4 * planes` channels
-        and the stride is on `conv2`, as in torchvision.
-        """
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        out = planes * self.expansion
-        self.conv1 = _conv(in_channels, planes, 1, key=k1)
-        self.bn1 = _bn(planes, axis_name)
-        self.conv2 = _conv(planes, planes, 3, stride, key=k2)
-        self.bn2 = _bn(planes, axis_name)
-        self.conv3 = _conv(planes, out, 1, key=k3)
-        self.bn3 = _bn(out, axis_name, zero=zero_init_residual)
-        self.downsample = _downsample(in_channels, out, stride, axis_name, k4)
+        and the stride is on `conv2`, as in torchvision. `conv1`, `conv2` and
+        `bn1`, `bn2` have `int(planes * base_width / 64) * groups` channels and
+        `conv2` runs in `groups` groups (torchvision's `groups` and `base_width`:
+        ResNeXt-50 32x4d is `groups=32, base_width=4`, Wide ResNet-50-2
+        `base_width=128`).
 
-    def __call__(
-        self, x: Float[Array, "h w c"], state: eqx.nn.State, *, inference: bool | None
-    ) -> tuple[Float[Array, "h2 w2 c2"], eqx.nn.State]:
-        y, state = self.bn1(
-            channels_last_conv(self.conv1, x), state, inference=inference
-        )
-        y = channels_last_conv(self.conv2, jax.nn.relu(y))
-        y, state = self.bn2(y, state, inference=inference)
-        y = channels_last_conv(self.conv3, jax.nn.relu(y))
-        y, state = self.bn3(y, state, inference=inference)
-        residual, state = _residual(self.downsample, x, state, inference)
-        return jax.nn.relu(y + residual), state
+        **Raises:**
+
+        - `ValueError`: if that width is not a positive multiple of `groups`.
+        """
+        width = int(planes * (base_width / 64.0)) * groups
+        if width <= 0:
+            raise ValueError(
+                f"Bottleneck: int(planes * base_width / 64) * groups = {width} "
+                f"channels inside the block (planes={planes}, base_width="
+                f"{base_width}, groups={groups}); make planes * base_width at least 64."
+            )
+        out = planes * self.expansion
+
+        def build(key):
+            k1, k2, k3, k4 = split_keys(key, 4)
+            return dict(
+                conv1=_conv(in_channels, width, 1, key=k1),
+                bn1=_bn(width, axis_name),
+                conv2=_conv(width, width, 3, stride, groups, key=k2),
+                bn2=_bn(width, axis_name),
+                conv3=_conv(width, out, 1, key=k3),
+                bn3=_bn(out, axis_name),
+                downsample=_downsample(in_channels, out, stride, axis_name, k4),
+            )
+
+        rule = _torchvision_init(self._last_norm if zero_init_residual else None)
+        for name, value in initialise(build, key, rule).items():
+            setattr(self, name, value)
+
+    def _branch(self):
+        return (self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-class TorchResNet(eqx.Module):
+class TorchResNet(AbstractResNet):
     """torchvision's `ResNet`, with its module names and PyTorch's BatchNorm.
 
     `conv1` (7x7, stride 2, padding 3) -> `bn1` -> relu -> 3x3 max pool (stride 2,
@@ -258,6 +306,10 @@ class TorchResNet(eqx.Module):
     block: str = eqx.field(static=True)
     layers: tuple[int, int, int, int] = eqx.field(static=True)
     channels_last: bool = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+    width_per_group: int = eqx.field(static=True)
+
+    _pool_padding: ClassVar[tuple[tuple[int, int], ...]] = ((1, 1), (1, 1), (0, 0))
 
     def __init__(
         self,
@@ -266,6 +318,8 @@ class TorchResNet(eqx.Module):
         num_classes: int = 1000,
         *,
         width: int = 64,
+        groups: int = 1,
+        width_per_group: int = 64,
         in_channels: int = 3,
         zero_init_residual: bool = False,
         axis_name: str | None = "batch",
@@ -280,6 +334,11 @@ class TorchResNet(eqx.Module):
         - `num_classes`: outputs of `fc`.
         - `width`: channels of the stem and `layer1`'s planes (64 in torchvision;
             `layerN` has `width * 2**(N-1)` planes). Smaller for tiny test nets.
+        - `groups`, `width_per_group`: torchvision's, for ResNeXt and wide
+            ResNets (bottleneck blocks only): the 3x3 convolution of a block runs
+            in `groups` groups over `int(planes * width_per_group / 64) * groups`
+            channels. See [`eqx_bn.models.TorchResNeXt50_32x4d`][] and
+            [`eqx_bn.models.TorchWideResNet50_2`][].
         - `in_channels`: channels of the images.
         - `zero_init_residual`: start the last BatchNorm scale of every block at
             zero, as torchvision's option.
@@ -287,8 +346,15 @@ class TorchResNet(eqx.Module):
         - `channels_last`: take images as `(height, width, channels)` instead of
             PyTorch's `(channels, height, width)`. The parameters, the state and
             the logits are the same either way.
-        - `key`: for the initial weights (torchvision's initialisation: He normal
-            with fan-out for the convolutions, PyTorch's default for `fc`).
+        - `key`: for the initial weights (torchvision's initialisation, see the
+            module), drawn without compiling anything: a ResNet-50 builds in
+            about a second.
+
+        **Raises:**
+
+        - `ValueError`: for an unknown `block`, `layers` that are not four
+            positive counts, or `groups`/`width_per_group` other than 1/64 with
+            basic blocks.
         """
         if block not in _BLOCKS:
             raise ValueError(
@@ -300,68 +366,56 @@ class TorchResNet(eqx.Module):
                 f"layer4), got {tuple(layers)}."
             )
         kind = _BLOCKS[block]
-        keys = iter(jax.random.split(key, 2 + sum(layers)))
-        self.conv1 = _conv(in_channels, width, 7, 2, key=next(keys))
-        self.bn1 = _bn(width, axis_name)
-        channels = width
-        stages = []
-        for i, size in enumerate(layers):
-            planes = width * 2**i
-            stage = []
-            for j in range(size):
-                stride = 2 if i > 0 and j == 0 else 1
-                stage.append(
+        stages, channels = stage_plan(layers, width, kind.expansion)
+
+        def build(key):
+            keys = iter(split_keys(key, 2 + sum(layers)))
+            conv = _conv(in_channels, width, 7, 2, key=next(keys))
+            blocks = tuple(
+                tuple(
                     kind(
-                        channels,
+                        cin,
                         planes,
                         stride,
+                        groups=groups,
+                        base_width=width_per_group,
                         axis_name=axis_name,
                         zero_init_residual=zero_init_residual,
                         key=next(keys),
                     )
+                    for cin, planes, stride in stage
                 )
-                channels = planes * kind.expansion
-            stages.append(tuple(stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = eqx.nn.Linear(channels, num_classes, key=next(keys))
+                for stage in stages
+            )
+            fc = eqx.nn.Linear(channels, num_classes, key=next(keys))
+            layer1, layer2, layer3, layer4 = blocks
+            return dict(
+                conv1=conv,
+                bn1=_bn(width, axis_name),
+                layer1=layer1,
+                layer2=layer2,
+                layer3=layer3,
+                layer4=layer4,
+                fc=fc,
+            )
+
+        rule = _torchvision_init(kind._last_norm if zero_init_residual else None)
+        for name, value in initialise(build, key, rule).items():
+            setattr(self, name, value)
         self.block = block
         self.layers = tuple(int(n) for n in layers)
         self.channels_last = channels_last
+        self.groups = groups
+        self.width_per_group = width_per_group
 
-    @typecheck
-    def __call__(
-        self,
-        x: Float[Array, "channels height width"]
-        | Float[Array, "height width channels"],
-        state: eqx.nn.State,
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
-        """**Arguments:**
+    def _stem(self):
+        return self.conv1, self.bn1
 
-        - `x`: one image, `(channels, height, width)`, or
-            `(height, width, channels)` for a `channels_last` model.
-        - `state`: the running statistics of every BatchNorm.
-        - `key`: unused.
-        - `inference`: use the running statistics (PyTorch's `model.eval()`;
-            default: the layers' flags, set with `eqx.nn.inference_mode`).
+    def _blocks(self):
+        return self.layer1 + self.layer2 + self.layer3 + self.layer4
 
-        **Returns:**
-
-        `(logits, state)`.
-        """
-        del key
-        check_image(type(self).__name__, x, self.conv1.in_channels, self.channels_last)
-        if not self.channels_last:
-            x = jnp.moveaxis(x, 0, -1)
-        x = channels_last_conv(self.conv1, x)
-        x, state = self.bn1(x, state, inference=inference)
-        x = _max_pool(jax.nn.relu(x))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in stage:
-                x, state = block(x, state, inference=inference)
-        return self.fc(jnp.mean(x, axis=(0, 1))), state
+    def _head(self):
+        return self.fc
 
 
 def TorchResNet18(
@@ -383,3 +437,30 @@ def TorchResNet50(
 ) -> TorchResNet:
     """`torchvision.models.resnet50`: `TorchResNet("bottleneck", (3, 4, 6, 3), ...)`."""
     return TorchResNet("bottleneck", (3, 4, 6, 3), num_classes, key=key, **kwargs)
+
+
+def TorchResNeXt50_32x4d(
+    num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs
+) -> TorchResNet:
+    """`torchvision.models.resnext50_32x4d`: `TorchResNet("bottleneck",
+    (3, 4, 6, 3), ..., groups=32, width_per_group=4)`."""
+    return TorchResNet(
+        "bottleneck",
+        (3, 4, 6, 3),
+        num_classes,
+        groups=32,
+        width_per_group=4,
+        key=key,
+        **kwargs,
+    )
+
+
+def TorchWideResNet50_2(
+    num_classes: int = 1000, *, key: PRNGKeyArray, **kwargs
+) -> TorchResNet:
+    """`torchvision.models.wide_resnet50_2`: `TorchResNet("bottleneck",
+    (3, 4, 6, 3), ..., width_per_group=128)`, twice the channels inside each
+    block."""
+    return TorchResNet(
+        "bottleneck", (3, 4, 6, 3), num_classes, width_per_group=128, key=key, **kwargs
+    )

@@ -24,7 +24,8 @@ It writes:
   float64 and float32 as above: output, running statistics and gradients, for the
   whole batch and for the examples a mask keeps;
 - `torchvision_keys.json`: the state_dict names, shapes and dtypes of
-  torchvision's `resnet18`, `resnet34` and `resnet50`;
+  torchvision's `resnet18`, `resnet34`, `resnet50`, `resnext50_32x4d` and
+  `wide_resnet50_2`;
 - `features.pt` and `features.npz`: a checkpoint dict exercising the reader
   (bfloat16, float16, float8, uint16, views with strides and offsets, a storage
   shared by several tensors, an `nn.Parameter`, nested plain values) and the
@@ -49,10 +50,11 @@ OUT = pathlib.Path(__file__).resolve().parent / "torch"
 class NarrowResNet(torchvision.models.ResNet):
     """torchvision's ResNet with `width` channels in the stem (64 in torchvision)
     and `width * 2**i` planes in `layer{i+1}`, built with torchvision's own
-    `_make_layer` and initialisation."""
+    `_make_layer` and initialisation; `kwargs` go to torchvision's `ResNet`
+    (`groups`, `width_per_group` for a ResNeXt or a wide ResNet)."""
 
-    def __init__(self, block, layers, num_classes, width):
-        super().__init__(block, layers, num_classes=num_classes)
+    def __init__(self, block, layers, num_classes, width, **kwargs):
+        super().__init__(block, layers, num_classes=num_classes, **kwargs)
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -363,8 +365,16 @@ def features(gen: torch.Generator) -> dict:
 
 def torchvision_keys() -> dict:
     out = {}
-    for name in ("resnet18", "resnet34", "resnet50"):
-        net = getattr(torchvision.models, name)()
+    names = (
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnext50_32x4d",
+        "wide_resnet50_2",
+    )
+    for name in names:
+        with torch.device("meta"):  # names and shapes only
+            net = getattr(torchvision.models, name)()
         out[name] = {
             k: [list(v.shape), str(v.dtype).removeprefix("torch.")]
             for k, v in net.state_dict().items()

@@ -7,6 +7,7 @@ Nothing here knows a naming scheme (linen, NNX, PyTorch) or an Equinox model.
 """
 
 from .atomic import atomic_write as atomic_write
+from .checkpoint import read_checkpoint as read_checkpoint
 from .errors import CheckpointError as CheckpointError
 from .msgpack import (
     ProgressCallback as ProgressCallback,
@@ -20,8 +21,5 @@ from .safetensors import (
     to_safetensors_bytes as to_safetensors_bytes,
     write_safetensors as write_safetensors,
 )
-from .sniff import (
-    checkpoint_kind as checkpoint_kind,
-    read_checkpoint as read_checkpoint,
-)
+from .sniff import checkpoint_kind as checkpoint_kind
 from .torch_pickle import read_torch as read_torch

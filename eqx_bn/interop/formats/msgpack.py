@@ -4,7 +4,8 @@ The format (that of `flax.serialization.to_bytes` / `msgpack_serialize`):
 
 - the file is one msgpack map; every key is a string; lists and tuples were stored
   by Flax's `to_state_dict` as maps `{"0": ..., "1": ...}` and named tuples as maps
-  of their fields;
+  of their fields (`msgpack_serialize` of a tree with integer keys, such as
+  `nnx.to_pure_dict`'s list items, keeps them as msgpack ints: read as ints);
 - an array is the msgpack extension type 1 holding the msgpack-encoded triple
   `[shape, dtype name, C-order bytes]`; a numpy scalar is type 3 with the same
   triple for a 0-d array; a Python `complex` is type 2 holding `[real, imag]`;
@@ -28,10 +29,13 @@ import msgpack
 import numpy as np
 from jaxtyping import PyTree
 
+from ..._describe import describe
 from ..._typing import typecheck
 from .atomic import atomic_write
 from .errors import CheckpointError
 from .shapes import shape_problem as _shape_problem
+from .sniff import HEAD_BYTES, other_format
+from .tree import MAX_DEPTH, map_tree, where
 
 _EXT_NDARRAY = 1
 _EXT_NATIVE_COMPLEX = 2
@@ -40,9 +44,6 @@ _CHUNKED = "__msgpack_chunked_array__"
 # Flax's `MAX_CHUNK_SIZE`: msgpack's limit is 2**32 - 1 bytes per value, and Flax
 # leaves a wide margin. Files chunked at any size are read.
 _MAX_CHUNK_BYTES = 2**30
-# Real checkpoints nest a few levels per module; this only stops hostile files
-# from exhausting the Python stack.
-_MAX_DEPTH = 100
 _READ_BLOCK = 16 * 2**20
 
 ProgressCallback = Callable[[int, int], None]
@@ -74,10 +75,6 @@ def _dtype_table() -> dict[str, np.dtype]:
 # from the file (structured and object dtypes included).
 _DTYPES = _dtype_table()
 _SUPPORTED = frozenset(_DTYPES.values())
-
-
-def _where(path: tuple[str, ...]) -> str:
-    return f"at '{'/'.join(path)}'" if path else "at the top level"
 
 
 class _Invalid:
@@ -147,37 +144,60 @@ def _ext_hook(code: int, data: bytes) -> Any:
 _PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes)
 
 
-def _restore(node: Any, path: tuple[str, ...]) -> Any:
-    if len(path) > _MAX_DEPTH:
-        raise CheckpointError(f"{_where(path[:3])}...: nested deeper than {_MAX_DEPTH}")
-    if isinstance(node, dict):
-        if _CHUNKED in node:
-            return _unchunk(node, path)
-        out = {}
-        for key, value in node.items():
-            if not isinstance(key, str):
-                raise CheckpointError(
-                    f"{_where(path)}: key {key!r} is a {type(key).__name__}; Flax "
-                    "checkpoints have string keys only"
-                )
-            out[key] = _restore(value, (*path, key))
-        return out
-    if isinstance(node, list):
-        return [_restore(value, (*path, str(i))) for i, value in enumerate(node)]
+def _check_key(path: tuple[str, ...], key: Any) -> None:
+    # Flax's `to_bytes` writes string keys; `msgpack_serialize` of
+    # `nnx.to_pure_dict(...)` keeps NNX's integer list indices, and Flax's
+    # `msgpack_restore` reads them back as ints: so does this.
+    if type(key) not in (str, int):
+        raise CheckpointError(
+            f"{where(path)}: key {key!r} is {describe(key)}; a Flax checkpoint's "
+            "keys are strings (or ints, for list items)"
+        )
+
+
+def _is_chunked(node: Any) -> bool:
+    return isinstance(node, dict) and _CHUNKED in node
+
+
+def _leaf(path: tuple[str, ...], node: Any) -> Any:
+    if _is_chunked(node):
+        return _unchunk(node, path)
     if isinstance(node, _Invalid):
-        raise CheckpointError(f"{_where(path)}: {node.reason}")
+        raise CheckpointError(f"{where(path)}: {node.reason}")
     if isinstance(node, (np.ndarray, np.generic, *_PLAIN_LEAVES)):
         return node
     raise CheckpointError(
-        f"{_where(path)}: unsupported msgpack value of type {type(node).__name__}"
+        f"{where(path)}: unsupported msgpack value of type {type(node).__name__}"
     )
+
+
+def _too_deep(path: tuple[str, ...]) -> CheckpointError:
+    return CheckpointError(f"{where(path[:3])}...: nested deeper than {MAX_DEPTH}")
+
+
+def _restore(node: Any, path: tuple[str, ...] = ()) -> Any:
+    """The decoded tree, checked leaf by leaf, chunked arrays joined."""
+    try:
+        return map_tree(
+            node,
+            lambda p, leaf: _leaf((*path, *p), leaf),
+            is_leaf=_is_chunked,
+            key=lambda p, k: _check_key((*path, *p), k),
+            lists=True,
+            max_depth=MAX_DEPTH - len(path),
+            too_deep=lambda p: _too_deep((*path, *p)),
+        )
+    except ValueError as e:  # keys 0 and "0" in one map
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(str(e)) from None
 
 
 def _sequence(node: Any, path: tuple[str, ...]) -> list[Any]:
     """A Flax tuple-as-dict `{"0": a, "1": b}` back to `[a, b]`."""
     if not isinstance(node, dict) or set(node) != {str(i) for i in range(len(node))}:
         raise CheckpointError(
-            f"{_where(path)}: expected a map with keys '0', '1', ... in a chunked array"
+            f"{where(path)}: expected a map with keys '0', '1', ... in a chunked array"
         )
     return [node[str(i)] for i in range(len(node))]
 
@@ -185,31 +205,31 @@ def _sequence(node: Any, path: tuple[str, ...]) -> list[Any]:
 def _unchunk(node: dict, path: tuple[str, ...]) -> np.ndarray:
     if set(node) != {_CHUNKED, "shape", "chunks"} or node[_CHUNKED] is not True:
         raise CheckpointError(
-            f"{_where(path)}: malformed chunked array: expected exactly the keys "
+            f"{where(path)}: malformed chunked array: expected exactly the keys "
             f"'{_CHUNKED}' (true), 'shape' and 'chunks', got {sorted(map(str, node))}"
         )
     shape = _sequence(node["shape"], (*path, "shape"))
     problem = _shape_problem(shape, 1)
     if problem is not None:
-        raise CheckpointError(f"{_where(path)}: chunked array {problem}")
+        raise CheckpointError(f"{where(path)}: chunked array {problem}")
     chunks = []
     for i, chunk in enumerate(_sequence(node["chunks"], (*path, "chunks"))):
         chunk = _restore(chunk, (*path, "chunks", str(i)))
         if not isinstance(chunk, np.ndarray) or chunk.ndim != 1:
             raise CheckpointError(
-                f"{_where((*path, 'chunks', str(i)))}: a chunk must be a 1-d array"
+                f"{where((*path, 'chunks', str(i)))}: a chunk must be a 1-d array"
             )
         chunks.append(chunk)
     if not chunks or len({c.dtype for c in chunks}) != 1:
         raise CheckpointError(
-            f"{_where(path)}: a chunked array needs one or more chunks of one dtype"
+            f"{where(path)}: a chunked array needs one or more chunks of one dtype"
         )
     problem = _shape_problem(shape, chunks[0].dtype.itemsize)
     if problem is not None:
-        raise CheckpointError(f"{_where(path)}: chunked array {problem}")
+        raise CheckpointError(f"{where(path)}: chunked array {problem}")
     if sum(c.size for c in chunks) != math.prod(shape):
         raise CheckpointError(
-            f"{_where(path)}: chunked array declares shape {tuple(shape)} but its "
+            f"{where(path)}: chunked array declares shape {tuple(shape)} but its "
             f"chunks hold {sum(c.size for c in chunks)} elements"
         )
     return np.concatenate(chunks).reshape(shape)
@@ -236,6 +256,13 @@ def _read_file(path: str, progress: ProgressCallback | None) -> memoryview:
     return view[:done]
 
 
+def _what(value: Any) -> str:
+    """A decoded msgpack value, for messages: `an int`, `an array`."""
+    if isinstance(value, (_Invalid, np.ndarray, np.generic)) or _is_chunked(value):
+        return "an array"
+    return describe(value)
+
+
 def _decode(data: bytes | bytearray | memoryview, origin: str) -> dict[str, Any]:
     if len(data) == 0:
         raise CheckpointError(f"{origin} is empty")
@@ -243,39 +270,48 @@ def _decode(data: bytes | bytearray | memoryview, origin: str) -> dict[str, Any]
         raw = msgpack.unpackb(
             data, raw=False, use_list=True, strict_map_key=False, ext_hook=_ext_hook
         )
-    except msgpack.ExtraData as e:
-        if not isinstance(e.unpacked, dict):
+    except (ValueError, TypeError) as e:  # msgpack.ExtraData is a ValueError
+        # A file in another format fails here: say which, and the reader to use.
+        other = other_format(bytes(data[:HEAD_BYTES]), len(data), "msgpack")
+        if other is not None:
             raise CheckpointError(
-                f"{origin} is not a Flax msgpack checkpoint: it starts with a "
-                f"{type(e.unpacked).__name__}, not a map, and goes on for "
-                f"{len(e.extra)} more bytes"
+                f"{origin} is not a Flax msgpack checkpoint: {other}"
             ) from None
-        raise CheckpointError(
-            f"{origin} has {len(e.extra)} unexpected bytes after its data "
-            "(two files concatenated, or a corrupt length?)"
-        ) from None
-    except (ValueError, TypeError) as e:
-        if "incomplete input" in str(e):
-            raise CheckpointError(
-                f"{origin} is truncated: its data ends in the middle of a value "
-                f"({len(data)} bytes); was the write interrupted?"
-            ) from None
-        if "exceeds max_" in str(e):
-            # msgpack bounds every declared length by the size of the data.
-            raise CheckpointError(
-                f"{origin} is truncated or corrupt: a declared length is larger than "
-                f"its {len(data)} bytes ({e})"
-            ) from None
-        detail = str(e) or type(e).__name__  # msgpack's FormatError has no text
-        raise CheckpointError(f"{origin} is not valid msgpack: {detail}") from None
+        raise _decode_error(e, len(data), origin) from None
     if not isinstance(raw, dict) or _CHUNKED in raw:
-        is_array = isinstance(raw, (dict, _Invalid, np.ndarray))
-        kind = "array" if is_array else type(raw).__name__
         raise CheckpointError(
-            f"{origin} holds a single {kind} at the top level; a Flax checkpoint "
+            f"{origin} holds only {_what(raw)} at the top level; a Flax checkpoint "
             "is a map (dict) of variables, e.g. {'params': ...}"
         )
     return _restore(raw, ())
+
+
+def _decode_error(e: Exception, size: int, origin: str) -> CheckpointError:
+    """What msgpack's complaint about the data means."""
+    if isinstance(e, msgpack.ExtraData):
+        if not isinstance(e.unpacked, dict):
+            return CheckpointError(
+                f"{origin} is not a Flax msgpack checkpoint: it starts with "
+                f"{_what(e.unpacked)}, not a map, and goes on for {len(e.extra)} "
+                "more bytes"
+            )
+        return CheckpointError(
+            f"{origin} has {len(e.extra)} unexpected bytes after its data "
+            "(two files concatenated, or a corrupt length?)"
+        )
+    if "incomplete input" in str(e):
+        return CheckpointError(
+            f"{origin} is truncated: its data ends in the middle of a value "
+            f"({size} bytes); was the write interrupted?"
+        )
+    if "exceeds max_" in str(e):
+        # msgpack bounds every declared length by the size of the data.
+        return CheckpointError(
+            f"{origin} is truncated or corrupt: a declared length is larger than "
+            f"its {size} bytes ({e})"
+        )
+    detail = str(e) or type(e).__name__  # msgpack's FormatError has no text
+    return CheckpointError(f"{origin} is not valid msgpack: {detail}")
 
 
 @typecheck
@@ -299,7 +335,10 @@ def read_msgpack(
 
     **Returns:**
 
-    Nested dicts with string keys, as stored. Arrays are read-only numpy arrays
+    Nested dicts, keyed as stored: by strings, or by ints where the file has
+    them (`flax.serialization.msgpack_serialize(nnx.to_pure_dict(...))` keeps
+    NNX's list indices as ints, and `msgpack_restore` gives them back so).
+    Arrays are read-only numpy arrays
     with the stored dtype (`bfloat16` and the other `ml_dtypes` included); numpy
     scalars, Python scalars (`int`, `float`, `bool`, `complex`, `str`, `None`) and
     lists are returned as they were stored.
@@ -325,7 +364,7 @@ def _array_ext(code: int, array: np.ndarray, path: tuple[str, ...]) -> msgpack.E
     dtype = array.dtype.newbyteorder("=")
     if dtype not in _SUPPORTED:
         raise ValueError(
-            f"{_where(path)}: cannot store an array of dtype {array.dtype}; only "
+            f"{where(path)}: cannot store an array of dtype {array.dtype}; only "
             "numeric dtypes (bool, ints, floats, complex, bfloat16 and the other "
             "ml_dtypes) are supported"
         )
@@ -353,8 +392,8 @@ def _encode_array(array: np.ndarray, path: tuple[str, ...]) -> Any:
 
 
 def _encode(node: Any, path: tuple[str, ...]) -> Any:
-    if len(path) > _MAX_DEPTH:
-        raise ValueError(f"{_where(path[:3])}...: nested deeper than {_MAX_DEPTH}")
+    if len(path) > MAX_DEPTH:
+        raise ValueError(f"{where(path[:3])}...: nested deeper than {MAX_DEPTH}")
     # Containers as Flax's `to_state_dict` stores them: every key a string.
     if (
         isinstance(node, Mapping)
@@ -370,7 +409,7 @@ def _encode(node: Any, path: tuple[str, ...]) -> Any:
         out = {str(k): None for k, _ in items}
         if len(out) != len(items):
             raise ValueError(
-                f"{_where(path)}: keys {[k for k, _ in items]!r} are not distinct as "
+                f"{where(path)}: keys {[k for k, _ in items]!r} are not distinct as "
                 "strings, and a Flax checkpoint's keys are strings"
             )
         for key, value in items:
@@ -387,11 +426,11 @@ def _encode(node: Any, path: tuple[str, ...]) -> Any:
             _EXT_NATIVE_COMPLEX, msgpack.packb([node.real, node.imag])
         )
     if type(node) is int and not -(2**63) <= node < 2**64:
-        raise ValueError(f"{_where(path)}: the int {node} does not fit in 64 bits")
+        raise ValueError(f"{where(path)}: the int {node} does not fit in 64 bits")
     if type(node) in _PLAIN_LEAVES:
         return node
     raise TypeError(
-        f"{_where(path)}: cannot store a {type(node).__name__}; a checkpoint holds "
+        f"{where(path)}: cannot store {describe(node)}; a checkpoint holds "
         "dicts, lists/tuples, arrays and Python or numpy scalars"
     )
 

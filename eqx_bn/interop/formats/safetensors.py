@@ -28,6 +28,7 @@ from ..._typing import typecheck
 from .atomic import atomic_write
 from .errors import CheckpointError
 from .shapes import shape_problem
+from .sniff import HEAD_BYTES, other_format
 
 _CODES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -136,7 +137,14 @@ def _entry(
 
 
 def _decode(data: memoryview, origin: str) -> dict[str, np.ndarray]:
-    header, start = _header(data, origin)
+    try:
+        header, start = _header(data, origin)
+    except CheckpointError:
+        # A file in another format fails here: say which, and the reader to use.
+        other = other_format(bytes(data[:HEAD_BYTES]), len(data), "safetensors")
+        if other is None:
+            raise
+        raise CheckpointError(f"{origin} is not a safetensors file: {other}") from None
     body = data[start:]
     metadata = header.pop(_METADATA, None)
     if metadata is not None and not (

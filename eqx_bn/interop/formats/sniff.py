@@ -1,77 +1,129 @@
-"""One entry point for every checkpoint format: Flax msgpack, Orbax, PyTorch."""
+"""What format a checkpoint file is in, told by its first bytes: for
+`read_checkpoint`, which picks the reader, and for each reader, whose error for a
+file in another format names that format and its reader.
+
+Imports no reader (every reader imports this).
+"""
 
 import os
-from typing import Any
+from typing import Literal
 
-from ..._typing import typecheck
-from .errors import CheckpointError
-from .msgpack import ProgressCallback, read_msgpack
-from .orbax import read_orbax
-from .safetensors import read_safetensors
-from .torch_pickle import _LEGACY_TORCH, read_torch
+Kind = Literal["torch", "torch_legacy", "pickle", "safetensors", "msgpack"]
+
+HEAD_BYTES = 9
+"""How many leading bytes `kind_of` looks at."""
+
+ZIP = b"PK\x03\x04"
+"""How a zip archive starts: `torch.save`'s format since PyTorch 1.6."""
+
+LEGACY_TORCH = b"\x80\x02\x8a"
+"""How torch.save's legacy format starts: pickle protocol 2, then its magic number
+as a LONG1."""
+
+_PICKLE_PROTOCOLS = frozenset(b"\x02\x03\x04\x05")
+# Flax's msgpack file is one map: a fixmap (0x80-0x8f), map 16 or map 32.
+_MSGPACK_MAPS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+_READ_WITH = (
+    "read it with {} (or eqx_bn.interop.read_checkpoint, which tells the formats apart)"
+)
+
+FORMATS: dict[str, tuple[str, str]] = {
+    "torch": (
+        "a torch.save file (a zip archive)",
+        _READ_WITH.format("eqx_bn.interop.read_torch"),
+    ),
+    "torch_legacy": (
+        "a torch.save file in the legacy format (before PyTorch 1.6)",
+        "eqx_bn.interop.read_torch says how to convert it",
+    ),
+    "pickle": (
+        "a plain Python pickle (`pickle.dump`), not a torch.save file",
+        "no reader here loads one, because unpickling runs the file's code: save "
+        "it with torch.save or safetensors.torch.save_file instead",
+    ),
+    "safetensors": (
+        "a safetensors file",
+        _READ_WITH.format("eqx_bn.interop.read_safetensors"),
+    ),
+    "msgpack": (
+        "a Flax msgpack checkpoint",
+        _READ_WITH.format("eqx_bn.interop.read_msgpack"),
+    ),
+}
+"""Each kind: what it is and what to do with it, in messages."""
 
 
-@typecheck
-def read_checkpoint(
-    path: str | os.PathLike, *, progress: ProgressCallback | None = None
-) -> dict[str, Any]:
-    """Reads a checkpoint: Flax msgpack, Orbax, PyTorch or safetensors.
-
-    A directory is read with [`eqx_bn.interop.read_orbax`][]. A file is told by
-    its first bytes (and a `.safetensors` suffix): a zip archive, or a pickle
-    starting as torch.save's legacy format does (which `read_torch` refuses with
-    an explanation), with [`eqx_bn.interop.read_torch`][], a safetensors file with
-    [`eqx_bn.interop.read_safetensors`][], anything else with
-    [`eqx_bn.interop.read_msgpack`][]. The tree is returned as stored: a saved
-    Flax `TrainState` gives `{"params": ..., "batch_stats": ..., "step": ...,
-    "opt_state": ...}`, which [`eqx_bn.interop.load_flax`][] accepts; a PyTorch
-    `state_dict` gives `{"layer1.0.bn1.running_var": ..., ...}`, which
-    [`eqx_bn.interop.load_torch`][] accepts.
+def kind_of(head: bytes, size: int) -> Kind | None:
+    """The format that a file's first `HEAD_BYTES` bytes show, or `None`.
 
     **Arguments:**
 
-    - `path`: the checkpoint file or directory.
-    - `progress`: for a msgpack file, called as `progress(bytes_read, total)`.
+    - `head`: the file's first bytes (fewer if the file is shorter).
+    - `size`: the file's size in bytes.
 
     **Returns:**
 
-    Nested dicts of numpy arrays and scalars.
-
-    **Raises:**
-
-    - `CheckpointError`: `path` does not exist, or cannot be read (see the four
-        readers: `read_orbax`, `read_torch`, `read_safetensors`, `read_msgpack`).
-    - `ImportError`: `path` is a directory and `orbax-checkpoint` is not installed.
+    `"torch"` (a zip archive), `"torch_legacy"`, `"pickle"` (another pickle),
+    `"safetensors"` (a header length that fits the file, then `{`), `"msgpack"`
+    (a msgpack map), or `None` for none of these.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return read_orbax(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"no such checkpoint file or directory: {path!r}")
-    kind = checkpoint_kind(path)
-    if kind == "torch":
-        return read_torch(path)
-    if kind == "safetensors":
-        return read_safetensors(path)
-    return read_msgpack(path, progress=progress)
-
-
-def checkpoint_kind(path: str) -> str:
-    """Which reader: `torch`, `safetensors` or `msgpack`, from the first bytes."""
-    if path.endswith(".safetensors"):
-        return "safetensors"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return "msgpack"  # its reader says what is wrong
-    # A zip archive (torch.save), or the pickled magic number of torch.save's
-    # legacy format (which read_torch explains). A Flax msgpack file starts with a
-    # map marker, never with these.
-    if head[:4] == b"PK\x03\x04" or head[:3] == _LEGACY_TORCH:
+    if head[:4] == ZIP:
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
+    if head[:3] == LEGACY_TORCH:
+        return "torch_legacy"
+    # A pickle of protocol 2 or later. (`0x80` alone is also an empty msgpack map,
+    # but a Flax file holding `{}` has nothing after it.)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in _PICKLE_PROTOCOLS:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
         if int.from_bytes(head[:8], "little") + 8 <= size:
             return "safetensors"
+    if head[:1] and head[0] in _MSGPACK_MAPS:
+        return "msgpack"
+    return None
+
+
+def file_kind(path: str) -> Kind | None:
+    """`kind_of` a file's first bytes; `None` if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    return kind_of(head, size)
+
+
+def checkpoint_kind(path: str) -> Literal["torch", "safetensors", "msgpack"]:
+    """Which reader `read_checkpoint` gives a file: `torch`, `safetensors` or
+    `msgpack`, by its `.safetensors` suffix, else its first bytes. Pickles go to
+    `torch` (whose reader explains the legacy format and plain pickles); anything
+    unknown to `msgpack`, whose reader says what is wrong."""
+    if path.endswith(".safetensors") and file_kind(path) not in ("torch", "pickle"):
+        return "safetensors"
+    kind = file_kind(path)
+    if kind in ("torch", "torch_legacy", "pickle"):
+        return "torch"
+    if kind == "safetensors":
+        return "safetensors"
     return "msgpack"
+
+
+def other_format(head: bytes, size: int, expected: Kind) -> str | None:
+    """For a reader's error: `"it looks like <format>; read it with <reader>"`
+    when the first bytes show a format other than `expected`, else `None`.
+
+    **Arguments:**
+
+    - `head`: the file's first bytes (at least `HEAD_BYTES` where it has them).
+    - `size`: the file's size in bytes.
+    - `expected`: the reader's own kind.
+    """
+    kind = kind_of(head, size)
+    if kind is None or kind == expected:
+        return None
+    if expected == "torch" and kind == "torch_legacy":
+        return None  # the torch reader explains it itself
+    what, advice = FORMATS[kind]
+    return f"it looks like {what}; {advice}"

@@ -31,14 +31,18 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from ..._describe import describe
 from ..._typing import typecheck
 from .errors import CheckpointError
 from .shapes import shape_problem
+from .sniff import HEAD_BYTES, LEGACY_TORCH, ZIP, other_format
+from .tree import MAX_DEPTH, select_entries, where
 
 # torch's names of its dtypes (`str(torch.float32)` without `torch.`), as numpy.
 _TORCH_DTYPES: dict[str, np.dtype] = {
@@ -84,16 +88,12 @@ _STORAGE_TYPES: dict[str, np.dtype] = {
     "ComplexDoubleStorage": _TORCH_DTYPES["complex128"],
 }
 
-_MAX_DEPTH = 100
 # How many values `_plain` may visit beyond one per byte of the pickle. A tree
 # without shared parts has fewer values than its pickle has bytes (each takes at
 # least an opcode); only a pickle that reuses one container many times through its
 # memo (x1 = [x0, x0], x2 = [x1, x1], ...: exponential in the file's size) needs
 # more. A real state_dict has at most a few thousand entries.
 _MAX_EXTRA_VALUES = 1_000_000
-# How torch.save's legacy format starts: pickle protocol 2, then its magic number
-# as a LONG1.
-_LEGACY_TORCH = b"\x80\x02\x8a"
 
 
 class _Resolved:
@@ -193,6 +193,72 @@ class _StateDict(OrderedDict):
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise CheckpointError("the pickle sets a non-dict state on a dict")
+
+
+_WHY = (
+    "a PyTorch checkpoint is read without running its code, so only tensors, "
+    "parameters and dicts/lists of them (a state_dict, or a dict holding one) and "
+    "plain values are accepted"
+)
+
+
+def _refusal(qualname: str) -> str:
+    return f"refusing to load `{qualname}`: {_WHY}"
+
+
+_SAVE_STATE_DICT = (
+    "Save `model.state_dict()` rather than the model object, or convert the file "
+    "with torch to .safetensors."
+)
+
+
+class _RefusedGlobal(_Resolved):
+    """A name outside `_GLOBALS` (`argparse.Namespace`, `os.system`): never
+    imported; calling or instantiating it gives a `_Refused` in its place, so that
+    the rest of the file can still be read and the entry holding it named."""
+
+    __slots__ = ("qualname",)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # Pickle's NEWOBJ opcode calls `cls.__new__(cls, *args)` with this
+        # object as `cls`.
+        if isinstance(cls, _RefusedGlobal):
+            return _Refused(cls.qualname)
+        return super().__new__(cls)
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Refused":
+        return _Refused(self.qualname)
+
+    def __repr__(self) -> str:
+        return f"`{self.qualname}`"
+
+
+class _Refused:
+    """What an object of a refused class is unpickled as: its name only. The
+    state and items the pickle gives it are dropped."""
+
+    __slots__ = ("qualname",)
+
+    def __init__(self, qualname: str):
+        self.qualname = qualname
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def add(self, value: Any) -> None:
+        pass
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
@@ -395,18 +461,16 @@ class _Unpickler(pickle._Unpickler):
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _GLOBALS.get((module, name))
-        if found is None:
-            raise CheckpointError(
-                f"refusing to load `{module}.{name}`: a PyTorch checkpoint is read "
-                "without running its code, so only tensors, parameters and "
-                "dicts/lists of them (a state_dict, or a dict holding one) are "
-                "accepted. Save `model.state_dict()` rather than the model "
-                "object, or convert the file with torch to .safetensors."
-            )
-        return found
+        # Any other name stands in as a placeholder, never imported: the entry
+        # holding it is refused once the tree is known, and named.
+        return _GLOBALS.get((module, name)) or _RefusedGlobal(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> _Storage:
+        if isinstance(pid, tuple) and len(pid) > 1:
+            if isinstance(pid[1], _RefusedGlobal):  # e.g. torch.ObjectStorage
+                raise CheckpointError(
+                    f"{_refusal(pid[1].qualname)}. {_SAVE_STATE_DICT}"
+                )
         if not (
             isinstance(pid, tuple)
             and len(pid) == 5
@@ -443,35 +507,40 @@ class _Unpickler(pickle._Unpickler):
 
 
 class _Count:
-    """The values `_plain` may still visit."""
+    """The values `_plain` may still visit, and the refused objects it met (their
+    paths and names)."""
 
-    __slots__ = ("left", "total")
+    __slots__ = ("left", "total", "refused")
 
     def __init__(self, total: int):
         self.left = total
         self.total = total
+        self.refused: list[tuple[tuple[str, ...], str]] = []
 
 
 def _plain(node: Any, path: tuple[str, ...], count: _Count) -> Any:
     """The unpickled tree with numpy arrays for tensors and plain dicts."""
-    where = f"at {'.'.join(path)!r}" if path else "at the top level"
-    if len(path) > _MAX_DEPTH:
-        raise CheckpointError(f"{where}: nested deeper than {_MAX_DEPTH}")
+    at = where(path, ".")
+    if len(path) > MAX_DEPTH:
+        raise CheckpointError(f"{at}: nested deeper than {MAX_DEPTH}")
     count.left -= 1
     if count.left < 0:
         raise CheckpointError(
-            f"{where}: the pickle holds more than {count.total} values once its "
+            f"{at}: the pickle holds more than {count.total} values once its "
             "shared lists and dicts are expanded (one container reused over and "
             "over, e.g. x1 = [x0, x0], x2 = [x1, x1], ...); a state_dict has at "
             "most a few thousand entries"
         )
     if isinstance(node, _Tensor):
         return node.array
+    if isinstance(node, (_Refused, _RefusedGlobal)):
+        count.refused.append((path, node.qualname))
+        return None
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if not isinstance(key, (str, int)):
-                raise CheckpointError(f"{where}: unsupported key {key!r}")
+                raise CheckpointError(f"{at}: unsupported key {key!r}")
             out[key] = _plain(value, (*path, str(key)), count)
         return out
     if isinstance(node, (list, tuple)):
@@ -479,7 +548,7 @@ def _plain(node: Any, path: tuple[str, ...], count: _Count) -> Any:
     if node is None or type(node) in (bool, int, float, str, bytes):
         return node
     raise CheckpointError(
-        f"{where}: unsupported value of type {type(node).__name__} (a storage or "
+        f"{at}: unsupported value of type {type(node).__name__} (a storage or "
         "dtype outside a tensor?)"
     )
 
@@ -497,13 +566,19 @@ def _prefix(names: list[str], origin: str) -> str:
 
 
 @typecheck
-def read_torch(path: str | os.PathLike) -> dict[str, Any]:
+def read_torch(
+    path: str | os.PathLike, *, keys: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Reads a PyTorch checkpoint written by `torch.save`, without torch.
 
     No code from the file is run: the pickle inside may only rebuild tensors,
     parameters and dicts, lists and tuples of them with plain Python values (a
     `state_dict()`, or a dict such as `{"state_dict": ..., "epoch": 3}`). Anything
-    else, a whole `nn.Module` included, is refused. Memory stays within a small
+    else, a whole `nn.Module` included, is refused, and never imported or called:
+    the error names each entry that holds such an object. A training checkpoint
+    that saves one beside the model's weights (torchvision's reference scripts
+    save `{"model": ..., "optimizer": ..., "args": argparse.Namespace(...),
+    "epoch": ...}`) is read with `keys=["model"]`. Memory stays within a small
     multiple of the file's size: records are read only uncompressed (as torch.save
     writes them) and only when their size matches what the pickle declares.
 
@@ -511,6 +586,8 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
 
     - `path`: a `.pt`/`.pth`/`.bin` file in the zip format that `torch.save` writes
         by default since PyTorch 1.6.
+    - `keys`: only these top-level entries (all if `None`); what the others hold
+        is not checked.
 
     **Returns:**
 
@@ -524,7 +601,8 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
 
     - `CheckpointError`: the file is missing, not a zip, truncated or corrupt, in
         the legacy (pre-1.6) format, holds something other than a dict at the top,
-        or names anything outside the accepted globals; or it could make the
+        or holds an object of a class outside the accepted ones (in the entries
+        read); lacks one of `keys`; or it could make the
         reader use memory or time out of proportion to its size (a compressed
         record, which torch.save never writes; views copied beyond the file's
         size; a structure expanding to more than a million values). Nothing is
@@ -534,22 +612,24 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
     origin = f"checkpoint {path!r}"
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(HEAD_BYTES)
             size = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise CheckpointError(f"cannot read {origin}: {e.strerror or e}") from e
     if size == 0:
         raise CheckpointError(f"{origin} is empty")
-    if head[:3] == _LEGACY_TORCH:
+    if head[:3] == LEGACY_TORCH:
         raise CheckpointError(
             f"{origin} is in torch.save's legacy format (before PyTorch 1.6, or "
             "_use_new_zipfile_serialization=False), which is not read. Load it "
             "with torch and save it again with torch.save, or with "
             "safetensors.torch.save_file."
         )
-    if head != b"PK\x03\x04":
+    if head[:4] != ZIP:
+        other = other_format(head, size, "torch")
         raise CheckpointError(
-            f"{origin} is not a torch.save file: it does not start as a zip archive"
+            f"{origin} is not a torch.save file: "
+            + (other or "it does not start as a zip archive")
         )
     try:
         with zipfile.ZipFile(path) as archive:
@@ -597,12 +677,42 @@ def read_torch(path: str | os.PathLike) -> dict[str, Any]:
             f"{origin} holds a single tensor; expected a dict of tensors (a "
             "state_dict). Save `{'name': tensor}` or `model.state_dict()`."
         )
+    if isinstance(tree, (_Refused, _RefusedGlobal)):
+        raise CheckpointError(
+            f"{origin}: {_refusal(tree.qualname)}. {_SAVE_STATE_DICT}"
+        )
     if not isinstance(tree, dict):
         raise CheckpointError(
-            f"{origin} holds a {type(tree).__name__} at the top level; expected "
-            "a dict (a state_dict, or a dict holding one)"
+            f"{origin} holds {describe(tree)} at the top level; expected a dict "
+            "(a state_dict, or a dict holding one)"
         )
+    count = _Count(len(pickled) + _MAX_EXTRA_VALUES)
     try:
-        return _plain(tree, (), _Count(len(pickled) + _MAX_EXTRA_VALUES))
+        out = _plain(select_entries(tree, keys, origin), (), count)
     except CheckpointError as e:
         raise CheckpointError(f"{origin}: {e}") from None
+    if count.refused:
+        raise _refused_entries(origin, tree, count.refused)
+    return out
+
+
+def _refused_entries(
+    origin: str, tree: dict, refused: list[tuple[tuple[str, ...], str]]
+) -> CheckpointError:
+    """The error naming each entry that holds a refused object and, when other
+    top-level entries are fine (a training checkpoint's `model` beside its
+    `args`), how to read those alone."""
+    named = ", ".join(f"`{name}` at {'.'.join(path)!r}" for path, name in refused[:5])
+    more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+    message = f"{origin}: refusing to load {named}{more}: {_WHY}."
+    bad = {path[0] for path, _ in refused}
+    fine = [k for k in tree if str(k) not in bad]
+    if not fine:
+        return CheckpointError(f"{message} {_SAVE_STATE_DICT}")
+    dicts = [k for k in fine if isinstance(tree[k], dict)]
+    flag = f" (`--key {dicts[0]}` on the command line)" if dicts else ""
+    return CheckpointError(
+        f"{message} The other entries can be read on their own: pass "
+        f"keys={[str(k) for k in (dicts or fine)]!r} to read_torch or "
+        f"read_checkpoint{flag}."
+    )

@@ -1,0 +1,581 @@
+"""The numbers of one BatchNorm call: batch statistics, normalisation, the running
+averages, and the custom JVP of the training path.
+
+Pure functions of arrays and of static Python values (axes, axis names, dtypes); the
+layer's configuration is read in `_batch_norm.py`. Only what a call needs is traced:
+without a mask the element counts are Python numbers (no mask arithmetic, no sums of
+ones over the named axes), without named axes there is no `psum`, and the grouped
+`psum` appears only with `axis_index_groups`.
+
+**Statistics.** Flax averages per-device means (`lax.pmean` of local means). Here every
+member of the reduction contributes *sums and counts*, so the result is the
+statistics of the global batch even when masks or shards leave members with
+different numbers of elements. With equal, unmasked shards the two agree up to float
+rounding. One-pass variances subtract a shift first (`_shift`), so `E[x^2] - E[x]^2`
+stays accurate when |mean| >> std.
+
+**Fusion.** BatchNorm is memory-bound, so these functions are written for the
+fusions that XLA makes: every full-size expression feeds exactly one reduction (see
+`_copies`), so that each reduction reads its inputs once and nothing full-size is
+written.
+
+**Derivative.** The training path is a `jax.custom_jvp` whose tangent is the
+closed-form BatchNorm derivative. Reverse mode transposes it, which gives the
+familiar analytic gradient (two per-channel reductions over `g` and `g * x_hat`)
+instead of the long chain that autodiff builds through the mean, the variance and the
+`rsqrt`. Being a JVP rule, it stays differentiable: `jax.hessian` and `jax.jvp` work
+through it.
+
+**Dtypes.** eqx_bn must round exactly as Flax does, and Flax relies on standard
+promotion (`bfloat16 - float32 -> float32`). Promotion here is explicit (`promote`),
+so that the library also runs under `jax_numpy_dtype_promotion="strict"`.
+"""
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array
+
+AxisName = Hashable | tuple[Hashable, ...]
+Groups = tuple[tuple[int, ...], ...] | None
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def promote(*dtypes) -> np.dtype:
+    """The dtype that standard promotion gives for `dtypes`."""
+    with jax.numpy_dtype_promotion("standard"):
+        return np.dtype(jnp.result_type(*dtypes))
+
+
+def _promoted(a: Array, b: Array) -> tuple[Array, Array]:
+    """`a` and `b` cast to their standard-promoted dtype."""
+    dtype = promote(a.dtype, b.dtype)
+    return a.astype(dtype), b.astype(dtype)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def align_mask(mask: Array, ndim: int) -> Array:
+    """`mask` with leading size-1 axes added up to `ndim`, as broadcasting reads it."""
+    return jnp.reshape(mask, (1,) * (ndim - mask.ndim) + mask.shape)
+
+
+def drop_unit_axes(
+    x: Array, mask: Array | None, channel_axis: int
+) -> tuple[Array, Array | None, int]:
+    """`x` (and `mask`) without their size-1 axes other than the channel axis, and
+    where the channel axis is then.
+
+    XLA:CPU runs a fused elementwise-and-reduce kernel over an array with size-1
+    axes several times slower: the training step of a `(1024, 512, 1, 1)` batch (a
+    feature map pooled to 1x1) took 12x the time of the same data as `(1024, 512)`,
+    in Flax (channels last) as well. Squeezing is a bitcast, and so is the reshape
+    of the result back to `x`'s shape.
+    """
+    unit = tuple(i for i, d in enumerate(x.shape) if d == 1 and i != channel_axis)
+    if not unit:
+        return x, mask, channel_axis
+    if mask is not None:
+        mask = jnp.squeeze(align_mask(mask, x.ndim), unit)
+    channel_axis -= sum(1 for i in unit if i < channel_axis)
+    return jnp.squeeze(x, unit), mask, channel_axis
+
+
+def _expand(v: Array, axes: tuple[int, ...]) -> Array:
+    """A per-channel vector, broadcastable against the layout of `x`."""
+    return jnp.expand_dims(v, axes) if axes else v
+
+
+# --------------------------------------------------------------- pass isolation
+
+
+def isolates_passes(
+    shape: tuple[int, ...], channel_axis: int, replicas: int = 1
+) -> bool:
+    """Whether `_copies` pays off for an input of `shape`, channels on
+    `channel_axis`, of which `replicas` are reduced together (the sizes of the named
+    axes: under `vmap`, the batch).
+
+    Measured on XLA:CPU (jax 0.10.2) with interleaved A/B timing of the layer's
+    gradient: isolating the passes is 13-30% faster when each channel's contiguous
+    run (the spatial size) is 128 elements or more, or when there is no spatial axis
+    (channels minor), and 16-86% slower for runs of 2 to 64 elements (8x8 and 4x4
+    feature maps), where the shared expression stays in cache. Below 64Ki elements
+    in all (256 KiB of float32) everything stays in cache and sharing is as fast or
+    faster (channels last, 16Ki elements: 0.99x Flax's time shared, 1.14x isolated).
+    """
+    if int(np.prod(shape, dtype=np.int64)) * replicas <= 2**16:
+        return False
+    run = int(np.prod(shape[channel_axis + 1 :], dtype=np.int64))
+    return run == 1 or run >= 128
+
+
+def _copies(v: Array, n: int, isolate: bool) -> tuple[Array, ...]:
+    """`n` copies of `v` that XLA cannot merge back into one (with `isolate`), or
+    `v` itself `n` times.
+
+    When one broadcast per-channel vector (or one conversion of `x` to float32)
+    feeds several full-size consumers, XLA's CPU backend writes the shared
+    expression out in full and reads it back, because a reduction fusion cannot
+    share a producer. Giving each consumer its own copy keeps every pass fused. The
+    barrier costs nothing at run time (on `x` it only asks for `x` itself in
+    memory, which its several readers need anyway), and it is differentiable, so
+    higher-order derivatives still work. XLA does merge two identical barriers, so
+    take all the copies of one array in one call. Whether to isolate:
+    `isolates_passes`.
+    """
+    if n == 1 or not isolate:
+        return (v,) * n
+    return tuple(lax.optimization_barrier((v,) * n))
+
+
+# ------------------------------------------------------------------- statistics
+
+
+class Moments(NamedTuple):
+    """Per-channel mean, biased variance and number of elements that contributed:
+    a Python number when it is known without looking at the data (no mask), else
+    an array."""
+
+    mean: Array
+    var: Array
+    count: Array | float
+
+
+def _psum(values, axis_name: AxisName | None, groups: Groups):
+    """`values` summed over the named axes (as they are, with none)."""
+    if axis_name is None:
+        return values
+    return lax.psum(values, axis_name, axis_index_groups=groups)
+
+
+def _masked_sum(v: Array, mask: Array | None, axes: tuple[int, ...]) -> Array:
+    """`jnp.sum(v, axes, where=mask)`, summing first where the mask is constant.
+
+    XLA's CPU reductions cannot fuse a `select`, so a mask applied element by
+    element writes the masked array out in full first. A mask that is constant
+    along some axes (one flag per example, say) is applied to the partial sums over
+    those axes instead, which are small. `select` ignores what it does not pick, so
+    NaN or inf in masked-out elements stay out of the result either way.
+    """
+    if mask is None:
+        return jnp.sum(v, axis=axes)
+    m = align_mask(mask, v.ndim)
+    constant = tuple(a for a in axes if m.shape[a] == 1)
+    partial = jnp.sum(v, axis=constant, keepdims=True) if constant else v
+    keep = jnp.broadcast_to(m, partial.shape)
+    return jnp.sum(lax.select(keep, partial, jnp.zeros_like(partial)), axis=axes)
+
+
+def _sums(
+    values: tuple[Array, ...],
+    mask: Array | None,
+    axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    groups: Groups,
+    isolate: bool,
+) -> tuple[Array, ...]:
+    """Sums each of `values` over the local `axes`, then all of them over the named
+    axes.
+
+    `mask` (broadcastable to the values) selects the elements that count. The
+    partial sums go to one `psum` as a tuple: across devices that is one
+    all-reduce, and under `vmap` each becomes its own reduction over the batch,
+    which XLA merges with the local one. (Stacking them into one array instead
+    kept XLA from merging: a channels-last layer under `vmap` wrote per-example
+    partial sums out and ran 35% slower.)
+    """
+    masks = (
+        (None,) * len(values) if mask is None else _copies(mask, len(values), isolate)
+    )
+    local = tuple(_masked_sum(v, m, axes) for v, m in zip(values, masks))
+    return tuple(_psum(local, axis_name, groups))
+
+
+def _first_position(v: Array, axes: tuple[int, ...]) -> Array:
+    """`v` at index 0 along `axes`.
+
+    With a batch sharded over an explicit-sharding mesh (`jax.make_mesh`'s default),
+    JAX cannot slice one element out of a sharded dimension. Along such dimensions
+    a one-hot sum picks it instead, after slicing the others, so it is a tiny
+    reduction (an all-reduce of one value per channel).
+    """
+    spec = tuple(jax.typeof(v).sharding.spec)
+    spec += (None,) * (v.ndim - len(spec))
+    sliced = [a for a in axes if spec[a] is None]
+    kept = [i for i in range(v.ndim) if i not in sliced]
+    v = v[tuple(0 if i in sliced else slice(None) for i in range(v.ndim))]
+    sharded = tuple(kept.index(a) for a in axes if a not in sliced)
+    if not sharded:
+        return v
+    first = lax.broadcasted_iota(jnp.int32, v.shape, sharded[0]) == 0
+    for a in sharded[1:]:
+        first = first & (lax.broadcasted_iota(jnp.int32, v.shape, a) == 0)
+    return jnp.sum(jnp.where(first, v, jnp.zeros_like(v)), axis=sharded)
+
+
+def _shift(
+    x: Array,
+    mask: Array | None,
+    axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    groups: Groups,
+    replicas: int,
+    dtype: np.dtype,
+) -> Array:
+    """A per-channel value inside the data, the same on every member of the reduction.
+
+    Subtracting it before the one-pass sums keeps `E[x^2] - E[x]^2` accurate when
+    |mean| >> std: it is the (masked) average of each member's first element, in
+    `dtype`. Only the first elements are converted, so that the conversion of `x`
+    itself stays fused into the reduction that reads it. Without a mask every
+    member contributes one element: the average divides by `replicas`.
+    """
+    first = _first_position(x, axes).astype(dtype)
+    if mask is None:
+        if axis_name is not None:
+            first = _psum(first, axis_name, groups) / replicas
+        return lax.stop_gradient(first)
+    weight = _first_position(jnp.broadcast_to(mask, x.shape), axes).astype(dtype)
+    first = lax.select(weight > 0, first, jnp.zeros_like(first))
+    first, weight = _psum((first, weight), axis_name, groups)
+    return lax.stop_gradient(first / jnp.maximum(weight, 1.0))
+
+
+def _masked_count(
+    x: Array,
+    mask: Array,
+    axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    groups: Groups,
+) -> Array:
+    """Number of elements per channel that `mask` keeps, in `x`'s dtype.
+
+    Along the axes where the mask does not vary, the count is a product of sizes
+    rather than a sum over the broadcast mask, which would cost a pass over `x`.
+    """
+    m = align_mask(mask, x.ndim)
+    varying = tuple(a for a in axes if m.shape[a] != 1)
+    repeats = float(np.prod([x.shape[a] for a in axes if m.shape[a] == 1]))
+    count = jnp.sum(m.astype(x.dtype), axis=varying, keepdims=True)
+    if repeats != 1:
+        count = count * repeats
+    channels = next(x.shape[i] for i in range(x.ndim) if i not in axes)
+    count = jnp.broadcast_to(jnp.reshape(count, (-1,)), (channels,))
+    return _psum(count, axis_name, groups)
+
+
+def _moments(
+    x_a: Array,
+    x_b: Array,
+    mask: Array | None,
+    *,
+    axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    groups: Groups,
+    replicas: int,
+    fast_variance: bool,
+    dtype: np.dtype,
+    isolate: bool,
+) -> Moments:
+    """Mean and biased variance per channel of `x`, reduced in `dtype`.
+
+    `x_a` and `x_b` are `x` twice, as `_copies` gives it: each of the two
+    reductions converts its own copy to `dtype`, so that a half-precision `x` is
+    read as such rather than written out in float32 first.
+
+    With `fast_variance`, the shifted first and second sums are two independent
+    reductions of `x` that XLA runs without writing anything full-size; otherwise
+    the variance is a second pass over `x - mean`, as Flax's two-pass mode. The
+    variance is clipped at zero. Channels with no element (everything masked) get
+    mean 0 and variance 0 instead of Flax's NaN; the caller sees `count == 0`.
+    """
+    raw, shared = x_a, x_b is x_a
+    x_a = x_a.astype(dtype)
+    x_b = x_a if shared else x_b.astype(dtype)
+    if mask is None:
+        count = float(replicas * np.prod([x_a.shape[a] for a in axes]))
+        denom = count
+    else:
+        count = _masked_count(x_a, mask, axes, axis_name, groups)
+        denom = jnp.maximum(count, 1.0)
+    if fast_variance:
+        shift = _shift(raw, mask, axes, axis_name, groups, replicas, dtype)
+        shift_a, shift_b = _copies(shift, 2, isolate)
+        centred_a = x_a - _expand(shift_a, axes)
+        centred_b = centred_a if shared else x_b - _expand(shift_b, axes)
+        first, second = _sums(
+            (centred_a, centred_b * centred_b), mask, axes, axis_name, groups, isolate
+        )
+        delta = first / denom
+        mean = shift + delta
+        var = jnp.maximum(0.0, second / denom - delta * delta)
+    else:
+        (total,) = _sums((x_a,), mask, axes, axis_name, groups, isolate)
+        mean = total / denom
+        centred = x_b - _expand(mean, axes)
+        (squares,) = _sums((centred * centred,), mask, axes, axis_name, groups, isolate)
+        var = squares / denom
+    return Moments(mean, var, count)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+def _multiplier(var: Array, scale: Array | None, eps: float) -> Array:
+    """`rsqrt(var + eps) * scale`, in Flax's dtypes."""
+    mul = lax.rsqrt(var + eps)
+    if scale is None:
+        return mul
+    mul, s = _promoted(mul, scale)
+    return mul * s
+
+
+def _apply(
+    x: Array,
+    mean: Array,
+    mul: Array,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    out_dtype: np.dtype,
+) -> Array:
+    """`(x - mean) * mul + bias`, in Flax's order and dtypes."""
+    y, m = _promoted(x, _expand(mean, axes))
+    return _scale_shift(y - m, _expand(mul, axes), bias, axes, out_dtype)
+
+
+def _scale_shift(
+    centred: Array,
+    mul: Array,
+    bias: Array | None,
+    axes: tuple[int, ...],
+    out_dtype: np.dtype,
+) -> Array:
+    """`centred * mul + bias`, `mul` expanded against `centred` already."""
+    y, mul = _promoted(centred, mul)
+    y = y * mul
+    if bias is not None:
+        y, b = _promoted(y, _expand(bias, axes))
+        y = y + b
+    return y.astype(out_dtype)
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    scale: Array | None,
+    bias: Array | None,
+    eps: float,
+    out_dtype: np.dtype,
+    axes: tuple[int, ...],
+) -> Array:
+    """`(x - mean) * (rsqrt(var + eps) * scale) + bias`, in Flax's order and dtypes:
+    the inference path, with the running averages.
+
+    **Arguments:**
+
+    - `x`: the input; its channel axis is the one not in `axes`.
+    - `mean`, `var`: per-channel statistics.
+    - `scale`, `bias`: per-channel parameters, or None.
+    - `eps`: added to `var`.
+    - `out_dtype`: the dtype of the result.
+    - `axes`: every axis of `x` but the channel axis.
+    """
+    return _apply(x, mean, _multiplier(var, scale, eps), bias, axes, out_dtype)
+
+
+def train_normalize(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    axes: tuple[int, ...],
+    axis_name: AxisName | None,
+    axis_index_groups: Groups,
+    replicas: int,
+    eps: float,
+    fast_variance: bool,
+    stat_dtype: np.dtype,
+    out_dtype: np.dtype,
+    isolate: bool,
+) -> tuple[Array, Moments]:
+    """Normalises `x` with its own batch statistics; returns the output and the
+    statistics (exact tangents for both, so that a loss reading the updated running
+    averages is differentiated correctly).
+
+    **Arguments:**
+
+    - `x`: the input; its channel axis is the one not in `axes`.
+    - `mask`: boolean, broadcastable to `x`: the elements that count; or None.
+    - `scale`, `bias`: per-channel parameters, or None.
+    - `axes`: every axis of `x` but the channel axis, reduced locally.
+    - `axis_name`, `axis_index_groups`: the named axes (and groups along them)
+        reduced afterwards, as `jax.lax.psum` takes them; `axis_name=None` for none.
+    - `replicas`: how many members the named axes reduce together (1 with none):
+        `x.size / channels * replicas` elements per channel without a mask.
+    - `eps`: added to the variance.
+    - `fast_variance`: one shifted pass (see `_moments`) instead of two.
+    - `stat_dtype`: the dtype in which the statistics are reduced.
+    - `out_dtype`: the dtype of the output.
+    - `isolate`: give each full-size pass its own copy of its inputs
+        (`isolates_passes`).
+
+    **Returns:**
+
+    `(y, Moments(mean, var, count))`.
+    """
+
+    def moments(x_a: Array, x_b: Array, mask: Array | None) -> Moments:
+        return _moments(
+            x_a,
+            x_b,
+            mask,
+            axes=axes,
+            axis_name=axis_name,
+            groups=axis_index_groups,
+            replicas=replicas,
+            fast_variance=fast_variance,
+            dtype=stat_dtype,
+            isolate=isolate,
+        )
+
+    def counted(stats: Moments) -> Array | None:
+        # An array count is an output of the custom JVP; a Python one is not.
+        return stats.count if mask is not None else None
+
+    @jax.custom_jvp
+    def fused(x, mask, scale, bias):
+        stats = moments(*_copies(x, 2, isolate), mask)
+        mul = _multiplier(stats.var, scale, eps)
+        y = _apply(x, stats.mean, mul, bias, axes, out_dtype)
+        return y, stats.mean, stats.var, counted(stats)
+
+    @fused.defjvp
+    def fused_jvp(primals, tangents):
+        """The closed-form tangent, shaped so that its transpose is three fused
+        passes.
+
+        With `c = x - mean`, `mul = rsqrt(var + eps) * scale` and the masked sums
+        `S1 = sum(dx)`, `S2 = sum(c * dx)`:
+
+            dy = dx * mul + (dbias - dmean * mul) + c * dmul
+            dmean = S1 / n,  dvar = 2 S2 / n,  dmul = d(rsqrt(var + eps)) * scale + ...
+
+        Reverse mode transposes this into `sum(g)`, `sum(g * c)` and one elementwise
+        pass for the input gradient. The per-channel broadcast term carries
+        `dbias - dmean * mul` together, so its transpose is a reduction of `g` alone,
+        and each use of `x` and `mean` has its own copy (`_copies`), so no
+        full-size intermediate is written between the passes.
+        """
+        x, mask, scale, bias = primals
+        dx, _, dscale, dbias = tangents
+        x_a, x_b, x_sums, x_out = _copies(x, 4, isolate)
+        stats = moments(x_a, x_b, mask)
+        inv = lax.rsqrt(stats.var + eps)
+        mul = inv
+        if scale is not None:
+            inv_s, s = _promoted(inv, scale)
+            mul = inv_s * s
+        # The output and the tangent share what XLA would merge anyway: the
+        # broadcast multiplier, and without isolation `x - mean` where it is
+        # computed in the same dtype.
+        mul_b = _expand(mul, axes)
+        mean_sums, mean_out = _copies(stats.mean, 2, isolate)
+        centred = x_sums.astype(stat_dtype) - _expand(mean_sums, axes)
+        if not isolate and promote(x.dtype, stat_dtype) == stat_dtype:
+            centred_y = centred
+        else:
+            centred_y, mean_y = _promoted(x, _expand(stats.mean, axes))
+            centred_y = centred_y - mean_y
+        y = _scale_shift(centred_y, mul_b, bias, axes, out_dtype)
+
+        dxs = dx.astype(stat_dtype)
+        denom = stats.count if mask is None else jnp.maximum(stats.count, 1.0)
+        sum_dx, sum_centred_dx = _sums(
+            (dxs, centred * dxs), mask, axes, axis_name, axis_index_groups, isolate
+        )
+        dmean = sum_dx / denom
+        dvar = 2 * sum_centred_dx / denom
+
+        dinv = -0.5 * inv * inv * inv * dvar
+        if scale is None:
+            dmul = dinv
+        else:
+            dinv_s, ds = _promoted(dinv, dscale)
+            dmul = dinv_s * s + inv_s * ds
+        # `mul` is at least as wide as the statistics: neither is promoted.
+        offset = -dmean.astype(mul.dtype) * mul
+        if bias is not None:
+            offset, db = _promoted(offset, dbias)
+            offset = offset + db
+        dy, mul_b = _promoted(dxs, mul_b)
+        dy = dy * mul_b
+        dy, offset_b = _promoted(dy, _expand(offset, axes))
+        dy = dy + offset_b
+        dy, dmul_b = _promoted(dy, _expand(dmul, axes))
+        if isolate:
+            centred = x_out.astype(stat_dtype) - _expand(mean_out, axes)
+        dy = dy + centred.astype(dy.dtype) * dmul_b
+        count = counted(stats)
+        dcount = None if count is None else jnp.zeros_like(count)
+        return (y, stats.mean, stats.var, count), (
+            dy.astype(y.dtype),
+            dmean,
+            dvar,
+            dcount,
+        )
+
+    y, mean, var, count = fused(x, mask, scale, bias)
+    if count is None:
+        local = np.prod([x.shape[a] for a in axes])
+        count = float(replicas * local)
+    return y, Moments(mean, var, count)
+
+
+def running_average(
+    old: tuple[Array, Array], stats: Moments, momentum: float, unbiased: bool
+) -> tuple[Array, Array]:
+    """Flax's exponential moving average of `old = (mean, var)` towards `stats`,
+    except where the batch has no valid statistics.
+
+    Flax turns the running averages into NaN, for good, when the mask excludes
+    every element of a channel or the batch holds a NaN/Inf. Here those channels
+    keep their previous running averages; the NaN still shows in this step's
+    output (and so in the loss), so the bad batch does not go unnoticed.
+
+    With `unbiased`, the variance is PyTorch's: `n / (n - 1)` times the biased one,
+    undefined (the old value kept) for one element. A Python count is known to be
+    more than one (the layer refuses one element without a mask).
+    """
+    ok = jnp.isfinite(stats.mean) & jnp.isfinite(stats.var)
+    masked = not isinstance(stats.count, float)
+    if masked:
+        ok = ok & (stats.count > 0)
+    batch_var, var_ok = stats.var, ok
+    if unbiased:
+        n = stats.count
+        if masked:
+            batch_var = stats.var * (n / jnp.maximum(n - 1, 1.0))
+            var_ok = ok & (n > 1)
+        else:
+            n = np.asarray(n, stats.var.dtype)  # rounded as an array count would be
+            batch_var = stats.var * (n / (n - 1))
+    new = []
+    for previous, batch, keep in (
+        (old[0], stats.mean, ok),
+        (old[1], batch_var, var_ok),
+    ):
+        decayed = momentum * previous
+        # Standard promotion happens at the sum, as in Flax's expression.
+        avg = decayed + ((1 - momentum) * batch).astype(decayed.dtype)
+        new.append(lax.select(keep, avg, previous).astype(previous.dtype))
+    return new[0], new[1]
