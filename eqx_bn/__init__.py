@@ -10,16 +10,24 @@ from equinox.nn import (
 )
 
 from . import interop as interop, models as models, train as train
-from ._batch_norm import BatchNorm as BatchNorm, RunningStats as RunningStats
+from ._batch_norm import (
+    BatchNorm as BatchNorm,
+    RenormClipping as RenormClipping,
+    RenormStats as RenormStats,
+    RunningStats as RunningStats,
+)
 from ._fold import (
     FoldedBatchNorm as FoldedBatchNorm,
     fold_batch_norms as fold_batch_norms,
 )
+from ._renorm import set_renorm_clipping as set_renorm_clipping
 from ._typing import typecheck as typecheck
 
 __all__ = [
     "BatchNorm",
     "FoldedBatchNorm",
+    "RenormClipping",
+    "RenormStats",
     "RunningStats",
     "State",
     "StateIndex",
@@ -28,6 +36,7 @@ __all__ = [
     "interop",
     "make_with_state",
     "models",
+    "set_renorm_clipping",
     "train",
     "typecheck",
 ]

@@ -20,10 +20,15 @@ from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 from ._describe import describe
 from ._numerics import (
+    Moments,
+    Renorm,
+    align_mask,
     drop_unit_axes,
     isolates_passes,
     normalize,
+    pool_virtual_batches,
     promote,
+    renorm_running_average,
     running_average,
     train_normalize,
 )
@@ -38,6 +43,42 @@ class RunningStats(NamedTuple):
 
     mean: Float[Array, " input_size"]
     var: Float[Array, " input_size"]
+
+
+class RenormStats(NamedTuple):
+    """The statistics that a `BatchNorm(renorm=True)` keeps in its `eqx.nn.State`:
+    Keras's five, `moving_mean`, `moving_variance`, `moving_stddev`, `renorm_mean`
+    and `renorm_stddev`, here `mean`, `var`, `stddev`, `renorm_mean` and
+    `renorm_stddev` (initially 0, 1, 1, 0, 1).
+
+    `renorm_mean` and `renorm_stddev` (moving averages with `renorm_momentum`)
+    measure a training batch's correction; `mean` and `stddev` (with `momentum`)
+    are for inference, which uses `mean` and `var = stddev**2 - eps`.
+    """
+
+    mean: Float[Array, " input_size"]
+    var: Float[Array, " input_size"]
+    stddev: Float[Array, " input_size"]
+    renorm_mean: Float[Array, " input_size"]
+    renorm_stddev: Float[Array, " input_size"]
+
+
+class RenormClipping(NamedTuple):
+    """Batch Renormalization's bounds, scalars in the `eqx.nn.State` of a
+    `BatchNorm(renorm=True)` under `clipping_index`: `r` is clipped to
+    `[rmin, rmax]` and `d` to `[-dmax, dmax]`. No bound on a side is `rmin = 0`,
+    `rmax = inf`, `dmax = inf`. Set them with
+    [`eqx_bn.set_renorm_clipping`][], inside a jitted step too: new values need no
+    new trace.
+    """
+
+    rmin: Float[Array, ""]
+    rmax: Float[Array, ""]
+    dmax: Float[Array, ""]
+
+
+CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+"""The keys of `renorm_clipping`, as Keras's."""
 
 
 # ------------------------------------------------------------ configuration
@@ -112,6 +153,90 @@ def check_config(
 # -------------------------------------------------------------------- input
 
 
+def check_bounds(
+    rmin: float | None, rmax: float | None, dmax: float | None, where: str
+) -> None:
+    """Keras's checks on clipping bounds (those given: None is no bound)."""
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            f"{where}: Batch Renormalization's clipping needs rmax >= rmin, got "
+            f"rmax={rmax} and rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            f"{where}: Batch Renormalization's clipping needs dmax >= 0, got "
+            f"dmax={dmax}."
+        )
+
+
+def check_variants(
+    renorm: Any,
+    renorm_clipping: Any,
+    renorm_momentum: Any,
+    virtual_batch_size: Any,
+    momentum: Any,
+) -> tuple[dict[str, float], int | None]:
+    """Raises a ValueError for Batch Renormalization or Ghost BatchNorm settings
+    that `BatchNorm.__init__` cannot honour: Keras's checks on `renorm_clipping`
+    (unknown keys, `rmax < rmin`, `dmax < 0`), settings that would be ignored
+    without `renorm=True`, and a `virtual_batch_size` that is not a positive int.
+    Returns the clipping bounds given, as floats, and `virtual_batch_size`."""
+    if virtual_batch_size is not None:
+        size = _count(virtual_batch_size)
+        if size is None or size <= 0:
+            raise ValueError(
+                "BatchNorm: virtual_batch_size must be a positive int (the examples "
+                f"per virtual batch) or None, got {virtual_batch_size!r}."
+            )
+        virtual_batch_size = size
+    if not renorm:
+        if renorm_clipping:
+            raise ValueError(
+                "BatchNorm: renorm_clipping is given but renorm is False: the bounds "
+                "apply to Batch Renormalization only. Pass renorm=True, or leave "
+                "renorm_clipping out."
+            )
+        if renorm_momentum != 0.99:
+            raise ValueError(
+                f"BatchNorm: renorm_momentum={renorm_momentum!r} is given but renorm "
+                "is False: it drives Batch Renormalization's statistics only. Pass "
+                "renorm=True, or leave renorm_momentum out."
+            )
+        return {}, virtual_batch_size
+    if momentum is None:
+        raise ValueError(
+            "BatchNorm: renorm=True needs a momentum for the moving statistics it "
+            "infers with (Keras's renorm has no cumulative average); got "
+            "momentum=None."
+        )
+    m = _number("renorm_momentum", renorm_momentum)
+    if not 0.0 <= m <= 1.0:  # NaN fails both comparisons
+        raise ValueError(
+            f"BatchNorm: renorm_momentum must be in [0, 1], got {renorm_momentum}."
+        )
+    if renorm_clipping is None:
+        return {}, virtual_batch_size
+    if not isinstance(renorm_clipping, dict):
+        raise ValueError(
+            "BatchNorm: renorm_clipping must be a dict with keys among rmax, rmin "
+            f"and dmax, as Keras's, or None; got {describe(renorm_clipping)}."
+        )
+    unknown = sorted(map(repr, set(renorm_clipping) - set(CLIPPING_KEYS)))
+    if unknown:
+        raise ValueError(
+            f"BatchNorm: renorm_clipping has unknown keys {', '.join(unknown)}; the "
+            "keys are rmax, rmin and dmax, as Keras's (a key left out: no bound on "
+            "that side; Keras does not derive rmin from rmax)."
+        )
+    bounds = {
+        k: _number(f"renorm_clipping[{k!r}]", v)
+        for k, v in renorm_clipping.items()
+        if v is not None
+    }
+    check_bounds(*(bounds.get(k) for k in ("rmin", "rmax", "dmax")), "BatchNorm")
+    return bounds, virtual_batch_size
+
+
 def check_dtypes(x: Array, mask: Array | None) -> None:
     """A TypeError with the conversion to make, for a non-float `x` or non-bool mask."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -174,8 +299,11 @@ def _missing_state_error(marker: object, state: eqx.nn.State) -> ValueError:
     )
 
 
-def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
-    """Raises a ValueError if `running` is not this layer's `(mean, var)`.
+def check_running(
+    running: Any, input_size: int, dtype: np.dtype, renorm: bool = False
+) -> None:
+    """Raises a ValueError if `running` is not this layer's `(mean, var)` (with
+    `renorm`, the five arrays of a `RenormStats`).
 
     `state.get` returns whatever the State holds under the layer's key: a State
     of another model with the same module path, or one that `jax.vmap` gave back
@@ -183,13 +311,23 @@ def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
     silently in training, or fail a call later in a reshape.
     """
     expected = f"{np.dtype(dtype).name}[{input_size}]"
-    parts = running if isinstance(running, tuple) and len(running) == 2 else None
+    kind = RenormStats if renorm else RunningStats
+    arity = len(kind._fields)
+    parts = running if isinstance(running, tuple) and len(running) == arity else None
     if parts is None or any(getattr(v, "shape", None) is None for v in parts):
+        other = (
+            " (a State made for the layer with renorm=False?)"
+            if renorm
+            else " (a State made for the layer with renorm=True?)"
+            if isinstance(running, RenormStats)
+            else ""
+        )
         raise ValueError(
             f"BatchNorm: the state entry for this layer is {describe(running)}, "
-            f"expected RunningStats(mean, var), each {expected}. The State belongs "
-            "to another model (a different layer at the same place): build the "
-            "model and its state together with eqx.nn.make_with_state."
+            f"expected {kind.__name__}({', '.join(kind._fields)}), each "
+            f"{expected}{other}. The State belongs to another model (a different "
+            "layer at the same place): build the model and its state together with "
+            "eqx.nn.make_with_state."
         )
     shapes = {tuple(v.shape) for v in parts}
     dtypes = {np.dtype(v.dtype) for v in parts}
@@ -236,6 +374,21 @@ def check_running(running: Any, input_size: int, dtype: np.dtype) -> None:
         f"BatchNorm: the running statistics in `state` are {got}, but this layer "
         f"(input_size={input_size}) expects {expected} each. {cause}"
     )
+
+
+def check_clipping(clipping: Any, dtype: np.dtype) -> None:
+    """Raises a ValueError if `clipping` is not a `RenormClipping` of `dtype`
+    scalars (a State of another layer, or bounds set by hand with other shapes)."""
+    scalars = isinstance(clipping, tuple) and len(clipping) == 3
+    if not scalars or any(
+        getattr(v, "shape", None) != () or np.dtype(v.dtype) != dtype for v in clipping
+    ):
+        raise ValueError(
+            "BatchNorm(renorm=True): the clipping bounds in `state` are "
+            f"{describe(clipping)}, expected RenormClipping(rmin, rmax, dmax) of "
+            f"{np.dtype(dtype).name} scalars. Set them with "
+            "eqx_bn.set_renorm_clipping, which keeps their shape and dtype."
+        )
 
 
 def get_running(state: eqx.nn.State, index: eqx.nn.StateIndex) -> Any:
@@ -295,6 +448,24 @@ def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
     )
 
 
+def _split_batch(
+    x: Array, mask: Array | None, channel_axis: int, virtual: int
+) -> tuple[Array, Array | None, int]:
+    """A whole batch `(B, ...)` as tf_keras splits it, `(B // virtual, virtual,
+    ...)`: example `i` at `[i // virtual, i % virtual]`, in virtual batch `i %
+    virtual`. The mask follows if it varies over the batch; the channel axis
+    moves one on."""
+    split = (x.shape[0] // virtual, virtual)
+    x = jnp.reshape(x, split + x.shape[1:])
+    if mask is not None:
+        mask = align_mask(mask, x.ndim - 1)
+        if mask.shape[0] == 1:
+            mask = mask[:, None]
+        else:
+            mask = jnp.reshape(mask, split + mask.shape[1:])
+    return x, mask, channel_axis + 1
+
+
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Batch normalisation with the numerics of `flax.linen.BatchNorm`.
 
@@ -339,7 +510,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     scale: Float[Array, " input_size"] | None
     bias: Float[Array, " input_size"] | None
-    state_index: eqx.nn.StateIndex[RunningStats]
+    state_index: eqx.nn.StateIndex[RunningStats | RenormStats]
     inference: bool
     input_size: int = eqx.field(static=True)
     axis_name: AxisName | None = eqx.field(static=True)
@@ -352,6 +523,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
     force_float32_reductions: bool = eqx.field(static=True)
     channels_last: bool = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
+    renorm: bool = eqx.field(static=True)
+    renorm_momentum: float = eqx.field(static=True)
+    clipping_index: eqx.nn.StateIndex[RenormClipping] | None
+    virtual_batch_size: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -370,6 +545,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         axis_index_groups: AxisIndexGroups | None = None,
         channels_last: bool = False,
         unbiased_running_var: bool = False,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         bias_init: Initializer = jax.nn.initializers.zeros,
         scale_init: Initializer = jax.nn.initializers.ones,
         key: PRNGKeyArray | None = None,
@@ -407,6 +586,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
             then gives `torch.nn.BatchNorm2d`'s outputs and running statistics.
             As PyTorch, training on one element per channel is refused; a mask
             that leaves one element keeps that channel's running variance.
+        - `renorm`: Batch Renormalization (Ioffe, 2017), as Keras's
+            `BatchNormalization(renorm=True)`: training normalises with the batch
+            statistics corrected towards moving ones, $\left(\frac{x -
+            \mu_B}{\sigma_B} r + d\right) \gamma + \beta$ with
+            $r = \sigma_B / \sigma$ and $d = (\mu_B - \mu) / \sigma$ clipped and
+            without gradient, $\mu$ and $\sigma$ the renorm statistics before this
+            step. The State holds a [`RenormStats`][eqx_bn.RenormStats] and,
+            under `clipping_index`, the bounds. Inference is unchanged.
+        - `renorm_clipping`: Keras's dict of bounds, keys among `"rmax"`,
+            `"rmin"` and `"dmax"`: $r$ is clipped to `[rmin, rmax]`, $d$ to
+            `[-dmax, dmax]`; a key left out is no bound on that side (`rmin` is
+            not derived from `rmax`). They are the State's initial values:
+            change them with [`eqx_bn.set_renorm_clipping`][].
+        - `renorm_momentum`: decay of the renorm statistics that $r$ and $d$
+            are measured against (`momentum` is that of the inference ones).
+        - `virtual_batch_size`: Ghost BatchNorm, as tf_keras's: training
+            normalises each virtual batch of that many examples with its own
+            statistics. Example `i` of a batch of `B` joins virtual batch
+            `i % (B // virtual_batch_size)` (tf_keras's strided grouping); under
+            named axes, examples are numbered as `jax.lax.axis_index(axis_name)`
+            numbers them. `virtual_batch_size` must divide the batch. The running
+            averages follow the mean of the virtual batches' means and of their
+            variances. Inference is unchanged, for any batch size.
         - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
         - `key`: passed to the initialisers; only needed when they are random.
 
@@ -414,10 +616,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         - `ValueError`: for an `input_size` that is not a positive int, a
             `momentum` outside [0, 1], an `eps` that is negative or not finite, an
-            integer (or other non-floating) `dtype` or `param_dtype`, or groups
-            given without an `axis_name`.
+            integer (or other non-floating) `dtype` or `param_dtype`, groups
+            given without an `axis_name`, `renorm_clipping` with keys other than
+            rmax, rmin and dmax, `rmax < rmin` or `dmax < 0` (as Keras),
+            `renorm_clipping` or `renorm_momentum` without `renorm=True`, or a
+            `virtual_batch_size` that is not a positive int.
         """
         input_size = check_config(input_size, momentum, eps, dtype, param_dtype)
+        bounds, virtual_batch_size = check_variants(
+            renorm, renorm_clipping, renorm_momentum, virtual_batch_size, momentum
+        )
         if axis_index_groups is not None and axis_name is None:
             raise ValueError(
                 "BatchNorm: axis_index_groups needs an axis_name to group along."
@@ -438,10 +646,30 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.force_float32_reductions = force_float32_reductions
         self.channels_last = bool(channels_last)
         self.unbiased_running_var = bool(unbiased_running_var)
+        self.renorm = bool(renorm)
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = virtual_batch_size
         stat_dtype = self.running_dtype  # reads the fields set above
-        self.state_index = eqx.nn.StateIndex(
-            RunningStats(jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype))
-        )
+        zeros, ones = jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype)
+        if self.renorm:
+            # moving_stddev and renorm_stddev start at sqrt(1), as Keras's.
+            running = RenormStats(zeros, ones, ones, zeros, ones)
+            self.clipping_index = eqx.nn.StateIndex(
+                RenormClipping(
+                    *(
+                        jnp.asarray(bounds.get(k, default), stat_dtype)
+                        for k, default in (
+                            ("rmin", 0.0),
+                            ("rmax", math.inf),
+                            ("dmax", math.inf),
+                        )
+                    )
+                )
+            )
+        else:
+            running = RunningStats(zeros, ones)
+            self.clipping_index = None
+        self.state_index = eqx.nn.StateIndex(running)
 
     @property
     def use_bias(self) -> bool:
@@ -534,14 +762,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mask = per_example_mask(x, mask)
         channel_axis = self._check_input(x, mask)
         running = get_running(state, self.state_index)
-        check_running(running, self.input_size, self.running_dtype)
+        check_running(running, self.input_size, self.running_dtype, self.renorm)
         out_dtype = self.output_dtype(x.dtype)
         shape = x.shape
         x, mask, channel_axis = drop_unit_axes(x, mask, channel_axis)
         axes = tuple(i for i in range(x.ndim) if i != channel_axis)
 
         if inference:
-            mean, var = running
+            mean, var = running.mean, running.var
             if not self.force_float32_reductions:
                 mean = mean.astype(self.param_dtype)
                 var = var.astype(self.param_dtype)
@@ -556,44 +784,123 @@ class BatchNorm(eqx.nn.StatefulLayer):
             # an empty output and the running averages as they are.
             return jnp.zeros(shape, out_dtype), state
         replicas = self._replicas()
+        virtual = self._virtual_batches(shape[0], replicas)
         if self.unbiased_running_var and mask is None:
-            if replicas * math.prod(x.shape[a] for a in axes) == 1:
+            per_batch = replicas * math.prod(x.shape[a] for a in axes)
+            if per_batch // (virtual or 1) == 1:
                 raise ValueError(
                     "BatchNorm(unbiased_running_var=True): expected more than 1 "
-                    f"value per channel in training, got x of shape {shape} (as "
-                    "PyTorch, the unbiased variance of one element is undefined). "
-                    "Train on a larger batch, or use inference mode."
+                    f"value per channel in training, got x of shape {shape}"
+                    + ("" if virtual is None else " in virtual batches of one")
+                    + " (as PyTorch, the unbiased variance of one element is "
+                    "undefined). Train on a larger batch, or use inference mode."
                 )
+        renorm = None
+        if self.renorm:
+            clipping = get_running(state, self.clipping_index)
+            check_clipping(clipping, self.running_dtype)
+            renorm = Renorm(running.renorm_mean, running.renorm_stddev, *clipping)
         try:
-            y, stats = train_normalize(
-                x,
-                mask,
-                self.scale,
-                self.bias,
-                axes=axes,
-                axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
-                replicas=replicas,
-                eps=self.eps,
-                fast_variance=self.use_fast_variance,
-                stat_dtype=self._stat_dtype(x),
-                out_dtype=out_dtype,
-                isolate=isolates_passes(x.shape, channel_axis, replicas),
+            y, stats = self._train_normalize(
+                x, mask, channel_axis, replicas, virtual, renorm, out_dtype
             )
         except (NotImplementedError, AssertionError, ValueError) as err:
             ours = self._collective_error(err)
             if ours is None:
                 raise
             raise ours from err
-        new_running = RunningStats(
-            *running_average(running, stats, self.momentum, self.unbiased_running_var)
-        )
+        if self.renorm:
+            new_running = RenormStats(
+                *renorm_running_average(
+                    running,
+                    stats,
+                    self.momentum,
+                    self.renorm_momentum,
+                    self.eps,
+                    self.unbiased_running_var,
+                )
+            )
+        else:
+            new_running = RunningStats(
+                *running_average(
+                    running, stats, self.momentum, self.unbiased_running_var
+                )
+            )
         try:
             state = state.set(self.state_index, new_running)
         except ValueError as err:
             # Same shapes and dtypes by construction: only the placement differs.
             raise _placement_error(running, new_running) from err
         return jnp.reshape(y, shape), state
+
+    def _virtual_batches(self, batch: int, replicas: int) -> int | None:
+        """How many virtual batches this training call has (Ghost BatchNorm), or
+        None for one, the whole batch: no `virtual_batch_size`, or one as large
+        as the batch. `batch`: `x`'s first axis, the batch with `axis_name=None`."""
+        size = self.virtual_batch_size
+        if size is None:
+            return None
+        if self.axis_name is None:
+            where = f"x's batch axis ({batch} examples)"
+        else:
+            batch = replicas
+            where = f"the named axes {self.axis_name!r} ({batch} examples)"
+        if batch % size:
+            raise ValueError(
+                f"BatchNorm(virtual_batch_size={size}): {where} must be a multiple "
+                "of the virtual batch size, as in tf_keras. Train on a batch size "
+                f"divisible by {size}, or choose another virtual_batch_size."
+            )
+        return None if batch == size else batch // size
+
+    def _train_normalize(
+        self,
+        x: Array,
+        mask: Array | None,
+        channel_axis: int,
+        replicas: int,
+        virtual: int | None,
+        renorm: Renorm | None,
+        out_dtype: np.dtype,
+    ) -> tuple[Array, Moments]:
+        """The training output, and the batch statistics for the running averages
+        (pooled over the virtual batches, under Ghost BatchNorm)."""
+        scale, bias = self.scale, self.bias
+        if virtual is not None:
+            # The statistics are tables, one row per virtual batch; the
+            # parameters are given as one row.
+            scale, bias = (None if p is None else p[None] for p in (scale, bias))
+            if self.axis_name is None:
+                # tf_keras's (size, virtual, ...): example i in virtual batch
+                # i % virtual, which keeps its own axis, beside the channels.
+                x, mask, channel_axis = _split_batch(x, mask, channel_axis, virtual)
+            else:
+                replicas //= virtual  # the members of one virtual batch
+        axes = tuple(
+            i
+            for i in range(x.ndim)
+            if i != channel_axis and not (virtual and self.axis_name is None and i == 1)
+        )
+        y, stats = train_normalize(
+            x,
+            mask,
+            scale,
+            bias,
+            axes=axes,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            replicas=replicas,
+            eps=self.eps,
+            fast_variance=self.use_fast_variance,
+            stat_dtype=self._stat_dtype(x),
+            out_dtype=out_dtype,
+            isolate=isolates_passes(x.shape, channel_axis, replicas),
+            virtual_batches=virtual,
+            renorm=renorm,
+        )
+        if virtual is not None:
+            stats = pool_virtual_batches(stats)
+        return y, stats
 
     def _collective_error(self, err: Exception) -> ValueError | None:
         """Our error for a collective that JAX does not support; None for others."""
