@@ -497,6 +497,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     batches with the running averages, and its running variance starts differently;
     this layer normalises with the batch's own statistics, as Flax and PyTorch do.
 
+    Two training-time variants, as Keras's and tf_keras's (the guide "Batch
+    Renormalization and Ghost BatchNorm"): `renorm=True` corrects the batch
+    statistics towards moving ones (its State entry is then a
+    [`RenormStats`][eqx_bn.RenormStats], its bounds under `clipping_index`), and
+    `virtual_batch_size=` normalises each virtual batch of the batch on its own.
+
     !!! Example
 
         ```python

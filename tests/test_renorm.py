@@ -502,3 +502,74 @@ def test_fold_renorm_batch_norm_is_exact():
     folded_model = eqx_bn.fold_batch_norms(model, state)
     folded, _ = jax.vmap(folded_model, in_axes=(0, None), out_axes=(0, None))(x, state)
     np.testing.assert_allclose(folded, unfolded, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------ State checks and interop
+
+
+def test_a_plain_state_for_a_renorm_layer_is_refused():
+    """The two kinds of State entry are not interchangeable (Keras's renorm
+    moving_variance is derived from moving_stddev): the message says which."""
+    bn, _ = eqx.nn.make_with_state(eqx_bn.BatchNorm)(3, None, renorm=True)
+    plain, plain_state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(3, None)
+    swapped = eqx.tree_at(lambda b: b.state_index, bn, plain.state_index)
+    with pytest.raises(ValueError, match="RenormStats.*renorm=False"):
+        swapped(normal((4, 3)), plain_state)
+    renorm, renorm_state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
+        3, None, renorm=True
+    )
+    swapped = eqx.tree_at(lambda b: b.state_index, plain, renorm.state_index)
+    with pytest.raises(ValueError, match="RunningStats.*renorm=True"):
+        swapped(normal((4, 3)), renorm_state)
+
+
+def _trained_renorm_model():
+    model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [
+            eqx.nn.Linear(3, 4, key=jax.random.key(2)),
+            eqx_bn.BatchNorm(4, renorm=True, renorm_clipping={"rmax": 2.0}),
+        ]
+    )
+    x = normal((8, 3), seed=7) * 2 + 1
+    _, state = jax.vmap(
+        model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    return model, state
+
+
+def test_flax_paths_name_the_renorm_statistics():
+    """Flax (linen and NNX) has no Batch Renormalization; eqx_bn names the three
+    extra statistics beside mean and var, and a round trip through Flax's variables
+    restores all five (the bounds are configuration: the model's stay)."""
+    from eqx_bn.interop import export_flax, flax_paths, load_flax, nnx_paths
+
+    model, state = _trained_renorm_model()
+    stats = ("mean", "var", "stddev", "renorm_mean", "renorm_stddev")
+    paths = flax_paths(model)
+    for name in stats:
+        assert paths[f"batch_stats/layers_1/{name}"] == (
+            f"state[model.layers[1].state_index].{name}"
+        )
+    assert {f"layers/1/{name}" for name in stats} <= set(nnx_paths(model))
+    fresh_model, fresh_state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+        [
+            eqx.nn.Linear(3, 4, key=jax.random.key(3)),
+            eqx_bn.BatchNorm(4, renorm=True, renorm_clipping={"dmax": 1.0}),
+        ]
+    )
+    _, loaded = load_flax(fresh_model, fresh_state, export_flax(model, state))
+    bn = fresh_model.layers[1]
+    for ours, theirs in zip(loaded.get(bn.state_index), state.get(bn.state_index)):
+        np.testing.assert_array_equal(ours, theirs)
+    assert float(loaded.get(bn.clipping_index).dmax) == 1.0
+
+
+def test_torch_refuses_a_renorm_layer():
+    """PyTorch's BatchNorm has no renorm statistics: a ConversionError naming the
+    layer, not a state_dict that loads into nothing."""
+    from eqx_bn.interop import ConversionError, export_torch, torch_paths
+
+    model, state = _trained_renorm_model()
+    for convert in (lambda: export_torch(model, state), lambda: torch_paths(model)):
+        with pytest.raises(ConversionError, match=r"layers\[1\].*renorm=True"):
+            convert()

@@ -284,7 +284,14 @@ class _Walker:
 
     def named_module(self, node, path, own):
         rule = rule_for(node, self.naming.rules)
-        if rule is not None:
+        refused = None if rule is None or rule.refuse is None else rule.refuse(node)
+        if refused is not None:
+            where = self.naming.separator.join(own) or "the root"
+            self.problems.append(
+                f"model{keystr(path)}: {refused} ({self.naming.framework} scope "
+                f"{where})."
+            )
+        elif rule is not None:
             self.layer(node, rule.slots(node), path, own)
         elif is_unsupported_layer(node):
             hint = UNSUPPORTED_HINTS.get(
