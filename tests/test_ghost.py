@@ -42,6 +42,7 @@ def tf_ref():
     return dict(np.load(DATA / "tf_keras" / "ghost.npz"))
 
 
+@eqx.filter_jit
 def _call(bn, state, x, mode, mask=None, inference=None):
     """The layer on a batch: whole (`axis_name=None`), one example per vmap step,
     or over two nested named axes, whose examples `jax.lax.axis_index` numbers
@@ -204,7 +205,7 @@ def test_ghost_matches_the_numpy_reference(shape, virtual_batch_size, mode):
     )
     mean, var = np.zeros(c), np.ones(c)
     for xt in x:
-        y, state = eqx.filter_jit(_call)(bn, state, jnp.asarray(xt, jnp.float32), mode)
+        y, state = _call(bn, state, jnp.asarray(xt, jnp.float32), mode)
         want, mean, var = ghost_reference.ghost_batch_norm(
             xt.astype(np.float32).astype(np.float64),
             gamma.astype(np.float32),
@@ -253,7 +254,7 @@ def test_inference_does_not_depend_on_the_batch():
     """Inference uses the running statistics, example by example: any batch size,
     the same output for an example whatever else is in the batch."""
     bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(3, None, virtual_batch_size=4)
-    _, state = bn(normal((8, 3), seed=3) * 2 + 1, state)
+    _, state = eqx.filter_jit(bn)(normal((8, 3), seed=3) * 2 + 1, state)
     x = normal((5, 3), seed=4)
     y, _ = bn(x, state, inference=True)
     for i in range(5):
@@ -349,7 +350,7 @@ def test_unmasked_unbiased_ghost_is_the_mean_of_unbiased_group_variances():
         unbiased_running_var=True,
         channels_last=True,
     )
-    _, state = bn(jnp.asarray(x, jnp.float32), state)
+    _, state = eqx.filter_jit(bn)(jnp.asarray(x, jnp.float32), state)
     per_group = [x[g::2].var(0, ddof=1) for g in range(2)]
     np.testing.assert_allclose(
         state.get(bn.state_index).var, np.mean(per_group, 0), rtol=1e-5

@@ -264,6 +264,7 @@ def test_clipping_to_one_and_zero_is_plain_batch_norm():
     state = eqx_bn.set_renorm_clipping(bn, state, rmin=1.0)
     plain, plain_state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(3, None)
 
+    @eqx.filter_jit
     def grads(layer, state):
         def loss(params, x):
             y, _ = eqx.tree_at(lambda b: (b.scale, b.bias), layer, params)(x, state)
@@ -423,11 +424,13 @@ def test_masked_renorm_is_renorm_of_the_kept_examples():
             *(jnp.full(3, v, jnp.float32) for v in (0.1, 2, 1.2, 0.3, 0.7))
         ),
     )
-    vmapped = jax.vmap(
-        lambda x, m, s: bn(x, s, mask=m),
-        axis_name="batch",
-        in_axes=(0, 0, None),
-        out_axes=(0, None),
+    vmapped = eqx.filter_jit(
+        jax.vmap(
+            lambda x, m, s: bn(x, s, mask=m),
+            axis_name="batch",
+            in_axes=(0, 0, None),
+            out_axes=(0, None),
+        )
     )
     y, masked_state = vmapped(x, jnp.asarray(keep), state)
     y_kept, kept_state = vmapped(x[keep], jnp.ones(keep.sum(), bool), state)
@@ -452,7 +455,7 @@ def test_renorm_with_unbiased_running_var():
         unbiased_running_var=True,
         channels_last=True,
     )
-    _, state = bn(jnp.asarray(x), state)
+    _, state = eqx.filter_jit(bn)(jnp.asarray(x), state)
     got = state.get(bn.state_index)
     var, var_unbiased = x.var(0), x.var(0, ddof=1)
     stddev = 0.9 * 1 + 0.1 * np.sqrt(var_unbiased + 1e-3)
@@ -473,12 +476,13 @@ def test_a_batch_without_data_keeps_the_statistics():
         2, None, renorm=True, channels_last=True
     )
     before = state.get(bn.state_index)
-    y, state = bn(jnp.asarray(x), state)
+    train = eqx.filter_jit(bn)
+    y, state = train(jnp.asarray(x), state)
     after = state.get(bn.state_index)
     assert np.isnan(y[:, 0]).all()
     for old, new in zip(before, after):
         assert new[0] == old[0] and new[1] != old[1]
-    _, state = bn(jnp.asarray(x), state, mask=jnp.zeros(4, bool))
+    _, state = train(jnp.asarray(x), state, mask=jnp.zeros(4, bool))
     for old, new in zip(after, state.get(bn.state_index)):
         np.testing.assert_array_equal(old, new)
 
@@ -493,10 +497,11 @@ def test_fold_renorm_batch_norm_is_exact():
         ]
     )
     x = normal((16, 4), seed=6) * 3 + 2
+    step = eqx.filter_jit(
+        jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    )
     for _ in range(3):  # statistics away from their initial values
-        _, state = jax.vmap(
-            model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
-        )(x, state)
+        _, state = step(x, state)
     model = eqx.nn.inference_mode(model)
     unfolded, _ = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
     folded_model = eqx_bn.fold_batch_norms(model, state)
@@ -531,8 +536,8 @@ def _trained_renorm_model():
         ]
     )
     x = normal((8, 3), seed=7) * 2 + 1
-    _, state = jax.vmap(
-        model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    _, state = eqx.filter_jit(
+        jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
     )(x, state)
     return model, state
 
