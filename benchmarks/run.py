@@ -23,6 +23,10 @@ Cases:
 - `resnet step`: a jitted SGD-with-momentum step of a ResNet-18 with 16 filters on
     32x32x3 images: `eqx_bn.models.ResNet` (channels first, and with
     `channels_last=True`) against its Flax twin.
+- `layer fwd+bwd` also times Batch Renormalization (`renorm=True`, bounds that
+    never bind, so the cost is the correction's) and Ghost BatchNorm
+    (`virtual_batch_size=N // 8`, under `vmap` and with whole batches), with their
+    time over plain `eqx_bn (vmap)`'s in the same rounds.
 - `mlp step`: the seed MLP, `Dense(4) -> BatchNorm -> relu -> Dense(1)`, on a tiny
     batch: the dispatch overhead of `eqx_bn.train.make_train_step` against a plain
     `jax.jit` Flax step.
@@ -74,6 +78,14 @@ STEP_TRAFFIC = "traffic MB"
 LAYOUT_TRAFFIC = "of which transposes/copies MB"
 EQX_LAST = "eqx_bn channels_last (vmap)"
 EQX_LAST_BATCHED = "eqx_bn channels_last (batched)"
+EQX_VMAP = "eqx_bn (vmap)"
+# Batch Renormalization and Ghost BatchNorm (8 virtual batches), against plain
+# eqx_bn in the same rounds (`VS_PLAIN`); training only, as inference is plain's.
+RENORM = "eqx_bn renorm (vmap)"
+GHOST = "eqx_bn ghost N/8 (vmap)"
+GHOST_BATCHED = "eqx_bn ghost N/8 (batched)"
+VARIANTS = (RENORM, GHOST, GHOST_BATCHED)
+VS_PLAIN = "vs eqx_bn (vmap)"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -293,7 +305,7 @@ def layer_cases(shape, dtype, names: tuple[str, ...] | None) -> tuple[dict, ...]
     train[COPY] = evaluate[COPY] = functools.partial(copy, x)
     traffic_train[COPY] = traffic_eval[COPY] = traffic(copy)
 
-    def add(name, make):
+    def add(name, make, evaluated=True):
         if names is not None and name not in names:
             return
         train_fn, eval_fn, params, xx, stats, gg = make()
@@ -305,20 +317,30 @@ def layer_cases(shape, dtype, names: tuple[str, ...] | None) -> tuple[dict, ...]
             return
         compile_s[name] = seconds
         train[name] = functools.partial(train_exe, params, xx, stats, gg)
-        evaluate[name] = functools.partial(eval_exe, params, xx, stats)
         traffic_train[name] = traffic(train_exe)
-        traffic_eval[name] = traffic(eval_exe)
+        if evaluated:
+            evaluate[name] = functools.partial(eval_exe, params, xx, stats)
+            traffic_eval[name] = traffic(eval_exe)
 
     add(FLAX, lambda: _reorder(*_flax_linen_layer(x_last, -1), x_last, g_last))
     add(FLAX_NCHW, lambda: _reorder(*_flax_linen_layer(x, 1), x, g))
     add("flax.nnx", lambda: _reorder(*_flax_nnx_layer(c), x_last, g_last))
-    for name, axis_name in (("eqx_bn (vmap)", "batch"), ("eqx_bn (batched)", None)):
+    for name, axis_name in ((EQX_VMAP, "batch"), ("eqx_bn (batched)", None)):
         add(name, functools.partial(_eqx_bn_case, c, axis_name, x, g))
     for name, axis_name in ((EQX_LAST, "batch"), (EQX_LAST_BATCHED, None)):
         case = functools.partial(_eqx_bn_case, c, axis_name, x_last, g_last, True)
         add(name, case)
     for mode in ("batch", "ema"):
         add(f"eqx.nn mode={mode}", functools.partial(_eqx_nn_case, c, mode, x, g))
+    renorm = dict(renorm=True, renorm_clipping={"rmax": 1e3, "dmax": 1e3})
+    ghost = dict(virtual_batch_size=max(1, n // 8))
+    for name, axis_name, kwargs in (
+        (RENORM, "batch", renorm),
+        (GHOST, "batch", ghost),
+        (GHOST_BATCHED, None, ghost),
+    ):
+        case = functools.partial(_eqx_bn_case, c, axis_name, x, g, **kwargs)
+        add(name, case, evaluated=False)
     return train, evaluate, compile_s, traffic_train, traffic_eval, failures
 
 
@@ -326,9 +348,9 @@ def _reorder(train_fn, eval_fn, params, stats, x, g):
     return train_fn, eval_fn, params, x, stats, g
 
 
-def _eqx_bn_case(c, axis_name, x, g, channels_last=False):
+def _eqx_bn_case(c, axis_name, x, g, channels_last=False, **kwargs):
     bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
-        c, axis_name, channels_last=channels_last
+        c, axis_name, channels_last=channels_last, **kwargs
     )
     train_fn, eval_fn, params = _eqx_layer(bn, state, batched_call=axis_name is None)
     return train_fn, eval_fn, params, x, state, g
@@ -698,6 +720,20 @@ def _fmt(values: dict[str, float], spec: str) -> dict[str, str]:
     return {k: format(v, spec) for k, v in values.items()}
 
 
+def _ratios(
+    times: dict[str, list[float]], names: tuple[str, ...], base: str
+) -> dict[str, str]:
+    """The median over the rounds of each of `names`' time over `base`'s."""
+    if base not in times:
+        return {}
+    ratios = {
+        name: statistics.median(a / b for a, b in zip(times[name], times[base]))
+        for name in names
+        if name in times
+    }
+    return {name: f"{ratio:.2f}x" for name, ratio in ratios.items()}
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke test")
@@ -715,7 +751,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.quick:
         rounds, target = args.rounds or 3, 0.002
         shapes = [((8, 16, 8, 8), jnp.float32)]
-        names = (FLAX, "eqx_bn (vmap)", EQX_LAST)
+        names = (FLAX, EQX_VMAP, EQX_LAST, RENORM, GHOST)
         resnet = dict(batch=4, size=16, stage_sizes=(1,), filters=4)
         resnet18 = dict(batch=2, size=32, filters=4)
         compile_rounds = 1
@@ -760,10 +796,12 @@ def main(argv: list[str] | None = None) -> str:
             shape, dtype, names
         )
         label = f"N,C,H,W={shape} {np.dtype(dtype).name}"
-        rows = summarise(measure(train, rounds, target), True)
+        times = measure(train, rounds, target)
+        rows = summarise(times, True)
         columns = {
             TRAFFIC: _fmt(moved_train, ".1f"),
             "compile s": _fmt(compile_s, ".2f"),
+            VS_PLAIN: _ratios(times, VARIANTS, EQX_VMAP),
         }
         emit(table(f"layer fwd+bwd, {label}", rows, columns, failed))
         rows = summarise(measure(evaluate, rounds, target), True)

@@ -13,6 +13,8 @@ from . import interop as interop, models as models, train as train
 from ._batch_norm import (
     BatchNorm as BatchNorm,
     CumulativeStats as CumulativeStats,
+    RenormClipping as RenormClipping,
+    RenormStats as RenormStats,
     RunningStats as RunningStats,
 )
 from ._fold import (
@@ -23,12 +25,15 @@ from ._fold import (
     unfreeze_batch_norms as unfreeze_batch_norms,
 )
 from ._recalibrate import recalibrate as recalibrate
+from ._renorm import set_renorm_clipping as set_renorm_clipping
 from ._typing import typecheck as typecheck
 
 __all__ = [
     "BatchNorm",
     "CumulativeStats",
     "FoldedBatchNorm",
+    "RenormClipping",
+    "RenormStats",
     "RunningStats",
     "State",
     "StateIndex",
@@ -39,6 +44,7 @@ __all__ = [
     "make_with_state",
     "models",
     "recalibrate",
+    "set_renorm_clipping",
     "train",
     "trainable",
     "typecheck",

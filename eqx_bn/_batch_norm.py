@@ -21,13 +21,17 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 from ._describe import describe
 from ._numerics import (
     Moments,
+    Renorm,
+    align_mask,
     batch_moments,
     cumulative_average,
     drop_unit_axes,
     isolates_passes,
     merge_moments,
     normalize,
+    pool_virtual_batches,
     promote,
+    renorm_running_average,
     running_average,
     train_normalize,
 )
@@ -59,6 +63,53 @@ class CumulativeStats(NamedTuple):
     num_batches: Int[Array, ""]
 
 
+class RenormStats(NamedTuple):
+    """The statistics that a `BatchNorm(renorm=True)` keeps in its `eqx.nn.State`:
+    Keras's five, `moving_mean`, `moving_variance`, `moving_stddev`, `renorm_mean`
+    and `renorm_stddev`, here `mean`, `var`, `stddev`, `renorm_mean` and
+    `renorm_stddev` (initially 0, 1, 1, 0, 1).
+
+    `renorm_mean` and `renorm_stddev` (moving averages with `renorm_momentum`)
+    measure a training batch's correction; `mean` and `stddev` (with `momentum`)
+    are for inference, which uses `mean` and `var = stddev**2 - eps`.
+    """
+
+    mean: Float[Array, " input_size"]
+    var: Float[Array, " input_size"]
+    stddev: Float[Array, " input_size"]
+    renorm_mean: Float[Array, " input_size"]
+    renorm_stddev: Float[Array, " input_size"]
+
+
+ENTRY_KINDS = {
+    RunningStats: "a layer with a momentum (renorm=False)",
+    CumulativeStats: "a momentum=None layer",
+    RenormStats: "a renorm=True layer",
+}
+"""Every kind of State entry that a `BatchNorm` keeps for its statistics, and the
+layer that keeps it: `BatchNorm.entry_kind` says which is a layer's. Whatever
+rewrites State entries (the layer, `recalibrate`, accumulation, interop) handles
+each of them, or refuses a layer clearly."""
+
+
+class RenormClipping(NamedTuple):
+    """Batch Renormalization's bounds, scalars in the `eqx.nn.State` of a
+    `BatchNorm(renorm=True)` under `clipping_index`: `r` is clipped to
+    `[rmin, rmax]` and `d` to `[-dmax, dmax]`. No bound on a side is `rmin = 0`,
+    `rmax = inf`, `dmax = inf`. Set them with
+    [`eqx_bn.set_renorm_clipping`][], inside a jitted step too: new values need no
+    new trace.
+    """
+
+    rmin: Float[Array, ""]
+    rmax: Float[Array, ""]
+    dmax: Float[Array, ""]
+
+
+CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+"""The keys of `renorm_clipping`, as Keras's."""
+
+
 FROZEN = ("statistics", "all")
 """What `BatchNorm(frozen=...)` may fix, besides `None`: its running statistics, or
 those and its scale and bias."""
@@ -69,7 +120,8 @@ class Pooling(NamedTuple):
     micro-batches (`eqx_bn.train`'s `accumulate=k`); users never see one.
 
     - `running`: the running statistics as they were before the step, kept as
-        they are until its end;
+        they are until its end (a `RunningStats` or `CumulativeStats`: Batch
+        Renormalization and Ghost BatchNorm layers do not pool);
     - `pooled`: `(count, mean, m2)` per channel of every element the layer saw in
         the step so far (`m2` the sum of squared deviations from the mean);
     - `normalize_with`: `None` to normalise each micro-batch with its own
@@ -175,6 +227,90 @@ def check_config(
 # -------------------------------------------------------------------- input
 
 
+def check_bounds(
+    rmin: float | None, rmax: float | None, dmax: float | None, where: str
+) -> None:
+    """Keras's checks on clipping bounds (those given: None is no bound)."""
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            f"{where}: Batch Renormalization's clipping needs rmax >= rmin, got "
+            f"rmax={rmax} and rmin={rmin}."
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            f"{where}: Batch Renormalization's clipping needs dmax >= 0, got "
+            f"dmax={dmax}."
+        )
+
+
+def check_variants(
+    renorm: Any,
+    renorm_clipping: Any,
+    renorm_momentum: Any,
+    virtual_batch_size: Any,
+    momentum: Any,
+) -> tuple[dict[str, float], int | None]:
+    """Raises a ValueError for Batch Renormalization or Ghost BatchNorm settings
+    that `BatchNorm.__init__` cannot honour: Keras's checks on `renorm_clipping`
+    (unknown keys, `rmax < rmin`, `dmax < 0`), settings that would be ignored
+    without `renorm=True`, and a `virtual_batch_size` that is not a positive int.
+    Returns the clipping bounds given, as floats, and `virtual_batch_size`."""
+    if virtual_batch_size is not None:
+        size = _count(virtual_batch_size)
+        if size is None or size <= 0:
+            raise ValueError(
+                "BatchNorm: virtual_batch_size must be a positive int (the examples "
+                f"per virtual batch) or None, got {virtual_batch_size!r}."
+            )
+        virtual_batch_size = size
+    if not renorm:
+        if renorm_clipping:
+            raise ValueError(
+                "BatchNorm: renorm_clipping is given but renorm is False: the bounds "
+                "apply to Batch Renormalization only. Pass renorm=True, or leave "
+                "renorm_clipping out."
+            )
+        if renorm_momentum != 0.99:
+            raise ValueError(
+                f"BatchNorm: renorm_momentum={renorm_momentum!r} is given but renorm "
+                "is False: it drives Batch Renormalization's statistics only. Pass "
+                "renorm=True, or leave renorm_momentum out."
+            )
+        return {}, virtual_batch_size
+    if momentum is None:
+        raise ValueError(
+            "BatchNorm: renorm=True needs a momentum for the moving statistics it "
+            "infers with (Keras's renorm has no cumulative average); got "
+            "momentum=None."
+        )
+    m = _number("renorm_momentum", renorm_momentum)
+    if not 0.0 <= m <= 1.0:  # NaN fails both comparisons
+        raise ValueError(
+            f"BatchNorm: renorm_momentum must be in [0, 1], got {renorm_momentum}."
+        )
+    if renorm_clipping is None:
+        return {}, virtual_batch_size
+    if not isinstance(renorm_clipping, dict):
+        raise ValueError(
+            "BatchNorm: renorm_clipping must be a dict with keys among rmax, rmin "
+            f"and dmax, as Keras's, or None; got {describe(renorm_clipping)}."
+        )
+    unknown = sorted(map(repr, set(renorm_clipping) - set(CLIPPING_KEYS)))
+    if unknown:
+        raise ValueError(
+            f"BatchNorm: renorm_clipping has unknown keys {', '.join(unknown)}; the "
+            "keys are rmax, rmin and dmax, as Keras's (a key left out: no bound on "
+            "that side; Keras does not derive rmin from rmax)."
+        )
+    bounds = {
+        k: _number(f"renorm_clipping[{k!r}]", v)
+        for k, v in renorm_clipping.items()
+        if v is not None
+    }
+    check_bounds(*(bounds.get(k) for k in ("rmin", "rmax", "dmax")), "BatchNorm")
+    return bounds, virtual_batch_size
+
+
 def check_dtypes(x: Array, mask: Array | None) -> None:
     """A TypeError with the conversion to make, for a non-float `x` or non-bool mask."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -237,34 +373,46 @@ def _missing_state_error(marker: object, state: eqx.nn.State) -> ValueError:
     )
 
 
-def _other_kind_error(running: tuple, cumulative: bool) -> ValueError:
-    """A State entry of a layer with a momentum given to a `momentum=None` one, or
-    the other way round."""
-    if cumulative:
-        return ValueError(
-            "BatchNorm(momentum=None): the state entry for this layer is "
-            f"{describe(running)}, the RunningStats(mean, var) of a layer with a "
-            "momentum; expected CumulativeStats(mean, var, num_batches), which also "
-            "counts the batches averaged. Build the model and its state together "
-            "with eqx.nn.make_with_state; to carry statistics over, set "
-            "`state = state.set(bn.state_index, eqx_bn.CumulativeStats(mean, var, "
-            "jnp.int32(num_batches)))`."
-        )
+def _signature(kind: type) -> str:
+    return f"{kind.__name__}({', '.join(kind._fields)})"
+
+
+def _kind_of(entry: Any) -> type | None:
+    """The kind of statistics `entry` is: its class if it is one of `ENTRY_KINDS`,
+    else for a plain tuple of arrays (a State read back without its NamedTuples) the
+    kind with as many fields; None for anything else."""
+    if isinstance(entry, tuple(ENTRY_KINDS)):
+        return type(entry)
+    if type(entry) is tuple and all(hasattr(v, "shape") for v in entry):
+        return next((k for k in ENTRY_KINDS if len(k._fields) == len(entry)), None)
+    return None
+
+
+def _other_kind_error(entry: tuple, got: type, kind: type) -> ValueError:
+    """The statistics of another kind of layer given to a layer that keeps `kind`:
+    what they are, what the layer keeps, and how to carry them over."""
+    carry = {
+        RunningStats: "eqx_bn.RunningStats(entry.mean, entry.var))`",
+        CumulativeStats: "eqx_bn.CumulativeStats(entry.mean, entry.var, "
+        "jnp.int32(num_batches)))`",
+        RenormStats: "eqx_bn.RenormStats(entry.mean, entry.var, s, entry.mean, s))` "
+        "with `s = jnp.sqrt(entry.var + bn.eps)`",
+    }[kind]
     return ValueError(
-        "BatchNorm: this layer has a momentum and expects RunningStats(mean, var) "
-        f"in `state`, but its entry is {describe(running)}, with a batch count as a "
-        "momentum=None layer keeps it (CumulativeStats). Build the model and its "
-        "state together with eqx.nn.make_with_state; to carry statistics over, set "
-        "`state = state.set(bn.state_index, eqx_bn.RunningStats(entry.mean, "
-        "entry.var))`."
+        f"BatchNorm: as {ENTRY_KINDS[kind]}, this layer keeps {_signature(kind)} in "
+        f"`state`, but its entry is {describe(entry)}, the {got.__name__} of "
+        f"{ENTRY_KINDS[got]}. Build the model and its state together with "
+        "eqx.nn.make_with_state; to carry statistics over, set `state = "
+        f"state.set(bn.state_index, {carry}."
     )
 
 
 def check_running(
-    running: Any, input_size: int, dtype: np.dtype, cumulative: bool = False
+    running: Any, input_size: int, dtype: np.dtype, kind: type = RunningStats
 ) -> None:
-    """Raises a ValueError if `running` is not this layer's `(mean, var)` (with
-    `cumulative`, a `momentum=None` layer's `(mean, var, num_batches)`).
+    """Raises a ValueError if `running` is not the statistics a layer keeps: of
+    `kind` (one of `ENTRY_KINDS`, `BatchNorm.entry_kind`), each array `dtype` of
+    shape `(input_size,)` (a `CumulativeStats`' count an int32 scalar).
 
     `state.get` returns whatever the State holds under the layer's key: a State
     of another model with the same module path, or one that `jax.vmap` gave back
@@ -272,27 +420,21 @@ def check_running(
     silently in training, or fail a call later in a reshape.
     """
     expected = f"{np.dtype(dtype).name}[{input_size}]"
-    arity = 3 if cumulative else 2
-    arrays = isinstance(running, tuple) and all(
-        getattr(v, "shape", None) is not None for v in running
-    )
-    if arrays and len(running) == 5 - arity:
-        raise _other_kind_error(running, cumulative)
-    parts = running[:2] if arrays and len(running) == arity else None
-    if parts is None:
-        kind = (
-            "CumulativeStats(mean, var, num_batches)"
-            if cumulative
-            else "RunningStats(mean, var)"
-        )
+    got = _kind_of(running)
+    if got is not None and got is not kind:
+        raise _other_kind_error(running, got, kind)
+    if got is None:
         raise ValueError(
             f"BatchNorm: the state entry for this layer is {describe(running)}, "
-            f"expected {kind}, mean and var each {expected}. The State belongs "
-            "to another model (a different layer at the same place): build the "
-            "model and its state together with eqx.nn.make_with_state."
+            f"expected {_signature(kind)}, its statistics each {expected}. The "
+            "State belongs to another model (a different layer at the same place): "
+            "build the model and its state together with eqx.nn.make_with_state."
         )
-    if cumulative:
-        count = running[2]
+    names = list(kind._fields)
+    parts = list(running)
+    if kind is CumulativeStats:
+        count = parts.pop(names.index("num_batches"))
+        names.remove("num_batches")
         if count.shape != () or np.dtype(count.dtype) != np.int32:
             raise ValueError(
                 "BatchNorm(momentum=None): the batch count in `state` is "
@@ -304,7 +446,8 @@ def check_running(
     dtypes = {np.dtype(v.dtype) for v in parts}
     if shapes == {(input_size,)} and dtypes == {np.dtype(dtype)}:
         return
-    got = f"mean {describe(parts[0])} and var {describe(parts[1])}"
+    described = [f"{name} {describe(v)}" for name, v in zip(names, parts)]
+    got = ", ".join(described[:-1]) + f" and {described[-1]}"
     shape = tuple(parts[0].shape)
     if shapes == {(input_size,)}:
         cause = (
@@ -345,6 +488,21 @@ def check_running(
         f"BatchNorm: the running statistics in `state` are {got}, but this layer "
         f"(input_size={input_size}) expects {expected} each. {cause}"
     )
+
+
+def check_clipping(clipping: Any, dtype: np.dtype) -> None:
+    """Raises a ValueError if `clipping` is not a `RenormClipping` of `dtype`
+    scalars (a State of another layer, or bounds set by hand with other shapes)."""
+    scalars = isinstance(clipping, tuple) and len(clipping) == 3
+    if not scalars or any(
+        getattr(v, "shape", None) != () or np.dtype(v.dtype) != dtype for v in clipping
+    ):
+        raise ValueError(
+            "BatchNorm(renorm=True): the clipping bounds in `state` are "
+            f"{describe(clipping)}, expected RenormClipping(rmin, rmax, dmax) of "
+            f"{np.dtype(dtype).name} scalars. Set them with "
+            "eqx_bn.set_renorm_clipping, which keeps their shape and dtype."
+        )
 
 
 def get_running(state: eqx.nn.State, index: eqx.nn.StateIndex) -> Any:
@@ -404,6 +562,24 @@ def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
     )
 
 
+def _split_batch(
+    x: Array, mask: Array | None, channel_axis: int, virtual: int
+) -> tuple[Array, Array | None, int]:
+    """A whole batch `(B, ...)` as tf_keras splits it, `(B // virtual, virtual,
+    ...)`: example `i` at `[i // virtual, i % virtual]`, in virtual batch `i %
+    virtual`. The mask follows if it varies over the batch; the channel axis
+    moves one on."""
+    split = (x.shape[0] // virtual, virtual)
+    x = jnp.reshape(x, split + x.shape[1:])
+    if mask is not None:
+        mask = align_mask(mask, x.ndim - 1)
+        if mask.shape[0] == 1:
+            mask = mask[:, None]
+        else:
+            mask = jnp.reshape(mask, split + mask.shape[1:])
+    return x, mask, channel_axis + 1
+
+
 class BatchNorm(eqx.nn.StatefulLayer):
     r"""Batch normalisation with the numerics of `flax.linen.BatchNorm`.
 
@@ -437,6 +613,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     batches with the running averages, and its running variance starts differently;
     this layer normalises with the batch's own statistics, as Flax and PyTorch do.
 
+    Two training-time variants, as Keras's and tf_keras's (the guide "Batch
+    Renormalization and Ghost BatchNorm"): `renorm=True` corrects the batch
+    statistics towards moving ones (its State entry is then a
+    [`RenormStats`][eqx_bn.RenormStats], its bounds under `clipping_index`), and
+    `virtual_batch_size=` normalises each virtual batch of the batch on its own.
+
     !!! Example
 
         ```python
@@ -450,7 +632,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     scale: Float[Array, " input_size"] | None
     bias: Float[Array, " input_size"] | None
-    state_index: eqx.nn.StateIndex[RunningStats]
+    state_index: eqx.nn.StateIndex[RunningStats | RenormStats]
     inference: bool
     input_size: int = eqx.field(static=True)
     axis_name: AxisName | None = eqx.field(static=True)
@@ -464,6 +646,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
     channels_last: bool = eqx.field(static=True)
     unbiased_running_var: bool = eqx.field(static=True)
     frozen: Literal["statistics", "all"] | None = eqx.field(static=True)
+    renorm: bool = eqx.field(static=True)
+    renorm_momentum: float = eqx.field(static=True)
+    clipping_index: eqx.nn.StateIndex[RenormClipping] | None
+    virtual_batch_size: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -483,6 +669,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         channels_last: bool = False,
         unbiased_running_var: bool = False,
         frozen: Literal["statistics", "all"] | None = None,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         bias_init: Initializer = jax.nn.initializers.zeros,
         scale_init: Initializer = jax.nn.initializers.ones,
         key: PRNGKeyArray | None = None,
@@ -537,6 +727,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
             PyTorch: `torchvision.ops.FrozenBatchNorm2d` (`"all"`); Keras:
             `layer.trainable = False`. [`eqx_bn.freeze_batch_norms`][] sets it on
             every BatchNorm of a model.
+        - `renorm`: Batch Renormalization (Ioffe, 2017), as Keras's
+            `BatchNormalization(renorm=True)`: training normalises with the batch
+            statistics corrected towards moving ones, $\left(\frac{x -
+            \mu_B}{\sigma_B} r + d\right) \gamma + \beta$ with
+            $r = \sigma_B / \sigma$ and $d = (\mu_B - \mu) / \sigma$ clipped and
+            without gradient, $\mu$ and $\sigma$ the renorm statistics before this
+            step. The State holds a [`RenormStats`][eqx_bn.RenormStats] and,
+            under `clipping_index`, the bounds. Inference is unchanged.
+        - `renorm_clipping`: Keras's dict of bounds, keys among `"rmax"`,
+            `"rmin"` and `"dmax"`: $r$ is clipped to `[rmin, rmax]`, $d$ to
+            `[-dmax, dmax]`; a key left out is no bound on that side (`rmin` is
+            not derived from `rmax`). They are the State's initial values:
+            change them with [`eqx_bn.set_renorm_clipping`][].
+        - `renorm_momentum`: decay of the renorm statistics that $r$ and $d$
+            are measured against (`momentum` is that of the inference ones).
+        - `virtual_batch_size`: Ghost BatchNorm, as tf_keras's: training
+            normalises each virtual batch of that many examples with its own
+            statistics. Example `i` of a batch of `B` joins virtual batch
+            `i % (B // virtual_batch_size)` (tf_keras's strided grouping); under
+            named axes, examples are numbered as `jax.lax.axis_index(axis_name)`
+            numbers them. `virtual_batch_size` must divide the batch. The running
+            averages follow the mean of the virtual batches' means and of their
+            variances. Inference is unchanged, for any batch size.
         - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
         - `key`: passed to the initialisers; only needed when they are random.
 
@@ -546,9 +759,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
             `momentum` outside [0, 1] (and not `None`), an `eps` that is negative
             or not finite, an integer (or other non-floating) `dtype` or
             `param_dtype`, a `frozen` that is not `"statistics"`, `"all"` or
-            `None`, or groups given without an `axis_name`.
+            `None`, groups given without an `axis_name`, `renorm_clipping` with
+            keys other than rmax, rmin and dmax, `rmax < rmin` or `dmax < 0` (as
+            Keras), `renorm_clipping` or `renorm_momentum` without `renorm=True`,
+            `renorm=True` with `momentum=None`, or a `virtual_batch_size` that is
+            not a positive int.
         """
         input_size = check_config(input_size, momentum, eps, dtype, param_dtype, frozen)
+        bounds, virtual_batch_size = check_variants(
+            renorm, renorm_clipping, renorm_momentum, virtual_batch_size, momentum
+        )
         if axis_index_groups is not None and axis_name is None:
             raise ValueError(
                 "BatchNorm: axis_index_groups needs an axis_name to group along."
@@ -570,13 +790,33 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.channels_last = bool(channels_last)
         self.unbiased_running_var = bool(unbiased_running_var)
         self.frozen = frozen
+        self.renorm = bool(renorm)
+        self.renorm_momentum = float(renorm_momentum)
+        self.virtual_batch_size = virtual_batch_size
         stat_dtype = self.running_dtype  # reads the fields set above
-        mean, var = jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype)
-        self.state_index = eqx.nn.StateIndex(
-            RunningStats(mean, var)
-            if momentum is not None
-            else CumulativeStats(mean, var, jnp.zeros((), jnp.int32))
-        )
+        zeros, ones = jnp.zeros(shape, stat_dtype), jnp.ones(shape, stat_dtype)
+        if self.renorm:
+            # moving_stddev and renorm_stddev start at sqrt(1), as Keras's.
+            running = RenormStats(zeros, ones, ones, zeros, ones)
+            self.clipping_index = eqx.nn.StateIndex(
+                RenormClipping(
+                    *(
+                        jnp.asarray(bounds.get(k, default), stat_dtype)
+                        for k, default in (
+                            ("rmin", 0.0),
+                            ("rmax", math.inf),
+                            ("dmax", math.inf),
+                        )
+                    )
+                )
+            )
+        else:
+            if momentum is None:
+                running = CumulativeStats(zeros, ones, jnp.zeros((), jnp.int32))
+            else:
+                running = RunningStats(zeros, ones)
+            self.clipping_index = None
+        self.state_index = eqx.nn.StateIndex(running)
 
     @property
     def use_bias(self) -> bool:
@@ -594,6 +834,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
         layer has another dtype is refused."""
         dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+    @property
+    def entry_kind(self) -> type:
+        """The kind of statistics the layer keeps in its State under `state_index`:
+        [`RenormStats`][eqx_bn.RenormStats] with `renorm=True`, else
+        [`CumulativeStats`][eqx_bn.CumulativeStats] with `momentum=None`, else
+        [`RunningStats`][eqx_bn.RunningStats]."""
+        if self.renorm:
+            return RenormStats
+        return CumulativeStats if self.momentum is None else RunningStats
 
     def output_dtype(self, input_dtype: Any) -> np.dtype:
         """The dtype of the layer's output for an input of `input_dtype`: `dtype` if
@@ -663,9 +913,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         pooling = running if isinstance(running, Pooling) else None
         if pooling is not None:
             running = pooling.running
-        check_running(
-            running, self.input_size, self.running_dtype, self.momentum is None
-        )
+        check_running(running, self.input_size, self.running_dtype, self.entry_kind)
         inference = self.inference if inference is None else inference
         if inference or self.frozen is not None:
             return self._normalize_with(running, x, channel_axis), state
@@ -686,19 +934,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     new = RunningStats(mean, m2)  # the placement is what differs
                     raise _placement_error(running, new) from err
             return y, state
-        y, stats = self._train(x, mask, channel_axis)
+        y, stats = self._train(
+            x, mask, channel_axis, renorm=self._renorm(running, state)
+        )
         if stats is None:
             return y, state
-        if self.momentum is None:
-            new_running = CumulativeStats(
-                *cumulative_average(running, stats, self.unbiased_running_var)
-            )
-        else:
-            new_running = RunningStats(
-                *running_average(
-                    running, stats, self.momentum, self.unbiased_running_var
-                )
-            )
+        new_running = self._updated(running, stats)
         try:
             state = state.set(self.state_index, new_running)
         except ValueError as err:
@@ -723,9 +964,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             mask = per_example_mask(x, mask)
         return x, mask, self._check_input(x, mask)
 
-    def _normalize_with(
-        self, running: RunningStats | CumulativeStats, x: Array, channel_axis: int
-    ) -> Array:
+    def _normalize_with(self, running: tuple, x: Array, channel_axis: int) -> Array:
         """`x` normalised with the running statistics (inference, or frozen)."""
         shape, out_dtype = x.shape, self.output_dtype(x.dtype)
         x, _, channel_axis = drop_unit_axes(x, None, channel_axis)
@@ -740,37 +979,75 @@ class BatchNorm(eqx.nn.StatefulLayer):
         y = normalize(x, mean, var, scale, bias, self.eps, out_dtype, axes)
         return jnp.reshape(y, shape)
 
+    def _renorm(self, running: tuple, state: eqx.nn.State) -> Renorm | None:
+        """What Batch Renormalization's correction is measured against this step:
+        the renorm statistics in `running` and the bounds in `state` (None without
+        `renorm`)."""
+        if not self.renorm:
+            return None
+        clipping = get_running(state, self.clipping_index)
+        check_clipping(clipping, self.running_dtype)
+        return Renorm(running.renorm_mean, running.renorm_stddev, *clipping)
+
     def _train(
         self,
         x: Array,
         mask: Array | None,
         channel_axis: int,
         *,
+        renorm: Renorm | None = None,
         normalize_with: tuple[Array, Array] | None = None,
         pooled: bool = False,
     ) -> tuple[Array, Moments | None]:
-        """The training output for `x` (checked) and the batch's statistics; `None`
-        for them when `x` has no element. `normalize_with`: the `(mean, var)` to
-        normalise with instead of the batch's (which are still returned); `pooled`:
-        the statistics are pooled with others (a step accumulating micro-batches),
-        so one element per channel is no error here."""
+        """The training output for `x` (checked) and the batch's statistics (pooled
+        over the virtual batches, under Ghost BatchNorm); `None` for them when `x`
+        has no element.
+
+        - `renorm`: Batch Renormalization's correction (`_renorm`), or None;
+        - `normalize_with`: the `(mean, var)` to normalise with instead of the
+            batch's (which are still returned);
+        - `pooled`: the statistics are pooled with others (a step accumulating
+            micro-batches), so one element per channel is no error here.
+
+        Every training path goes through here: the fused custom JVP of
+        `train_normalize` (with virtual batches and renorm), or with
+        `normalize_with`, the statistics alone (`batch_moments`) and `normalize`.
+        """
         shape, out_dtype = x.shape, self.output_dtype(x.dtype)
         x, mask, channel_axis = drop_unit_axes(x, mask, channel_axis)
-        axes = tuple(i for i in range(x.ndim) if i != channel_axis)
         self._check_axes_bound()
         if x.size == 0:
             # Nothing to take statistics over: as under vmap with an empty batch,
             # an empty output and the running averages as they are.
             return jnp.zeros(shape, out_dtype), None
         replicas = self._replicas()
+        virtual = self._virtual_batches(shape[0], replicas)
         if self.unbiased_running_var and mask is None and not pooled:
-            if replicas * math.prod(x.shape[a] for a in axes) == 1:
+            per_batch = replicas * x.size // x.shape[channel_axis]
+            if per_batch // (virtual or 1) == 1:
                 raise ValueError(
                     "BatchNorm(unbiased_running_var=True): expected more than 1 "
-                    f"value per channel in training, got x of shape {shape} (as "
-                    "PyTorch, the unbiased variance of one element is undefined). "
-                    "Train on a larger batch, or use inference mode."
+                    f"value per channel in training, got x of shape {shape}"
+                    + ("" if virtual is None else " in virtual batches of one")
+                    + " (as PyTorch, the unbiased variance of one element is "
+                    "undefined). Train on a larger batch, or use inference mode."
                 )
+        scale, bias = self.scale, self.bias
+        if virtual is not None:
+            # The statistics are tables, one row per virtual batch; the
+            # parameters are given as one row.
+            scale, bias = (None if p is None else p[None] for p in (scale, bias))
+            if self.axis_name is None:
+                # tf_keras's (size, virtual, ...): example i in virtual batch
+                # i % virtual, which keeps its own axis, beside the channels.
+                x, mask, channel_axis = _split_batch(x, mask, channel_axis, virtual)
+            else:
+                replicas //= virtual  # the members of one virtual batch
+        axes = tuple(
+            i
+            for i in range(x.ndim)
+            if i != channel_axis and not (virtual and self.axis_name is None and i == 1)
+        )
         reduction = dict(
             axes=axes,
             axis_name=self.axis_name,
@@ -785,24 +1062,23 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 y, stats = train_normalize(
                     x,
                     mask,
-                    self.scale,
-                    self.bias,
+                    scale,
+                    bias,
                     eps=self.eps,
                     out_dtype=out_dtype,
+                    virtual_batches=virtual,
+                    renorm=renorm,
                     **reduction,
                 )
+                if virtual is not None:
+                    stats = pool_virtual_batches(stats)
             else:
                 # The whole batch's statistics, given: this micro-batch's are
-                # only pooled.
+                # only pooled (no virtual batches or renorm: `start_pooling`
+                # refuses those layers).
                 stats = batch_moments(x, mask, **reduction)
                 y = normalize(
-                    x,
-                    *normalize_with,
-                    self.scale,
-                    self.bias,
-                    self.eps,
-                    out_dtype,
-                    axes,
+                    x, *normalize_with, scale, bias, self.eps, out_dtype, axes
                 )
         except (NotImplementedError, AssertionError, ValueError) as err:
             ours = self._collective_error(err)
@@ -811,11 +1087,31 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise ours from err
         return jnp.reshape(y, shape), stats
 
+    def _updated(self, running: tuple, stats: Moments) -> tuple:
+        """The State entry after a training step whose batch had `stats`: the
+        update of the layer's kind of entry (`entry_kind`)."""
+        unbiased = self.unbiased_running_var
+        if self.renorm:
+            return RenormStats(
+                *renorm_running_average(
+                    running,
+                    stats,
+                    self.momentum,
+                    self.renorm_momentum,
+                    self.eps,
+                    unbiased,
+                )
+            )
+        if self.momentum is None:
+            return CumulativeStats(*cumulative_average(running, stats, unbiased))
+        return RunningStats(*running_average(running, stats, self.momentum, unbiased))
+
     def _train_with_moments(
         self, x: Array | np.ndarray, mask: Array | np.ndarray | None = None
     ) -> tuple[Array, Moments | None]:
         """A training call without the State: the output and the batch's statistics
-        (`None` for an empty `x`), for `eqx_bn.recalibrate` to accumulate."""
+        (`None` for an empty `x`), for `eqx_bn.recalibrate` to accumulate (which
+        refuses renorm layers: their output needs the State)."""
         return self._train(*self._checked_input(x, mask))
 
     def _finish_pooling(self, entry: Pooling) -> RunningStats | CumulativeStats:
@@ -824,16 +1120,33 @@ class BatchNorm(eqx.nn.StatefulLayer):
         the layer saw; none if it saw nothing (it ran in inference mode)."""
         count, mean, m2 = entry.pooled
         stats = Moments(mean, m2 / jnp.maximum(count, 1.0), count)
-        running = entry.running
+        new = self._updated(entry.running, stats)
         if self.momentum is not None:
-            return RunningStats(
-                *running_average(
-                    running, stats, self.momentum, self.unbiased_running_var
-                )
-            )
-        new = cumulative_average(running, stats, self.unbiased_running_var)
+            return new  # a channel that saw nothing keeps its statistics
         seen = jnp.any(count > 0)
-        return CumulativeStats(*(jnp.where(seen, a, b) for a, b in zip(new, running)))
+        return CumulativeStats(
+            *(jnp.where(seen, a, b) for a, b in zip(new, entry.running))
+        )
+
+    def _virtual_batches(self, batch: int, replicas: int) -> int | None:
+        """How many virtual batches this training call has (Ghost BatchNorm), or
+        None for one, the whole batch: no `virtual_batch_size`, or one as large
+        as the batch. `batch`: `x`'s first axis, the batch with `axis_name=None`."""
+        size = self.virtual_batch_size
+        if size is None:
+            return None
+        if self.axis_name is None:
+            where = f"x's batch axis ({batch} examples)"
+        else:
+            batch = replicas
+            where = f"the named axes {self.axis_name!r} ({batch} examples)"
+        if batch % size:
+            raise ValueError(
+                f"BatchNorm(virtual_batch_size={size}): {where} must be a multiple "
+                "of the virtual batch size, as in tf_keras. Train on a batch size "
+                f"divisible by {size}, or choose another virtual_batch_size."
+            )
+        return None if batch == size else batch // size
 
     def _collective_error(self, err: Exception) -> ValueError | None:
         """Our error for a collective that JAX does not support; None for others."""

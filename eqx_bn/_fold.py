@@ -146,7 +146,7 @@ def _fold_pair(
             "of that dtype or narrower, or dtype= the layer's own)."
         )
     running = get_running(state, bn.state_index)
-    check_running(running, bn.input_size, bn.running_dtype, bn.momentum is None)
+    check_running(running, bn.input_size, bn.running_dtype, bn.entry_kind)
     # Folded in float32 (or wider) whatever the parameters' dtype, rounded once.
     dtype = promote(weight_dtype, running.mean.dtype, jnp.float32)
     mul = jax.lax.rsqrt(running.var.astype(dtype) + jnp.asarray(bn.eps, dtype))

@@ -19,6 +19,10 @@ fusions that XLA makes: every full-size expression feeds exactly one reduction (
 `_copies`), so that each reduction reads its inputs once and nothing full-size is
 written.
 
+**Variants.** Ghost BatchNorm's virtual batches (`virtual_batches`) and Batch
+Renormalization's correction (`renorm`) are options of the same training path: see
+`_virtual_batch_sums` and `_renormalised`.
+
 **Derivative.** The training path is a `jax.custom_jvp` whose tangent is the
 closed-form BatchNorm derivative. Reverse mode transposes it, which gives the
 familiar analytic gradient (two per-channel reductions over `g` and `g * x_hat`)
@@ -88,8 +92,15 @@ def drop_unit_axes(
     return jnp.squeeze(x, unit), mask, channel_axis
 
 
-def _expand(v: Array, axes: tuple[int, ...]) -> Array:
-    """A per-channel vector, broadcastable against the layout of `x`."""
+def _expand(v: Array, axes: tuple[int, ...], row: Array | None = None) -> Array:
+    """A per-channel vector, broadcastable against the layout of `x`.
+
+    With `row` (strided virtual batches over named axes), `v` is a table with one
+    row per virtual batch (a parameter: one row for all), and this member's row
+    is taken first.
+    """
+    if row is not None:
+        v = v[row] if v.shape[0] > 1 else v[0]
     return jnp.expand_dims(v, axes) if axes else v
 
 
@@ -149,11 +160,85 @@ class Moments(NamedTuple):
     count: Array | float
 
 
-def _psum(values, axis_name: AxisName | None, groups: Groups):
-    """`values` summed over the named axes (as they are, with none)."""
+class Renorm(NamedTuple):
+    """What Batch Renormalization's correction is measured against: the renorm
+    moving mean and standard deviation before this step, and the clipping bounds
+    (scalars; no bound is `rmin = 0`, `rmax = dmax = inf`). All arrays, so that
+    new values (a schedule) need no new trace."""
+
+    mean: Array
+    stddev: Array
+    rmin: Array
+    rmax: Array
+    dmax: Array
+
+
+def _psum(
+    values, axis_name: AxisName | None, groups: Groups, virtual: int | None = None
+):
+    """`values` summed over the named axes (as they are, with none); with
+    `virtual` strided virtual batches, summed per virtual batch into tables
+    (`_virtual_batch_sums`)."""
     if axis_name is None:
         return values
+    if virtual is not None:
+        return _virtual_batch_sums(values, axis_name, groups, virtual)
     return lax.psum(values, axis_name, axis_index_groups=groups)
+
+
+def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _member_index(axis_name: AxisName, groups: Groups) -> Array:
+    """This member's index along the named axes (row-major over a tuple of names,
+    as `jax.lax.axis_index` numbers it), within its group with `groups`."""
+    index = lax.axis_index(axis_name)
+    if groups is None:
+        return index
+    position = np.zeros(sum(map(len, groups)), np.int32)
+    for group in groups:
+        position[list(group)] = np.arange(len(group))
+    return jnp.asarray(position)[index]
+
+
+def virtual_batch_row(axis_name: AxisName, groups: Groups, virtual: int) -> Array:
+    """The strided virtual batch of this member: member `i` joins virtual batch
+    `i % virtual`, as tf_keras reshapes a batch to `(size, virtual, ...)`."""
+    return _member_index(axis_name, groups) % virtual
+
+
+def _virtual_batch_sums(values, axis_name: AxisName, groups: Groups, virtual: int):
+    """Per strided virtual batch, the sums of `values` over its members: tables
+    with one row per virtual batch, the same on every member, which takes its own
+    row where they meet `x` (`_expand`). The statistics stay tables until then, so
+    that under `vmap` they are computed once, not once per example.
+
+    Over `jax.vmap` axes alone, the members' values are gathered (under `vmap`,
+    that is the batched array itself: no copy) and the rows of each virtual batch
+    summed, as cheap as a `psum`. Over device axes (pmap, shard_map), each member
+    puts its values into its virtual batch's row of a table of zeros and one
+    `psum` adds the tables up: one all-reduce of `virtual` times the size.
+    """
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    names = _names(axis_name)
+    if not any(name in manual for name in names):
+
+        def table(v: Array) -> Array:
+            every = v
+            for name in reversed(names):  # row-major, as axis_index numbers them
+                every = lax.all_gather(every, name)
+            every = jnp.reshape(every, (-1, virtual) + v.shape)
+            return jnp.sum(every, axis=0)
+
+        return jax.tree.map(table, values)
+    rows = jnp.arange(virtual) == virtual_batch_row(axis_name, groups, virtual)
+
+    def spread(v: Array) -> Array:
+        hot = jnp.reshape(rows, rows.shape + (1,) * v.ndim)
+        return jnp.where(hot, v[None], jnp.zeros_like(v)[None])
+
+    return lax.psum(jax.tree.map(spread, values), axis_name, axis_index_groups=groups)
 
 
 def _masked_sum(v: Array, mask: Array | None, axes: tuple[int, ...]) -> Array:
@@ -181,9 +266,10 @@ def _sums(
     axis_name: AxisName | None,
     groups: Groups,
     isolate: bool,
+    virtual: int | None = None,
 ) -> tuple[Array, ...]:
     """Sums each of `values` over the local `axes`, then all of them over the named
-    axes.
+    axes (per virtual batch with `virtual`).
 
     `mask` (broadcastable to the values) selects the elements that count. The
     partial sums go to one `psum` as a tuple: across devices that is one
@@ -196,7 +282,7 @@ def _sums(
         (None,) * len(values) if mask is None else _copies(mask, len(values), isolate)
     )
     local = tuple(_masked_sum(v, m, axes) for v, m in zip(values, masks))
-    return tuple(_psum(local, axis_name, groups))
+    return tuple(_psum(local, axis_name, groups, virtual))
 
 
 def _first_position(v: Array, axes: tuple[int, ...]) -> Array:
@@ -229,6 +315,7 @@ def _shift(
     groups: Groups,
     replicas: int,
     dtype: np.dtype,
+    virtual: int | None = None,
 ) -> Array:
     """A per-channel value inside the data, the same on every member of the reduction.
 
@@ -236,16 +323,17 @@ def _shift(
     |mean| >> std: it is the (masked) average of each member's first element, in
     `dtype`. Only the first elements are converted, so that the conversion of `x`
     itself stays fused into the reduction that reads it. Without a mask every
-    member contributes one element: the average divides by `replicas`.
+    member contributes one element: the average divides by `replicas` (the
+    members of one virtual batch, with `virtual`).
     """
     first = _first_position(x, axes).astype(dtype)
     if mask is None:
         if axis_name is not None:
-            first = _psum(first, axis_name, groups) / replicas
+            first = _psum(first, axis_name, groups, virtual) / replicas
         return lax.stop_gradient(first)
     weight = _first_position(jnp.broadcast_to(mask, x.shape), axes).astype(dtype)
     first = lax.select(weight > 0, first, jnp.zeros_like(first))
-    first, weight = _psum((first, weight), axis_name, groups)
+    first, weight = _psum((first, weight), axis_name, groups, virtual)
     return lax.stop_gradient(first / jnp.maximum(weight, 1.0))
 
 
@@ -255,8 +343,11 @@ def _masked_count(
     axes: tuple[int, ...],
     axis_name: AxisName | None,
     groups: Groups,
+    virtual: int | None = None,
 ) -> Array:
-    """Number of elements per channel that `mask` keeps, in `x`'s dtype.
+    """Number of elements per channel that `mask` keeps, in `x`'s dtype: shaped as
+    the axes not in `axes` (the channels; under virtual batches of a whole batch,
+    the virtual batches and the channels).
 
     Along the axes where the mask does not vary, the count is a product of sizes
     rather than a sum over the broadcast mask, which would cost a pass over `x`.
@@ -267,9 +358,9 @@ def _masked_count(
     count = jnp.sum(m.astype(x.dtype), axis=varying, keepdims=True)
     if repeats != 1:
         count = count * repeats
-    channels = next(x.shape[i] for i in range(x.ndim) if i not in axes)
-    count = jnp.broadcast_to(jnp.reshape(count, (-1,)), (channels,))
-    return _psum(count, axis_name, groups)
+    kept = tuple(x.shape[i] for i in range(x.ndim) if i not in axes)
+    count = jnp.broadcast_to(jnp.squeeze(count, axes), kept)
+    return _psum(count, axis_name, groups, virtual)
 
 
 def _moments(
@@ -284,8 +375,11 @@ def _moments(
     fast_variance: bool,
     dtype: np.dtype,
     isolate: bool,
+    virtual: int | None = None,
+    row: Array | None = None,
 ) -> Moments:
-    """Mean and biased variance per channel of `x`, reduced in `dtype`.
+    """Mean and biased variance per channel of `x`, reduced in `dtype` (tables of
+    them over `virtual` strided virtual batches, this member's being `row`).
 
     `x_a` and `x_b` are `x` twice, as `_copies` gives it: each of the two
     reductions converts its own copy to `dtype`, so that a half-precision `x` is
@@ -304,24 +398,32 @@ def _moments(
         count = float(replicas * np.prod([x_a.shape[a] for a in axes]))
         denom = count
     else:
-        count = _masked_count(x_a, mask, axes, axis_name, groups)
+        count = _masked_count(x_a, mask, axes, axis_name, groups, virtual)
         denom = jnp.maximum(count, 1.0)
     if fast_variance:
-        shift = _shift(raw, mask, axes, axis_name, groups, replicas, dtype)
+        shift = _shift(raw, mask, axes, axis_name, groups, replicas, dtype, virtual)
         shift_a, shift_b = _copies(shift, 2, isolate)
-        centred_a = x_a - _expand(shift_a, axes)
-        centred_b = centred_a if shared else x_b - _expand(shift_b, axes)
+        centred_a = x_a - _expand(shift_a, axes, row)
+        centred_b = centred_a if shared else x_b - _expand(shift_b, axes, row)
         first, second = _sums(
-            (centred_a, centred_b * centred_b), mask, axes, axis_name, groups, isolate
+            (centred_a, centred_b * centred_b),
+            mask,
+            axes,
+            axis_name,
+            groups,
+            isolate,
+            virtual,
         )
         delta = first / denom
         mean = shift + delta
         var = jnp.maximum(0.0, second / denom - delta * delta)
     else:
-        (total,) = _sums((x_a,), mask, axes, axis_name, groups, isolate)
+        (total,) = _sums((x_a,), mask, axes, axis_name, groups, isolate, virtual)
         mean = total / denom
-        centred = x_b - _expand(mean, axes)
-        (squares,) = _sums((centred * centred,), mask, axes, axis_name, groups, isolate)
+        centred = x_b - _expand(mean, axes, row)
+        (squares,) = _sums(
+            (centred * centred,), mask, axes, axis_name, groups, isolate, virtual
+        )
         var = squares / denom
     return Moments(mean, var, count)
 
@@ -375,10 +477,11 @@ def _apply(
     bias: Array | None,
     axes: tuple[int, ...],
     out_dtype: np.dtype,
+    row: Array | None = None,
 ) -> Array:
     """`(x - mean) * mul + bias`, in Flax's order and dtypes."""
-    y, m = _promoted(x, _expand(mean, axes))
-    return _scale_shift(y - m, _expand(mul, axes), bias, axes, out_dtype)
+    y, m = _promoted(x, _expand(mean, axes, row))
+    return _scale_shift(y - m, _expand(mul, axes, row), bias, axes, out_dtype, row)
 
 
 def _scale_shift(
@@ -387,12 +490,13 @@ def _scale_shift(
     bias: Array | None,
     axes: tuple[int, ...],
     out_dtype: np.dtype,
+    row: Array | None = None,
 ) -> Array:
     """`centred * mul + bias`, `mul` expanded against `centred` already."""
     y, mul = _promoted(centred, mul)
     y = y * mul
     if bias is not None:
-        y, b = _promoted(y, _expand(bias, axes))
+        y, b = _promoted(y, _expand(bias, axes, row))
         y = y + b
     return y.astype(out_dtype)
 
@@ -437,6 +541,8 @@ def train_normalize(
     stat_dtype: np.dtype,
     out_dtype: np.dtype,
     isolate: bool,
+    virtual_batches: int | None = None,
+    renorm: Renorm | None = None,
 ) -> tuple[Array, Moments]:
     """Normalises `x` with its own batch statistics; returns the output and the
     statistics (exact tangents for both, so that a loss reading the updated running
@@ -450,19 +556,34 @@ def train_normalize(
     - `axes`: every axis of `x` but the channel axis, reduced locally.
     - `axis_name`, `axis_index_groups`: the named axes (and groups along them)
         reduced afterwards, as `jax.lax.psum` takes them; `axis_name=None` for none.
-    - `replicas`: how many members the named axes reduce together (1 with none):
-        `x.size / channels * replicas` elements per channel without a mask.
+    - `replicas`: how many members the named axes reduce together into one
+        statistic (1 with none; the members of one virtual batch with
+        `virtual_batches` over named axes): `x.size / channels * replicas`
+        elements per channel without a mask.
     - `eps`: added to the variance.
     - `fast_variance`: one shifted pass (see `_moments`) instead of two.
     - `stat_dtype`: the dtype in which the statistics are reduced.
     - `out_dtype`: the dtype of the output.
     - `isolate`: give each full-size pass its own copy of its inputs
         (`isolates_passes`).
+    - `virtual_batches`: Ghost BatchNorm's virtual batches; the statistics are
+        then tables, one row per virtual batch, and `scale` and `bias` are given
+        as one row, `(1, channels)`. With `axis_name`, the members of the named
+        axes are split in that many strided virtual batches (`virtual_batch_row`);
+        without, `x` holds them along the axis before the channels (the layer
+        reshapes a whole batch to `(size, virtual_batches, ...)`, as tf_keras).
+    - `renorm`: Batch Renormalization's correction (`_renormalised`), or None.
 
     **Returns:**
 
     `(y, Moments(mean, var, count))`.
     """
+    virtual = virtual_batches if axis_name is not None else None
+    row = (
+        None
+        if virtual is None
+        else virtual_batch_row(axis_name, axis_index_groups, virtual)
+    )
 
     def moments(x_a: Array, x_b: Array, mask: Array | None) -> Moments:
         return _moments(
@@ -476,6 +597,8 @@ def train_normalize(
             fast_variance=fast_variance,
             dtype=stat_dtype,
             isolate=isolate,
+            virtual=virtual,
+            row=row,
         )
 
     def counted(stats: Moments) -> Array | None:
@@ -483,10 +606,14 @@ def train_normalize(
         return stats.count if mask is not None else None
 
     @jax.custom_jvp
-    def fused(x, mask, scale, bias):
+    def fused(x, mask, scale, bias, renorm):
         stats = moments(*_copies(x, 2, isolate), mask)
+        if renorm is not None:
+            scale, bias = _renormalised(
+                stats, renorm, eps, virtual_batches, scale, bias
+            )
         mul = _multiplier(stats.var, scale, eps)
-        y = _apply(x, stats.mean, mul, bias, axes, out_dtype)
+        y = _apply(x, stats.mean, mul, bias, axes, out_dtype, row)
         return y, stats.mean, stats.var, counted(stats)
 
     @fused.defjvp
@@ -506,10 +633,16 @@ def train_normalize(
         and each use of `x` and `mean` has its own copy (`_copies`), so no
         full-size intermediate is written between the passes.
         """
-        x, mask, scale, bias = primals
-        dx, _, dscale, dbias = tangents
+        x, mask, scale, bias, renorm = primals
+        dx, _, dscale, dbias, _ = tangents
         x_a, x_b, x_sums, x_out = _copies(x, 4, isolate)
         stats = moments(x_a, x_b, mask)
+        if renorm is not None:
+            # r and d are constants: scale' = r scale and bias' = d scale + bias
+            # have the tangents r dscale and d dscale + dbias.
+            scale, bias, dscale, dbias = _renormalised(
+                stats, renorm, eps, virtual_batches, scale, bias, (dscale, dbias)
+            )
         inv = lax.rsqrt(stats.var + eps)
         mul = inv
         if scale is not None:
@@ -518,20 +651,26 @@ def train_normalize(
         # The output and the tangent share what XLA would merge anyway: the
         # broadcast multiplier, and without isolation `x - mean` where it is
         # computed in the same dtype.
-        mul_b = _expand(mul, axes)
+        mul_b = _expand(mul, axes, row)
         mean_sums, mean_out = _copies(stats.mean, 2, isolate)
-        centred = x_sums.astype(stat_dtype) - _expand(mean_sums, axes)
+        centred = x_sums.astype(stat_dtype) - _expand(mean_sums, axes, row)
         if not isolate and promote(x.dtype, stat_dtype) == stat_dtype:
             centred_y = centred
         else:
-            centred_y, mean_y = _promoted(x, _expand(stats.mean, axes))
+            centred_y, mean_y = _promoted(x, _expand(stats.mean, axes, row))
             centred_y = centred_y - mean_y
-        y = _scale_shift(centred_y, mul_b, bias, axes, out_dtype)
+        y = _scale_shift(centred_y, mul_b, bias, axes, out_dtype, row)
 
         dxs = dx.astype(stat_dtype)
         denom = stats.count if mask is None else jnp.maximum(stats.count, 1.0)
         sum_dx, sum_centred_dx = _sums(
-            (dxs, centred * dxs), mask, axes, axis_name, axis_index_groups, isolate
+            (dxs, centred * dxs),
+            mask,
+            axes,
+            axis_name,
+            axis_index_groups,
+            isolate,
+            virtual,
         )
         dmean = sum_dx / denom
         dvar = 2 * sum_centred_dx / denom
@@ -549,11 +688,11 @@ def train_normalize(
             offset = offset + db
         dy, mul_b = _promoted(dxs, mul_b)
         dy = dy * mul_b
-        dy, offset_b = _promoted(dy, _expand(offset, axes))
+        dy, offset_b = _promoted(dy, _expand(offset, axes, row))
         dy = dy + offset_b
-        dy, dmul_b = _promoted(dy, _expand(dmul, axes))
+        dy, dmul_b = _promoted(dy, _expand(dmul, axes, row))
         if isolate:
-            centred = x_out.astype(stat_dtype) - _expand(mean_out, axes)
+            centred = x_out.astype(stat_dtype) - _expand(mean_out, axes, row)
         dy = dy + centred.astype(dy.dtype) * dmul_b
         count = counted(stats)
         dcount = None if count is None else jnp.zeros_like(count)
@@ -564,7 +703,7 @@ def train_normalize(
             dcount,
         )
 
-    y, mean, var, count = fused(x, mask, scale, bias)
+    y, mean, var, count = fused(x, mask, scale, bias, renorm)
     if count is None:
         local = np.prod([x.shape[a] for a in axes])
         count = float(replicas * local)
@@ -595,6 +734,14 @@ def _batch_values(stats: Moments, unbiased: bool) -> tuple[Array, Array, Array, 
     return stats.mean, ok, batch_var, var_ok
 
 
+def _moving(previous: Array, batch: Array, keep: Array, momentum: float) -> Array:
+    """`momentum * previous + (1 - momentum) * batch` where `keep`, else `previous`."""
+    decayed = momentum * previous
+    # Standard promotion happens at the sum, as in Flax's expression.
+    avg = decayed + ((1 - momentum) * batch).astype(decayed.dtype)
+    return lax.select(keep, avg, previous).astype(previous.dtype)
+
+
 def running_average(
     old: tuple[Array, Array], stats: Moments, momentum: float, unbiased: bool
 ) -> tuple[Array, Array]:
@@ -608,13 +755,7 @@ def running_average(
     `unbiased`, the variance averaged in is PyTorch's (see `_batch_values`).
     """
     mean, ok, var, var_ok = _batch_values(stats, unbiased)
-    new = []
-    for previous, batch, keep in ((old[0], mean, ok), (old[1], var, var_ok)):
-        decayed = momentum * previous
-        # Standard promotion happens at the sum, as in Flax's expression.
-        avg = decayed + ((1 - momentum) * batch).astype(decayed.dtype)
-        new.append(lax.select(keep, avg, previous).astype(previous.dtype))
-    return new[0], new[1]
+    return _moving(old[0], mean, ok, momentum), _moving(old[1], var, var_ok, momentum)
 
 
 def cumulative_average(
@@ -663,4 +804,131 @@ def merge_moments(
     return tuple(
         lax.select(ok, new, old)
         for new, old in ((count, count_a), (mean, mean_a), (m2, m2_a))
+    )
+
+
+# ------------------------------------------------------------ Ghost BatchNorm
+
+
+def pool_virtual_batches(stats: Moments) -> Moments:
+    """The batch's statistics from the tables of its virtual batches' (one row
+    each), as tf_keras updates its moving statistics under `virtual_batch_size`.
+
+    The mean of every valid element; the *within*-virtual-batch variance
+    `sum_g n_g var_g / n` (the spread between the virtual batches is left out; with
+    equal counts, tf_keras's mean of the virtual batches' variances); and as
+    `count` the valid elements per virtual batch that holds any, `n / k`, so that
+    the unbiased variance, `count / (count - 1)` times it, is the pooled
+    `sum_g n_g var_g / (n - k)`: with equal counts, the mean of the virtual
+    batches' unbiased variances.
+    """
+    if isinstance(stats.count, float):  # no mask: every virtual batch is as full
+        return Moments(jnp.mean(stats.mean, 0), jnp.mean(stats.var, 0), stats.count)
+    n = stats.count
+    total, m2, count, holding = (
+        jnp.sum(v, axis=0)
+        for v in (n * stats.mean, n * stats.var, n, (n > 0).astype(n.dtype))
+    )
+    denom = jnp.maximum(count, 1.0)
+    return Moments(total / denom, m2 / denom, count / jnp.maximum(holding, 1.0))
+
+
+# ------------------------------------------------------ Batch Renormalization
+
+
+def renorm_correction(
+    mean: Array, var: Array, renorm: Renorm, eps: float
+) -> tuple[Array, Array]:
+    """Keras's `r` and `d` for a batch's `mean` and biased `var`, clipped, without
+    gradient: `r = sqrt(var + eps) / s`, `d = (mean - renorm.mean) / s` with
+    `s = max(renorm.stddev, sqrt(eps))`; then `r = min(max(r, rmin), rmax)` and
+    `d = clip(d, -dmax, dmax)`, in Keras's order."""
+    dtype = mean.dtype
+    eps = jnp.asarray(eps, dtype)
+    s = jnp.maximum(renorm.stddev.astype(dtype), jnp.sqrt(eps))
+    r = jnp.sqrt(var + eps) / s
+    d = (mean - renorm.mean.astype(dtype)) / s
+    r = jnp.minimum(
+        jnp.maximum(r, renorm.rmin.astype(dtype)), renorm.rmax.astype(dtype)
+    )
+    dmax = renorm.dmax.astype(dtype)
+    return lax.stop_gradient(r), lax.stop_gradient(jnp.clip(d, -dmax, dmax))
+
+
+def _renormalised(
+    stats: Moments,
+    renorm: Renorm,
+    eps: float,
+    virtual_batches: int | None,
+    scale: Array | None,
+    bias: Array | None,
+    tangents: tuple[Array | None, Array | None] | None = None,
+) -> tuple[Array, ...]:
+    """`(x_hat * r + d) * scale + bias` as one affine map of `x_hat`: Keras's
+    `scale' = r scale` and `bias' = d scale + bias` (`r` and `d + bias` without a
+    scale). Under virtual batches `r` and `d` come from the pooled statistics, as
+    tf_keras's, one per channel for every virtual batch.
+
+    Returns `(scale', bias')`; given `tangents = (dscale, dbias)` of `scale` and
+    `bias`, also theirs: `r` and `d` have none, so `(r dscale, d dscale + dbias)`.
+    """
+    if virtual_batches is not None:
+        stats = pool_virtual_batches(stats)
+    r, d = renorm_correction(stats.mean, stats.var, renorm, eps)
+    if virtual_batches is not None:  # one row, as the parameters are given then
+        r, d = r[None], d[None]
+
+    def corrected(s: Array, b: Array | None) -> tuple[Array, Array]:
+        """`(r s, d s + b)`: linear in `(s, b)`, so it maps tangents too."""
+        r_s, s = _promoted(r, s)
+        new_s, new_b = r_s * s, d.astype(r_s.dtype) * s
+        if b is not None:
+            new_b, b = _promoted(new_b, b)
+            new_b = new_b + b
+        return new_s, new_b
+
+    def shifted(b: Array | None, base: Array) -> Array:
+        if b is None:
+            return base
+        base, b = _promoted(base, b)
+        return base + b
+
+    if scale is None:
+        out = (r, shifted(bias, d))
+    else:
+        out = corrected(scale, bias)
+    if tangents is None:
+        return out
+    dscale, dbias = tangents
+    if scale is None:
+        return out + (jnp.zeros_like(r), shifted(dbias, jnp.zeros_like(d)))
+    return out + corrected(dscale, dbias)
+
+
+def renorm_running_average(
+    old: tuple[Array, Array, Array, Array, Array],
+    stats: Moments,
+    momentum: float,
+    renorm_momentum: float,
+    eps: float,
+    unbiased: bool,
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Keras's update of Batch Renormalization's statistics `old = (mean, var,
+    stddev, renorm_mean, renorm_stddev)` from a batch's (`KBN.py:549-586`): the
+    renorm ones follow `renorm_momentum`, the inference ones `momentum`, with
+    `stddev = sqrt(var + eps)` averaged and `var = max(stddev^2 - eps, 0)`
+    derived from it. Channels without valid statistics keep theirs, as in
+    `running_average`; with `unbiased` the inference statistics follow the unbiased
+    variance (the renorm ones stay with the biased variance that normalises the
+    batch).
+    """
+    mean, ok, var, var_ok = _batch_values(stats, unbiased)
+    stddev = _moving(old[2], jnp.sqrt(var + eps), var_ok, momentum)
+    derived = jnp.maximum(stddev * stddev - eps, 0.0)
+    return (
+        _moving(old[0], mean, ok, momentum),
+        lax.select(var_ok, derived, old[1]).astype(old[1].dtype),
+        stddev,
+        _moving(old[3], mean, ok, renorm_momentum),
+        _moving(old[4], jnp.sqrt(stats.var + eps), ok, renorm_momentum),
     )

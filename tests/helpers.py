@@ -91,3 +91,29 @@ def apply_channels_first(layer, x):
 def apply_tokens(layer, x):
     """A per-token Equinox layer (Embedding) over `(batch, tokens)`."""
     return jax.vmap(jax.vmap(layer))(x)
+
+
+def assert_as_accurate(ours, refs, key, factor=4, library="the reference"):
+    """`ours` is as close to the float64 reference `refs[key]` as float32 rounding
+    allows: `factor` times the reference library's own float32 error (`err/`), the
+    effect of rounding every layer's output and gradient (`round/`), and epsilons of
+    the terms summed to make each element (`terms/`, else the result's own size).
+
+    The keys follow `tests/data/REFERENCES.md`: `scope/name` holds the float64
+    result rounded to float32, `scope/err/name` the library's float32 error (in
+    files written without a scope, such as `cma.npz`, `err/scope/name`).
+    """
+    scope, _, name = key.partition("/")
+    ref = np.asarray(refs[key], np.float64)
+    ours = np.asarray(ours, np.float64)
+    assert ours.shape == ref.shape, (key, ours.shape, ref.shape)
+    scoped = f"{scope}/err/{name}"
+    err = float(refs[scoped if scoped in refs else f"err/{key}"])
+    spread = float(refs.get(f"{scope}/round/{name}", 0.0))
+    size = float(refs.get(f"{scope}/terms/{name}", np.max(np.abs(ref), initial=0.0)))
+    tol = factor * (max(err, spread) + np.finfo(np.float32).eps * size)
+    worst = float(np.max(np.abs(ours - ref), initial=0.0))
+    assert worst <= tol, (
+        f"{key}: off by {worst:.3g}; allowed {tol:.3g} ({library} float32 off by "
+        f"{err:.3g}, rounding moves it by {spread:.3g}, terms of size {size:.3g})"
+    )

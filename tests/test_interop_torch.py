@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import assert_as_accurate as assert_within_rounding
 
 import eqx_bn
 from eqx_bn.interop import (
@@ -56,27 +57,8 @@ NETS = {"basic": ("basic", 2), "bottleneck": ("bottleneck", 1)}
 
 
 def assert_as_accurate(ours, refs, key):
-    """`ours` is as close to the float64 reference `refs[key]` as float32 rounding
-    allows: a few times PyTorch's own float32 error (`err/`), the effect of
-    rounding every layer's output and gradient (`round/`), and epsilons of the
-    terms summed to make each element (`terms/`, else the result's own size).
-
-    The error of `scope/name` is `scope/err/name` (`make_torch_reference.py`,
-    `cma.npz`) or, in files written without a scope, `err/scope/name`."""
-    scope, _, name = key.partition("/")
-    ref = np.asarray(refs[key], np.float64)
-    ours = np.asarray(ours, np.float64)
-    assert ours.shape == ref.shape, key
-    scoped = f"{scope}/err/{name}"
-    err = float(refs[scoped if scoped in refs else f"err/{key}"])
-    spread = float(refs.get(f"{scope}/round/{name}", 0.0))
-    size = float(refs.get(f"{scope}/terms/{name}", np.max(np.abs(ref), initial=0.0)))
-    tol = FACTOR * (max(err, spread) + np.finfo(np.float32).eps * size)
-    worst = float(np.max(np.abs(ours - ref), initial=0.0))
-    assert worst <= tol, (
-        f"{key}: off by {worst:.3g}; allowed {tol:.3g} (PyTorch float32 off by "
-        f"{err:.3g}, rounding moves it by {spread:.3g}, terms of size {size:.3g})"
-    )
+    """`helpers.assert_as_accurate` with PyTorch as the reference library."""
+    assert_within_rounding(ours, refs, key, FACTOR, "PyTorch")
 
 
 # ----------------------------------------------------------------- BatchNorm numerics

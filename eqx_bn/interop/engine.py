@@ -106,8 +106,9 @@ class Entry:
         where the naming has none (`("layer1", "0", "bn1", "running_var")`).
     - `model_path`: the path in the model of the leaf or, when `state_field` is
         set, of the layer's `state_index`.
-    - `state_field`: `"mean"`/`"var"` (`"num_batches"`) for a leaf of the layer's
-        `RunningStats` (`CumulativeStats`) in the State.
+    - `state_field`: for a leaf in the State, its field in the layer's entry:
+        `"mean"`/`"var"` of any kind, a `CumulativeStats`' `"num_batches"`, a
+        `RenormStats`' `"stddev"`, `"renorm_mean"` or `"renorm_stddev"`.
     - `layout`: how the array is re-laid between the two sides.
     """
 
@@ -285,7 +286,14 @@ class _Walker:
 
     def named_module(self, node, path, own):
         rule = rule_for(node, self.naming.rules)
-        if rule is not None:
+        refused = None if rule is None or rule.refuse is None else rule.refuse(node)
+        if refused is not None:
+            where = self.naming.separator.join(own) or "the root"
+            self.problems.append(
+                f"model{keystr(path)}: {refused} ({self.naming.framework} scope "
+                f"{where})."
+            )
+        elif rule is not None:
             self.layer(node, rule.slots(node), path, own)
         elif is_unsupported_layer(node):
             hint = UNSUPPORTED_HINTS.get(

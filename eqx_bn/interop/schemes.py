@@ -5,9 +5,10 @@ A scheme (`Naming`) says how the framework names a model's variables (automatic
 `Kind_n` names or attribute names, collections, separators) and, through its rule
 table, what each known layer kind holds there: one `Slot` per variable, saying
 where the value lives on the Equinox side (a field of the layer, or a field of its
-`RunningStats` / `CumulativeStats` in the `State`) and how the array is re-laid
-(`Layout`) between the two sides. The engine (`engine.py`) walks a model with a
-scheme; nothing here walks anything, and the layouts work on numpy arrays alone.
+`RunningStats`, `CumulativeStats` or `RenormStats` in the `State`) and how the
+array is re-laid (`Layout`) between the two sides. The engine (`engine.py`) walks a
+model with a scheme; nothing here walks anything, and the layouts work on numpy
+arrays alone.
 """
 
 import dataclasses
@@ -108,8 +109,8 @@ class Slot:
         framework has no collections (NNX, PyTorch).
     - `name`: the variable's name inside the layer's scope (`"kernel"`).
     - `field`: the attribute of the layer holding it (`"weight"`), or, when
-        `in_state`, the field of the layer's State entry (`"mean"`, or a
-        `CumulativeStats`' `"num_batches"`).
+        `in_state`, the field of the layer's State entry (`"mean"`, a
+        `CumulativeStats`' `"num_batches"`, a `RenormStats`' `"stddev"`).
     - `layout`: how the array is re-laid between the two sides.
     - `in_state`: whether the value lives in the `State` under `layer.state_index`.
     """
@@ -124,11 +125,52 @@ class Slot:
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """A layer kind: the Equinox class, the other framework's class name (which
-    Flax linen's automatic names use), and its slots."""
+    Flax linen's automatic names use), and its slots; `refuse`, if given, says why
+    the framework cannot hold a layer of this kind as configured (None: it can)."""
 
     eqx_type: type
     kind: str
     slots: Callable[[eqx.Module], list[Slot]]
+    refuse: Callable[[eqx.Module], str | None] | None = None
+
+
+_RENORM_STATISTICS = (
+    ("stddev", "stddev"),
+    ("renorm_mean", "renorm_mean"),
+    ("renorm_stddev", "renorm_stddev"),
+)
+"""What a `BatchNorm(renorm=True)` holds besides `mean` and `var` (Keras's
+`moving_stddev`, `renorm_mean`, `renorm_stddev`), named as eqx_bn names them: Flax
+has no Batch Renormalization, so these names are eqx_bn's own."""
+
+
+def _with_renorm(
+    slots: Callable[[eqx.Module], list[Slot]], collection: str | None
+) -> Callable[[eqx.Module], list[Slot]]:
+    """A BatchNorm rule's slots, and a renorm layer's three more statistics."""
+
+    def with_renorm(layer: BatchNorm) -> list[Slot]:
+        found = slots(layer)
+        if layer.renorm:
+            found += [
+                Slot(collection, name, field, IDENTITY, in_state=True)
+                for name, field in _RENORM_STATISTICS
+            ]
+        return found
+
+    return with_renorm
+
+
+def _torch_refuses(layer: BatchNorm) -> str | None:
+    if not layer.renorm:
+        return None
+    return (
+        "BatchNorm with renorm=True: PyTorch's BatchNorm has no Batch "
+        "Renormalization, and no buffers for its statistics (stddev, renorm_mean, "
+        "renorm_stddev). Save the model with the Flax formats or Orbax instead, or, "
+        "for inference in PyTorch, map a renorm=False twin of the model with the "
+        "same mean and var: inference uses only those"
+    )
 
 
 def _slots(
@@ -218,10 +260,13 @@ LINEN = Naming(
         Rule(
             BatchNorm,
             "BatchNorm",
-            _slots(
-                PARAMS,
-                (("scale", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
-                (("mean", "mean"), ("var", "var")),
+            _with_renorm(
+                _slots(
+                    PARAMS,
+                    (("scale", "scale", IDENTITY), ("bias", "bias", IDENTITY)),
+                    (("mean", "mean"), ("var", "var")),
+                    BATCH_STATS,
+                ),
                 BATCH_STATS,
             ),
         ),
@@ -285,6 +330,7 @@ NNX = Naming(
             rule.eqx_type,
             _NNX_KINDS.get(rule.kind, rule.kind),
             _without_collection(rule.slots),
+            rule.refuse,
         )
         for rule in LINEN.rules
     ),
@@ -325,7 +371,7 @@ TORCH = Naming(
     separator=".",
     collections=(),
     rules=(
-        Rule(BatchNorm, "BatchNorm2d", _torch_batch_norm_slots),
+        Rule(BatchNorm, "BatchNorm2d", _torch_batch_norm_slots, _torch_refuses),
         Rule(
             eqx.nn.Linear,
             "Linear",
