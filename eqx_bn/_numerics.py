@@ -173,10 +173,18 @@ class Renorm(NamedTuple):
     dmax: Array
 
 
+class Virtual(NamedTuple):
+    """Strided virtual batches over named axes: how many, and the one this member
+    is in (`virtual_batch_row`, taken once per call where the axes are bound)."""
+
+    count: int
+    row: Array
+
+
 def _psum(
-    values, axis_name: AxisName | None, groups: Groups, virtual: int | None = None
+    values, axis_name: AxisName | None, groups: Groups, virtual: Virtual | None = None
 ):
-    """`values` summed over the named axes (as they are, with none); with
+    """`values` summed over the named axes (as they are, with none); over
     `virtual` strided virtual batches, summed per virtual batch into tables
     (`_virtual_batch_sums`)."""
     if axis_name is None:
@@ -208,7 +216,25 @@ def virtual_batch_row(axis_name: AxisName, groups: Groups, virtual: int) -> Arra
     return _member_index(axis_name, groups) % virtual
 
 
-def _virtual_batch_sums(values, axis_name: AxisName, groups: Groups, virtual: int):
+def _bound(names: tuple[Hashable, ...]) -> bool:
+    """Whether JAX knows the sizes of the named axes here.
+
+    It does wherever a layer runs, except in one place: differentiating a jitted
+    function from outside (`jax.grad(jax.jit(f))`, `f` vmapping a layer), JAX (0.10)
+    traces the custom JVP rule that `vmap` batched without the vmap axis in its
+    axis environment, so that a collective that looks a size up
+    (`lax.all_gather`) raises `NameError: unbound axis name`, while a `psum` of
+    traced values still works.
+    """
+    try:
+        for name in names:
+            lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
+def _virtual_batch_sums(values, axis_name: AxisName, groups: Groups, virtual: Virtual):
     """Per strided virtual batch, the sums of `values` over its members: tables
     with one row per virtual batch, the same on every member, which takes its own
     row where they meet `x` (`_expand`). The statistics stay tables until then, so
@@ -218,21 +244,23 @@ def _virtual_batch_sums(values, axis_name: AxisName, groups: Groups, virtual: in
     that is the batched array itself: no copy) and the rows of each virtual batch
     summed, as cheap as a `psum`. Over device axes (pmap, shard_map), each member
     puts its values into its virtual batch's row of a table of zeros and one
-    `psum` adds the tables up: one all-reduce of `virtual` times the size.
+    `psum` adds the tables up: one all-reduce of `virtual.count` times the size.
+    The same sums where a vmap axis has no known size (`_bound`): correct, but
+    under `vmap` a table per example is summed, much slower than the gather.
     """
     manual = jax.sharding.get_abstract_mesh().manual_axes
     names = _names(axis_name)
-    if not any(name in manual for name in names):
+    if not any(name in manual for name in names) and _bound(names):
 
         def table(v: Array) -> Array:
             every = v
             for name in reversed(names):  # row-major, as axis_index numbers them
                 every = lax.all_gather(every, name)
-            every = jnp.reshape(every, (-1, virtual) + v.shape)
+            every = jnp.reshape(every, (-1, virtual.count) + v.shape)
             return jnp.sum(every, axis=0)
 
         return jax.tree.map(table, values)
-    rows = jnp.arange(virtual) == virtual_batch_row(axis_name, groups, virtual)
+    rows = jnp.arange(virtual.count, dtype=virtual.row.dtype) == virtual.row
 
     def spread(v: Array) -> Array:
         hot = jnp.reshape(rows, rows.shape + (1,) * v.ndim)
@@ -266,7 +294,7 @@ def _sums(
     axis_name: AxisName | None,
     groups: Groups,
     isolate: bool,
-    virtual: int | None = None,
+    virtual: Virtual | None = None,
 ) -> tuple[Array, ...]:
     """Sums each of `values` over the local `axes`, then all of them over the named
     axes (per virtual batch with `virtual`).
@@ -315,7 +343,7 @@ def _shift(
     groups: Groups,
     replicas: int,
     dtype: np.dtype,
-    virtual: int | None = None,
+    virtual: Virtual | None = None,
 ) -> Array:
     """A per-channel value inside the data, the same on every member of the reduction.
 
@@ -343,7 +371,7 @@ def _masked_count(
     axes: tuple[int, ...],
     axis_name: AxisName | None,
     groups: Groups,
-    virtual: int | None = None,
+    virtual: Virtual | None = None,
 ) -> Array:
     """Number of elements per channel that `mask` keeps, in `x`'s dtype: shaped as
     the axes not in `axes` (the channels; under virtual batches of a whole batch,
@@ -375,11 +403,10 @@ def _moments(
     fast_variance: bool,
     dtype: np.dtype,
     isolate: bool,
-    virtual: int | None = None,
-    row: Array | None = None,
+    virtual: Virtual | None = None,
 ) -> Moments:
     """Mean and biased variance per channel of `x`, reduced in `dtype` (tables of
-    them over `virtual` strided virtual batches, this member's being `row`).
+    them over `virtual` strided virtual batches).
 
     `x_a` and `x_b` are `x` twice, as `_copies` gives it: each of the two
     reductions converts its own copy to `dtype`, so that a half-precision `x` is
@@ -392,6 +419,7 @@ def _moments(
     mean 0 and variance 0 instead of Flax's NaN; the caller sees `count == 0`.
     """
     raw, shared = x_a, x_b is x_a
+    row = None if virtual is None else virtual.row
     x_a = x_a.astype(dtype)
     x_b = x_a if shared else x_b.astype(dtype)
     if mask is None:
@@ -578,14 +606,18 @@ def train_normalize(
 
     `(y, Moments(mean, var, count))`.
     """
-    virtual = virtual_batches if axis_name is not None else None
-    row = (
-        None
-        if virtual is None
-        else virtual_batch_row(axis_name, axis_index_groups, virtual)
-    )
+    row = None
+    if axis_name is not None and virtual_batches is not None:
+        # An argument of the custom JVP, not a value it closes over: its rule may
+        # be traced where the vmap of this call has gone (see `_bound`).
+        row = virtual_batch_row(axis_name, axis_index_groups, virtual_batches)
 
-    def moments(x_a: Array, x_b: Array, mask: Array | None) -> Moments:
+    def virtual_of(row: Array | None) -> Virtual | None:
+        return None if row is None else Virtual(virtual_batches, row)
+
+    def moments(
+        x_a: Array, x_b: Array, mask: Array | None, row: Array | None
+    ) -> Moments:
         return _moments(
             x_a,
             x_b,
@@ -597,8 +629,7 @@ def train_normalize(
             fast_variance=fast_variance,
             dtype=stat_dtype,
             isolate=isolate,
-            virtual=virtual,
-            row=row,
+            virtual=virtual_of(row),
         )
 
     def counted(stats: Moments) -> Array | None:
@@ -606,8 +637,8 @@ def train_normalize(
         return stats.count if mask is not None else None
 
     @jax.custom_jvp
-    def fused(x, mask, scale, bias, renorm):
-        stats = moments(*_copies(x, 2, isolate), mask)
+    def fused(x, mask, scale, bias, renorm, row):
+        stats = moments(*_copies(x, 2, isolate), mask, row)
         if renorm is not None:
             scale, bias = _renormalised(
                 stats, renorm, eps, virtual_batches, scale, bias
@@ -633,10 +664,10 @@ def train_normalize(
         and each use of `x` and `mean` has its own copy (`_copies`), so no
         full-size intermediate is written between the passes.
         """
-        x, mask, scale, bias, renorm = primals
-        dx, _, dscale, dbias, _ = tangents
+        x, mask, scale, bias, renorm, row = primals
+        dx, _, dscale, dbias, _, _ = tangents
         x_a, x_b, x_sums, x_out = _copies(x, 4, isolate)
-        stats = moments(x_a, x_b, mask)
+        stats = moments(x_a, x_b, mask, row)
         if renorm is not None:
             # r and d are constants: scale' = r scale and bias' = d scale + bias
             # have the tangents r dscale and d dscale + dbias.
@@ -670,7 +701,7 @@ def train_normalize(
             axis_name,
             axis_index_groups,
             isolate,
-            virtual,
+            virtual_of(row),
         )
         dmean = sum_dx / denom
         dvar = 2 * sum_centred_dx / denom
@@ -703,7 +734,7 @@ def train_normalize(
             dcount,
         )
 
-    y, mean, var, count = fused(x, mask, scale, bias, renorm)
+    y, mean, var, count = fused(x, mask, scale, bias, renorm, row)
     if count is None:
         local = np.prod([x.shape[a] for a in axes])
         count = float(replicas * local)
