@@ -487,6 +487,16 @@ def test_a_batch_without_data_keeps_the_statistics():
         np.testing.assert_array_equal(old, new)
 
 
+@eqx.filter_jit
+def _train_step(model, x, state):
+    """A training call of `model` on the batch `x`, jitted with the model as an
+    argument (a jitted `jax.vmap(model)` would hold the model's arrays as
+    constants, which Equinox warns about)."""
+    return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        x, state
+    )
+
+
 def test_fold_renorm_batch_norm_is_exact():
     """Inference uses moving_mean and moving_variance only, so folding a renorm
     BatchNorm into the Linear before it gives the unfolded inference outputs."""
@@ -497,11 +507,8 @@ def test_fold_renorm_batch_norm_is_exact():
         ]
     )
     x = normal((16, 4), seed=6) * 3 + 2
-    step = eqx.filter_jit(
-        jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    )
     for _ in range(3):  # statistics away from their initial values
-        _, state = step(x, state)
+        _, state = _train_step(model, x, state)
     model = eqx.nn.inference_mode(model)
     unfolded, _ = jax.vmap(model, in_axes=(0, None), out_axes=(0, None))(x, state)
     folded_model = eqx_bn.fold_batch_norms(model, state)
@@ -536,9 +543,7 @@ def _trained_renorm_model():
         ]
     )
     x = normal((8, 3), seed=7) * 2 + 1
-    _, state = eqx.filter_jit(
-        jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    )(x, state)
+    _, state = _train_step(model, x, state)
     return model, state
 
 
