@@ -38,6 +38,7 @@ from ._accumulation import (
     exact_value_and_grad,
     pooled_value_and_grad,
 )
+from ._batch_norm import RenormClipping
 from ._describe import describe, tree_differences
 from ._fold import trainable
 from ._typing import typecheck
@@ -1058,6 +1059,22 @@ class WeightAveraging(NamedTuple):
     update: Callable[[Averaged, TrainState], Averaged]
 
 
+def _latest_only(state: eqx.nn.State) -> tuple[bool, ...]:
+    """For each array of `state` (in `_split`'s order), whether an average keeps the
+    latest model's value instead of averaging it: Batch Renormalization's clipping
+    bounds ([`RenormClipping`][eqx_bn.RenormClipping]), which are settings (a
+    schedule's current values), not statistics; averaged, an infinite bound (no
+    bound) would turn into `inf - inf = NaN`."""
+    is_clipping = lambda v: isinstance(v, RenormClipping)  # noqa: E731
+    flags = [
+        flag
+        for node in jax.tree.leaves(state, is_leaf=is_clipping)
+        for flag in [is_clipping(node)] * len(jax.tree.leaves(node))
+    ]
+    leaves = jax.tree.leaves(state)
+    return tuple(flag for flag, leaf in zip(flags, leaves) if eqx.is_array(leaf))
+
+
 def _averaging(
     fold: Callable[[Array, Array, Array], Array], average_state: bool, where: str
 ) -> WeightAveraging:
@@ -1112,8 +1129,10 @@ def _averaging(
         )
         if average_state:
             states = tuple(
-                folded(a, b, avg.count)
-                for a, b in zip(avg.state_arrays, ts.state_arrays)
+                jnp.array(b, copy=True) if latest else folded(a, b, avg.count)
+                for a, b, latest in zip(
+                    avg.state_arrays, ts.state_arrays, _latest_only(ts.state)
+                )
             )
         else:
             states = tuple(jnp.array(b, copy=True) for b in ts.state_arrays)
@@ -1142,7 +1161,8 @@ def ema(decay: float, *, average_state: bool = True) -> WeightAveraging:
     array's dtype first: PyTorch's `lerp`, so that in float32 the average is
     PyTorch's to the bit. The first `update` copies the model (the average starts
     at the weights after the first step, as in PyTorch, not at those `init` saw).
-    Integer arrays (a `momentum=None` BatchNorm's batch count) are the latest
+    Integer arrays (a `momentum=None` BatchNorm's batch count) and Batch
+    Renormalization's clipping bounds (settings, not statistics) are the latest
     model's.
 
     !!! Example
