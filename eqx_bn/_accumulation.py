@@ -45,14 +45,47 @@ ValueAndGrad = Callable[
 # ------------------------------------------------------------- State entries
 
 
+def _pooling_refusal(where: str, bn: BatchNorm) -> ValueError | None:
+    """Why a training BatchNorm cannot pool micro-batches, or None: Batch
+    Renormalization and Ghost BatchNorm normalise per batch in ways that pooled
+    statistics cannot reproduce, so a step of them is refused rather than given
+    other numbers than one step on the whole batch."""
+    if bn.renorm:
+        return ValueError(
+            f"accumulate=k: BatchNorm {where} has renorm=True, which accumulated "
+            "steps do not support: Batch Renormalization corrects each batch with "
+            "r and d measured against its renorm statistics and updates those once "
+            "per batch (Keras), and neither the per-micro-batch correction nor one "
+            "update from pooled moments is that. Train it without accumulate= "
+            "(a batch that fits at once), or freeze the layer "
+            "(eqx_bn.freeze_batch_norms) for the accumulated steps."
+        )
+    if bn.virtual_batch_size is not None:
+        return ValueError(
+            f"accumulate=k: BatchNorm {where} has virtual_batch_size="
+            f"{bn.virtual_batch_size}, which accumulated steps do not support: Ghost "
+            "BatchNorm's running statistics follow each virtual batch's own "
+            "variance (tf_keras), and moments pooled over micro-batches mix the "
+            "virtual batches' spread in. Train it without accumulate= (a batch "
+            "that fits at once), or without virtual_batch_size (accumulate=k alone "
+            "normalises each micro-batch with its own statistics, as ghost batches "
+            "of the micro-batch's size)."
+        )
+    return None
+
+
 def _batch_norms(model: PyTree) -> dict[Any, BatchNorm]:
-    """The model's BatchNorms that train (not frozen), by their State key."""
+    """The model's BatchNorms that train (not frozen), by their State key; a
+    ValueError for one that cannot pool (`_pooling_refusal`)."""
     is_bn = lambda v: isinstance(v, BatchNorm)  # noqa: E731
-    return {
-        v.state_index.marker: v
-        for v in jax.tree.leaves(model, is_leaf=is_bn)
-        if is_bn(v) and v.frozen is None
-    }
+    found = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(model, is_leaf=is_bn)[0]:
+        if is_bn(v) and v.frozen is None:
+            refusal = _pooling_refusal("model" + jax.tree_util.keystr(path), v)
+            if refusal is not None:
+                raise refusal
+            found[v.state_index.marker] = v
+    return found
 
 
 def start_pooling(

@@ -281,7 +281,8 @@ def check_variants(
         raise ValueError(
             "BatchNorm: renorm=True needs a momentum for the moving statistics it "
             "infers with (Keras's renorm has no cumulative average); got "
-            "momentum=None."
+            "momentum=None. Pass a momentum (Keras's default is 0.99), or leave "
+            "renorm out for PyTorch's cumulative average."
         )
     m = _number("renorm_momentum", renorm_momentum)
     if not 0.0 <= m <= 1.0:  # NaN fails both comparisons
@@ -400,8 +401,8 @@ def _other_kind_error(entry: tuple, got: type, kind: type) -> ValueError:
     }[kind]
     return ValueError(
         f"BatchNorm: as {ENTRY_KINDS[kind]}, this layer keeps {_signature(kind)} in "
-        f"`state`, but its entry is {describe(entry)}, the {got.__name__} of "
-        f"{ENTRY_KINDS[got]}. Build the model and its state together with "
+        f"`state`; its entry is {describe(entry)}, what {ENTRY_KINDS[got]} keeps "
+        f"({_signature(got)}). Build the model and its state together with "
         "eqx.nn.make_with_state; to carry statistics over, set `state = "
         f"state.set(bn.state_index, {carry}."
     )
@@ -726,7 +727,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             [`eqx_bn.trainable`][] leaves them out of what an optimiser trains.
             PyTorch: `torchvision.ops.FrozenBatchNorm2d` (`"all"`); Keras:
             `layer.trainable = False`. [`eqx_bn.freeze_batch_norms`][] sets it on
-            every BatchNorm of a model.
+            every BatchNorm of a model. A frozen `renorm` or Ghost layer
+            normalises as its inference does (Keras's and tf_keras's
+            `trainable = False`): the correction and the virtual batches are
+            training's.
         - `renorm`: Batch Renormalization (Ioffe, 2017), as Keras's
             `BatchNormalization(renorm=True)`: training normalises with the batch
             statistics corrected towards moving ones, $\left(\frac{x -
@@ -734,7 +738,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             $r = \sigma_B / \sigma$ and $d = (\mu_B - \mu) / \sigma$ clipped and
             without gradient, $\mu$ and $\sigma$ the renorm statistics before this
             step. The State holds a [`RenormStats`][eqx_bn.RenormStats] and,
-            under `clipping_index`, the bounds. Inference is unchanged.
+            under `clipping_index`, the bounds. Inference is unchanged. It needs
+            a `momentum` (Keras's renorm has no cumulative average), and
+            accumulated steps (`eqx_bn.train`'s `accumulate=`) and
+            [`eqx_bn.recalibrate`][] refuse it unless it is frozen.
         - `renorm_clipping`: Keras's dict of bounds, keys among `"rmax"`,
             `"rmin"` and `"dmax"`: $r$ is clipped to `[rmin, rmax]`, $d$ to
             `[-dmax, dmax]`; a key left out is no bound on that side (`rmin` is
@@ -749,7 +756,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             named axes, examples are numbered as `jax.lax.axis_index(axis_name)`
             numbers them. `virtual_batch_size` must divide the batch. The running
             averages follow the mean of the virtual batches' means and of their
-            variances. Inference is unchanged, for any batch size.
+            variances (with `momentum=None`, the cumulative average of those).
+            Inference is unchanged, for any batch size. Accumulated steps
+            (`accumulate=`) and `recalibrate(population=True)` refuse it unless
+            it is frozen.
         - `bias_init`, `scale_init`: `jax.nn.initializers`-style initialisers.
         - `key`: passed to the initialisers; only needed when they are random.
 

@@ -7,7 +7,8 @@ statistics, as the model's next layers expect) and folds the batch's statistics
 into an accumulator kept in the State, under the BatchNorm's own index. The
 BatchNorms themselves, their momentum included, are never changed; at the end each
 accumulator becomes the entry the BatchNorm keeps (`RunningStats`, or
-`CumulativeStats` for `momentum=None`) in a copy of the caller's State.
+`CumulativeStats` for `momentum=None`) in a copy of the caller's State. A renorm
+layer's `RenormStats` follow Keras's own update and are refused (`_refusal`).
 """
 
 from collections.abc import Callable, Iterable
@@ -116,20 +117,55 @@ def _is_norm(v: Any) -> bool:
     return isinstance(v, BatchNorm)
 
 
+def _refusal(where: str, bn: BatchNorm, population: bool) -> ValueError | None:
+    """Why `bn` cannot be recalibrated, or None. A renorm layer's training output
+    depends on the renorm statistics the pass would recompute; a ghost layer's
+    statistics are per virtual batch, which `population=True`'s pooling of every
+    example does not give."""
+    freeze = (
+        "or freeze that layer (frozen='statistics', e.g. eqx_bn.freeze_batch_norms "
+        "on the part of the model that holds it) so that recalibrate leaves its "
+        "statistics as they are."
+    )
+    if bn.renorm:
+        return ValueError(
+            f"recalibrate: BatchNorm {where} has renorm=True, which recalibrate "
+            "does not support: Batch Renormalization's training output is corrected "
+            "towards its renorm statistics, the very ones a recalibration would "
+            "recompute, and its five statistics follow Keras's update rule, which "
+            "has no recalibration pass to match. Update them with training steps "
+            "(a learning rate of 0 keeps the weights), " + freeze
+        )
+    if bn.virtual_batch_size is not None and population:
+        return ValueError(
+            f"recalibrate(population=True): BatchNorm {where} has "
+            f"virtual_batch_size={bn.virtual_batch_size}: its running statistics are "
+            "each virtual batch's own (tf_keras's), which the statistics of all "
+            "the examples pooled together are not. Use population=False (the "
+            "average over the batches of each batch's ghost statistics, as training "
+            "averages them), " + freeze
+        )
+    return None
+
+
 def _replace_norms(model: PyTree, population: bool) -> tuple[PyTree, list[BatchNorm]]:
     """`model` with each BatchNorm in an `_Accumulating`, and those BatchNorms. A
-    frozen one stays as it is: `update_bn` skips `FrozenBatchNorm2d`."""
+    frozen one stays as it is: `update_bn` skips `FrozenBatchNorm2d`. A ValueError
+    for one that cannot be recalibrated (`_refusal`)."""
     found: list[BatchNorm] = []
 
-    def swap(v):
+    def swap(path, v):
         if not _is_norm(v) or v.frozen is not None:
             return v
+        refusal = _refusal("model" + jax.tree_util.keystr(path), v, population)
+        if refusal is not None:
+            raise refusal
         found.append(v)
         # Its own inference flag makes no difference here: one compiled pass
         # whether the model came in inference mode or not.
         return _Accumulating(eqx.nn.inference_mode(v, False), population)
 
-    return jax.tree.map(swap, model, is_leaf=_is_norm), found
+    return jax.tree_util.tree_map_with_path(swap, model, is_leaf=_is_norm), found
 
 
 def _with_entries(state: eqx.nn.State, entries: dict) -> eqx.nn.State:
@@ -254,7 +290,11 @@ def recalibrate(
     statistics' next updates in training), and a `momentum=None` layer's count
     becomes the number of batches, as `update_bn` leaves `num_batches_tracked`.
     Frozen BatchNorms ([`eqx_bn.freeze_batch_norms`][]) are left as they are, as
-    `update_bn` skips `torchvision.ops.FrozenBatchNorm2d`. Other stateful layers
+    `update_bn` skips `torchvision.ops.FrozenBatchNorm2d`. A Ghost BatchNorm
+    (`virtual_batch_size=`) takes each batch's statistics as training does, from
+    its virtual batches (so each batch must hold a multiple of the virtual batch
+    size); `population=True` and Batch Renormalization (`renorm=True`) are
+    refused, as the message explains. Other stateful layers
     run with their State but keep their entries as given.
 
     !!! Example
@@ -305,7 +345,9 @@ def recalibrate(
     - `TypeError`: if `batches` is an array or not iterable (the message shows
         how to split an array), or `apply` does not return `(out, state)`.
     - `ValueError`: as `eqx_bn.BatchNorm` does, for a batch that does not fit
-        the model.
+        the model; for a BatchNorm (not frozen) with `renorm=True`, or with a
+        `virtual_batch_size` and `population=True` (the message says why, and
+        what to do instead).
     """
     _check_batches(batches)
     pass_model, norms = _replace_norms(model, population)

@@ -797,7 +797,10 @@ def make_train_step(
 
     - `TypeError`, `ValueError`: for an `accumulate` that is not a positive int,
         or `full_batch_statistics` without `accumulate`; when the step runs, a
-        batch leaf that does not split into `accumulate` equal parts.
+        batch leaf that does not split into `accumulate` equal parts, or, with
+        `accumulate`, a training BatchNorm with `renorm=True` or a
+        `virtual_batch_size` (their per-batch normalisation has no pooled
+        counterpart; frozen ones take part).
     """
 
     k = check_accumulation(accumulate, full_batch_statistics, "make_train_step")
@@ -893,7 +896,8 @@ def accumulated_value_and_grad(
     **Raises:**
 
     - `TypeError`, `ValueError`: as `make_train_step` for its `accumulate` and
-        `full_batch_statistics`.
+        `full_batch_statistics`; when called, a `ValueError` for a training
+        BatchNorm with `renorm=True` or a `virtual_batch_size`.
     """
     where = "accumulated_value_and_grad"
     k = check_accumulation(accumulate, full_batch_statistics, where)
