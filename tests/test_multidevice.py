@@ -56,6 +56,16 @@ CHECKS = {
         "two_steps_running_stats",
         "state_off_the_mesh_error",
     ],
+    "variants_checks.py": [
+        "ghost_spans_devices_when_the_device_axis_is_named",
+        "ghost_numbering_follows_the_order_of_the_names",
+        "ghost_stays_on_each_device_when_only_the_vmap_axis_is_named",
+        "ghost_with_masks_over_devices",
+        "ghost_with_axis_index_groups",
+        "renorm_over_devices",
+        "ghost_and_renorm_over_devices",
+        "ghost_whole_batch_sharded_by_jit",
+    ],
 }
 
 
@@ -74,6 +84,13 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
 
 def test_this_process_keeps_one_device():
     assert jax.device_count() == 1
+
+
+def test_every_check_script_is_run():
+    """A script under tests/multidevice/ that CHECKS does not list would never run
+    (variants_checks.py was written and not listed)."""
+    scripts = {p.name for p in (TESTS / "multidevice").glob("*_checks.py")}
+    assert scripts == set(CHECKS)
 
 
 @pytest.mark.multidevice
