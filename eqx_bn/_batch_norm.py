@@ -9,7 +9,6 @@ Each error says what it got, what was expected and the likely fix
 
 import math
 import operator
-from collections.abc import Hashable
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
@@ -23,6 +22,7 @@ from ._numerics import (
     Moments,
     Renorm,
     align_mask,
+    axis_names,
     batch_moments,
     cumulative_average,
     drop_unit_axes,
@@ -34,6 +34,7 @@ from ._numerics import (
     renorm_running_average,
     running_average,
     train_normalize,
+    unbound_axes,
 )
 from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
 
@@ -529,23 +530,6 @@ def _canonical_groups(
     if groups is None:
         return None
     return tuple(tuple(int(i) for i in group) for group in groups)
-
-
-def _axis_names(axis_name: AxisName | None) -> tuple[Hashable, ...]:
-    """The named axes as a tuple: none, one, or the given tuple of names."""
-    if axis_name is None:
-        return ()
-    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-
-def _unbound_axes(axis_name: AxisName) -> list[Hashable]:
-    unbound = []
-    for name in _axis_names(axis_name):
-        try:
-            jax.lax.axis_size(name)
-        except NameError:
-            unbound.append(name)
-    return unbound
 
 
 def _placement_error(old: RunningStats, new: RunningStats) -> ValueError:
@@ -1163,7 +1147,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if self.axis_name is None:
             return None
         manual = jax.sharding.get_abstract_mesh().manual_axes
-        vmapped = [n for n in _axis_names(self.axis_name) if n not in manual]
+        vmapped = [n for n in axis_names(self.axis_name) if n not in manual]
         if self.axis_index_groups is not None and isinstance(err, NotImplementedError):
             where = (
                 f"over the jax.vmap axes {vmapped}"
@@ -1249,7 +1233,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """A guess at what went wrong when the channel axis has the wrong size."""
         batched = self.axis_name is not None and not self.channels_last
         if batched and x.ndim >= 2 and x.shape[1] == self.input_size:
-            if not _unbound_axes(self.axis_name):
+            if not unbound_axes(self.axis_name):
                 return (
                     " It looks like a whole batch, yet the layer already runs under "
                     f"the named axis {self.axis_name!r}: x is batched twice. Check "
@@ -1276,7 +1260,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def _replicas(self) -> int:
         """How many inputs the named axes reduce together (1 with no axis name;
         with `axis_index_groups`, the size of one group: JAX's groups are equal)."""
-        sizes = [jax.lax.axis_size(n) for n in _axis_names(self.axis_name)]
+        sizes = [jax.lax.axis_size(n) for n in axis_names(self.axis_name)]
         total = int(np.prod(sizes, dtype=np.int64))
         if self.axis_index_groups is not None:
             total //= len(self.axis_index_groups)
@@ -1285,7 +1269,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def _check_axes_bound(self) -> None:
         if self.axis_name is None:
             return
-        unbound = _unbound_axes(self.axis_name)
+        unbound = unbound_axes(self.axis_name)
         if unbound:
             raise ValueError(
                 f"BatchNorm: training needs the named axis {self.axis_name!r}, but "

@@ -194,7 +194,10 @@ def _psum(
     return lax.psum(values, axis_name, axis_index_groups=groups)
 
 
-def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
+def axis_names(axis_name: AxisName | None) -> tuple[Hashable, ...]:
+    """The named axes as a tuple: none, one, or the given tuple of names."""
+    if axis_name is None:
+        return ()
     return axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
 
@@ -216,22 +219,24 @@ def virtual_batch_row(axis_name: AxisName, groups: Groups, virtual: int) -> Arra
     return _member_index(axis_name, groups) % virtual
 
 
-def _bound(names: tuple[Hashable, ...]) -> bool:
-    """Whether JAX knows the sizes of the named axes here.
+def unbound_axes(axis_name: AxisName | None) -> list[Hashable]:
+    """The named axes whose size JAX does not know here.
 
-    It does wherever a layer runs, except in one place: differentiating a jitted
-    function from outside (`jax.grad(jax.jit(f))`, `f` vmapping a layer), JAX (0.10)
-    traces the custom JVP rule that `vmap` batched without the vmap axis in its
-    axis environment, so that a collective that looks a size up
-    (`lax.all_gather`) raises `NameError: unbound axis name`, while a `psum` of
-    traced values still works.
+    Those that no `vmap`, `pmap` or `shard_map` binds around the call; and, in one
+    place, a vmap axis that does bind it: differentiating a jitted function from
+    outside (`jax.grad(jax.jit(f))`, `f` vmapping a layer), JAX (0.10) traces the
+    custom JVP rule that `vmap` batched without the vmap axis in its axis
+    environment, so that a collective that looks a size up (`lax.all_gather`)
+    raises `NameError: unbound axis name`, while a `psum` of traced values still
+    works.
     """
-    try:
-        for name in names:
+    unbound = []
+    for name in axis_names(axis_name):
+        try:
             lax.axis_size(name)
-    except NameError:
-        return False
-    return True
+        except NameError:
+            unbound.append(name)
+    return unbound
 
 
 def _virtual_batch_sums(values, axis_name: AxisName, groups: Groups, virtual: Virtual):
@@ -245,12 +250,12 @@ def _virtual_batch_sums(values, axis_name: AxisName, groups: Groups, virtual: Vi
     summed, as cheap as a `psum`. Over device axes (pmap, shard_map), each member
     puts its values into its virtual batch's row of a table of zeros and one
     `psum` adds the tables up: one all-reduce of `virtual.count` times the size.
-    The same sums where a vmap axis has no known size (`_bound`): correct, but
+    The same sums where a vmap axis has no known size (`unbound_axes`): correct, but
     under `vmap` a table per example is summed, much slower than the gather.
     """
     manual = jax.sharding.get_abstract_mesh().manual_axes
-    names = _names(axis_name)
-    if not any(name in manual for name in names) and _bound(names):
+    names = axis_names(axis_name)
+    if not any(name in manual for name in names) and not unbound_axes(names):
 
         def table(v: Array) -> Array:
             every = v
@@ -609,7 +614,7 @@ def train_normalize(
     row = None
     if axis_name is not None and virtual_batches is not None:
         # An argument of the custom JVP, not a value it closes over: its rule may
-        # be traced where the vmap of this call has gone (see `_bound`).
+        # be traced where the vmap of this call has gone (see `unbound_axes`).
         row = virtual_batch_row(axis_name, axis_index_groups, virtual_batches)
 
     def virtual_of(row: Array | None) -> Virtual | None:
