@@ -93,11 +93,12 @@ def apply_tokens(layer, x):
     return jax.vmap(jax.vmap(layer))(x)
 
 
-def assert_as_accurate(ours, refs, key, factor=4, library="the reference"):
+def assert_as_accurate(ours, refs, key, factor=4, library="the reference", terms=None):
     """`ours` is as close to the float64 reference `refs[key]` as float32 rounding
     allows: `factor` times the reference library's own float32 error (`err/`), the
     effect of rounding every layer's output and gradient (`round/`), and epsilons of
-    the terms summed to make each element (`terms/`, else the result's own size).
+    the terms summed to make each element (`terms`, else `terms/` in `refs`, else
+    the result's own size).
 
     The keys follow `tests/data/REFERENCES.md`: `scope/name` holds the float64
     result rounded to float32, `scope/err/name` the library's float32 error (in
@@ -110,7 +111,9 @@ def assert_as_accurate(ours, refs, key, factor=4, library="the reference"):
     scoped = f"{scope}/err/{name}"
     err = float(refs[scoped if scoped in refs else f"err/{key}"])
     spread = float(refs.get(f"{scope}/round/{name}", 0.0))
-    size = float(refs.get(f"{scope}/terms/{name}", np.max(np.abs(ref), initial=0.0)))
+    if terms is None:
+        terms = refs.get(f"{scope}/terms/{name}", np.max(np.abs(ref), initial=0.0))
+    size = float(terms)
     tol = factor * (max(err, spread) + np.finfo(np.float32).eps * size)
     worst = float(np.max(np.abs(ours - ref), initial=0.0))
     assert worst <= tol, (

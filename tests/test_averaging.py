@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_as_accurate as assert_within_rounding
 
 import eqx_bn
 from eqx_bn.interop import export_torch
@@ -122,18 +123,11 @@ def as_torch(model, state) -> dict:
 
 
 def assert_as_accurate(ours, refs, key, terms=None):
-    """`ours` is as close to the float64 reference `refs[key]` as float32 rounding
-    allows: a few times PyTorch's own float32 error (`err/<key>`, the convention of
-    `make_after_training_reference.py`), plus float32 epsilons of the size of the
-    terms summed to make it (`terms`, else the value's own size)."""
-    ref = np.asarray(refs[key], np.float64)
-    ours = np.asarray(ours, np.float64)
-    assert ours.shape == ref.shape, key
-    err = float(refs[f"err/{key}"])
-    size = np.max(np.abs(ref), initial=0.0) if terms is None else terms
-    tol = FACTOR * (err + np.finfo(np.float32).eps * size)
-    worst = float(np.max(np.abs(ours - ref), initial=0.0))
-    assert worst <= tol, f"{key}: off by {worst:.3g}; allowed {tol:.3g} (err {err:.3g})"
+    """`helpers.assert_as_accurate` with PyTorch as the reference library: its
+    float32 error is `err/<key>` (the convention of
+    `make_after_training_reference.py`); `terms`, the size of the terms summed to
+    make the value (else its own size)."""
+    assert_within_rounding(ours, refs, key, FACTOR, "PyTorch", terms)
 
 
 def averaged_run(skeleton, refs, averager, start=1) -> dict:
