@@ -893,9 +893,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         - `ValueError`: if the channel axis is not `input_size` long, the mask
             does not broadcast to `x`, training needs a named axis that is not
-            bound, or `state` does not hold this layer's running statistics with
-            the shape and dtype the layer made them (a State of another model, one
-            vmapped with `out_axes=0`, or one cast to another dtype).
+            bound, or `state` does not hold this layer's running statistics of
+            its kind (`entry_kind`) with the shape and dtype the layer made them
+            (a State of another model or of another kind of layer, one vmapped
+            with `out_axes=0`, or one cast to another dtype); in training, with a
+            `virtual_batch_size` that does not divide the batch.
         - `TypeError`: if `x` is not floating point or `mask` not boolean (the
             message says how to convert them).
         """
