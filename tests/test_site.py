@@ -39,7 +39,6 @@ PENDING = {
     "nnx": "issue 25 part 2: nnx.md",
     "pytorch": "issue 25 part 2: pytorch.md",
     "faq": "issue 25 part 2: faq.md",
-    "api/interop": "issue 25 part 2: docs/api/interop.md",
 }
 
 

@@ -51,11 +51,12 @@ class ConversionError(ValueError):
     """A checkpoint's variables (Flax, NNX, PyTorch) and an Equinox model do not
     correspond.
 
-    Raised once, listing every problem with its Flax path, the Equinox leaf it is
-    paired with, and the expected and actual shape and dtype. Nothing is loaded when
-    it is raised. It subclasses `ValueError`, so `except ValueError` catches it too.
+    Raised once, listing every problem with its name in the checkpoint, the
+    Equinox leaf it is paired with, and the expected and actual shape and dtype.
+    Nothing is loaded when it is raised. It subclasses `ValueError`, so
+    `except ValueError` catches it too.
 
-    **Attributes** (tuples of strings, one line per problem):
+    **Fields:** the problems, as tuples of strings (one line per problem):
 
     - `missing`: variables the model needs that the checkpoint lacks.
     - `unexpected`: checkpoint variables that nothing in the model pairs with.
