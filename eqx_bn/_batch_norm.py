@@ -40,9 +40,18 @@ from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
 
 
 class RunningStats(NamedTuple):
-    """The running averages that a `BatchNorm` keeps in its `eqx.nn.State`.
+    """The running averages that a [`BatchNorm`][eqx_bn.BatchNorm] keeps in its
+    `eqx.nn.State`: `state.get(bn.state_index)`.
 
-    Flax keeps the same two arrays in `variables["batch_stats"]` as `mean` and `var`.
+    **Fields:**
+
+    - `mean`: the running mean of each channel, shape `(input_size,)`; starts at 0.
+    - `var`: the running variance of each channel, shape `(input_size,)`; starts
+        at 1.
+
+    Both are float32 (or the layer's `param_dtype` when it is built with
+    `force_float32_reductions=False`). Flax keeps the same two arrays in
+    `variables["batch_stats"]` as `mean` and `var`.
     """
 
     mean: Float[Array, " input_size"]
@@ -814,10 +823,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     @property
     def use_bias(self) -> bool:
+        """Whether the layer has a learned bias (`bias is not None`)."""
         return self.bias is not None
 
     @property
     def use_scale(self) -> bool:
+        """Whether the layer has a learned scale (`scale is not None`)."""
         return self.scale is not None
 
     @property

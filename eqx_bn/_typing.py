@@ -34,7 +34,7 @@ def typecheck(fn: _F) -> _F:
     and methods (a model's `__call__`); on an `eqx.Module` class it checks the
     fields when the module is built, not its methods. To check a whole package
     without decorating anything, use jaxtyping's import hook instead (see
-    `docs/shape-checking.md`).
+    [Runtime shape checking](../shape-checking.md)).
 
     !!! Example
 

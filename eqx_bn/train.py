@@ -244,22 +244,21 @@ _FIELDS = {
 
 
 class TrainState(eqx.Module):
-    """Everything that changes during training: the model's arrays, its `State`, the
-    optimiser state and the step count. It is a PyTree: it can be jitted, vmapped,
-    saved with `eqx.tree_serialise_leaves` and restored into a `TrainState` made the
-    same way (same model configuration and optimiser); two `TrainState`s made the
-    same way have the same PyTree structure (`jax.tree.map` takes both,
-    `eqx.tree_equal` compares them) and share the compiled steps.
+    """Everything that changes during training: the model, its `State`, the
+    optimiser state and the step count, as Flax's `TrainState` holds them. It is a
+    PyTree: it can be jitted, vmapped, saved with `eqx.tree_serialise_leaves` and
+    restored into a `TrainState` made the same way (same model configuration and
+    optimiser); two `TrainState`s made the same way have the same PyTree structure
+    (`jax.tree.map` takes both, `eqx.tree_equal` compares them) and share the
+    compiled steps.
 
     Build it with [`TrainState.create`][] (or [`TrainState.from_flax`][] to resume
     a Flax run); read the model back with `train_state.model` and its State with
-    `train_state.state`; change any part with [`TrainState.replace`][].
-
-    Each of the model, its State and the optimiser state is held as a tuple of its
-    arrays and a static [`Skeleton`][], the rest:
-    flattening a `TrainState` (which `jax.jit` does on every call) then costs
-    about what flattening a Flax `TrainState` costs, where Equinox modules would be
-    flattened one by one, three times over with Adam's two moments.
+    `train_state.state`; change any part with [`TrainState.replace`][]. Every read
+    of `model`, `state`, `opt_state` or `params` rebuilds the object from the held
+    arrays: every read of `state` gives a fresh `eqx.nn.State`, and changing what
+    a read returned (`ts.opt_state.hyperparams["learning_rate"] = 0.01`) changes
+    nothing in the holder; pass the changed object to `replace` instead.
 
     !!! Example
 
@@ -270,27 +269,21 @@ class TrainState(eqx.Module):
         model, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(3)
         ts = TrainState.create(model, state, optax.sgd(0.1))
         ts.step, ts.model.input_size  # (Array(0, dtype=int32), 3)
+        ts = ts.replace(step=10)  # a new TrainState; the old one is unchanged
         ```
 
-    **Fields:**
-
-    - `model_arrays`, `state_arrays`, `opt_arrays`: the arrays of the model, of its
-        `eqx.nn.State` (BatchNorm running averages) and of the optimiser state,
-        in `jax.tree.leaves` order.
-    - `step`: the number of optimiser updates applied, an int32 scalar.
-    - `model_skeleton`, `state_skeleton`, `opt_skeleton` (static): the rest of each.
-    - `tx` (static): the optimiser (Flax's `tx`), the `optimizer` given to `create`.
-
-    **Properties:** `model`, `state`, `opt_state` and `params` (the model's arrays,
-    `None` elsewhere, as `eqx.filter(model, eqx.is_array)`), each rebuilt from the
-    arrays when read: every read of `state` gives a fresh `eqx.nn.State`, and
-    changing what a read returned (`ts.opt_state.hyperparams["learning_rate"]
-    = 0.01`) changes nothing in the holder; pass the changed object to
-    [`TrainState.replace`][] instead.
-
     Flax's `TrainState` fields and these: `params` + `batch_stats` -> `model` +
-    `state`; `opt_state` -> `opt_state`; `tx` -> `tx`; `step` -> `step`;
-    `apply_fn` -> none (call the model).
+    `state`; `opt_state` -> `opt_state`; `tx` -> `tx` (the `optimizer` given to
+    `create`); `step` -> `step`, the number of optimiser updates applied, an int32
+    scalar; `apply_fn` -> none (call the model).
+
+    **Internals:** each of the model, its State and the optimiser state is held
+    as a tuple of its arrays (`model_arrays`, `state_arrays`, `opt_arrays`, in
+    `jax.tree.leaves` order) and, in a static field, a [`Skeleton`][] of the rest
+    (`model_skeleton`, `state_skeleton`, `opt_skeleton`). Flattening a
+    `TrainState` (which `jax.jit` does on every call) then costs about what
+    flattening a Flax `TrainState` costs, where Equinox modules would be flattened
+    one by one, three times over with Adam's two moments.
     """
 
     model_arrays: tuple[Array, ...]
@@ -764,9 +757,9 @@ def make_train_step(
         State taken out before a step (`best = ts.model` for early stopping, an
         old `ts` to retry from) stays usable. With `donate=True` the step saves
         one copy of the parameters and optimiser state in memory (see
-        `docs/training.md` for what that is worth), and everything read from the
-        `TrainState` passed in dies with it: write `ts, loss, aux =
-        train_step(ts, batch)`, and copy what you keep
+        [Training](../training.md#donating-buffers) for what that is worth), and
+        everything read from the `TrainState` passed in dies with it: write
+        `ts, loss, aux = train_step(ts, batch)`, and copy what you keep
         (`best = jax.tree.map(jnp.copy, ts.model)`). Passing a donated
         `TrainState` again raises a `ValueError` saying so.
     - `accumulate`: split each batch into this many micro-batches (every leaf of

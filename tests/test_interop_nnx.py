@@ -655,8 +655,9 @@ def test_every_problem_in_one_error_with_nnx_names(cnn):
         "conv_0/kernel -> model.conv_0.weight: expected float32[3, 3, 1, 8] (in "
         "Flax NNX's layout), got float32[3, 3, 2, 8]",
         "head/layers/3/bias -> model.head.layers[3].bias: expected float32[10], got "
-        "float64[10]; pass cast=True to convert",
+        "float64[10]",
     )
+    assert error.castable
     assert error.unexpected == ("head/layers/5/kernel: float64[2, 2]",)
     assert "eqx_bn.interop.nnx_paths(model)" in str(error)
 

@@ -869,7 +869,8 @@ def test_load_torch_lists_every_problem(loaded):
         "conv1.weight",
         "bn1.running_var",
     ]
-    assert "pass cast=True" in e.mismatched[1]
+    assert "got float16[" in e.mismatched[1] and "cast" not in e.mismatched[1]
+    assert e.castable and "pass cast=True to convert them" in str(e)
     assert "4 problems" in str(e)
     # cast=True converts dtypes; strict=False skips the missing and unexpected.
     del sd["conv1.weight"]

@@ -51,11 +51,12 @@ class ConversionError(ValueError):
     """A checkpoint's variables (Flax, NNX, PyTorch) and an Equinox model do not
     correspond.
 
-    Raised once, listing every problem with its Flax path, the Equinox leaf it is
-    paired with, and the expected and actual shape and dtype. Nothing is loaded when
-    it is raised. It subclasses `ValueError`, so `except ValueError` catches it too.
+    Raised once, listing every problem with its name in the checkpoint, the
+    Equinox leaf it is paired with, and the expected and actual shape and dtype.
+    Nothing is loaded when it is raised. It subclasses `ValueError`, so
+    `except ValueError` catches it too.
 
-    **Attributes** (tuples of strings, one line per problem):
+    **Fields:** the problems, as tuples of strings (one line per problem):
 
     - `missing`: variables the model needs that the checkpoint lacks.
     - `unexpected`: checkpoint variables that nothing in the model pairs with.
@@ -513,11 +514,7 @@ def load_pairs(
             castable = castable or not bad_shape
             relaid = bad_shape and entry.layout.name != "identity"
             note = f" (in {naming.framework}'s layout)" if relaid else ""
-            mismatched.append(
-                f"{where}: expected {want}{note}, got "
-                f"{describe(value)}"
-                + ("" if bad_shape else "; pass cast=True to convert")
-            )
+            mismatched.append(f"{where}: expected {want}{note}, got {describe(value)}")
             continue
         loaded.append((entry, value, target))
 
@@ -601,6 +598,10 @@ def _error(
         lines += [f"{group}." for group in groups[:-1]]
         lines.append(f"{groups[-1]}; pass ignore_extra=True to skip {them}.")
     lines.insert(1, f"{count} problem{'s' if count != 1 else ''}.")
+    if castable:
+        lines.append(
+            "Some mismatches are of dtype alone: pass cast=True to convert them."
+        )
     if count > len(extras):  # the pairing itself is at fault, not only extras
         lines.append(_fix_hint(strict, naming))
     return ConversionError(

@@ -133,7 +133,8 @@ def load_flax(
         msgpack/Orbax restores, with string indices or `{"value": array}` leaves)
         is named by attribute. NNX state pairs by field name (list items by index,
         an `eqx.nn.Sequential`'s under `layers`; see `nnx_paths`), and its random
-        streams (`nnx.Rngs` state) count as extra entries. See `docs/nnx.md`.
+        streams (`nnx.Rngs` state) count as extra entries. See
+        [Flax NNX](../nnx.md).
 
     **Returns:**
 

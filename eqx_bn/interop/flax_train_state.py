@@ -31,9 +31,6 @@ from .flax import export_flax, load_flax
 TRAIN_STATE_KEYS = ("step", "params", "batch_stats", "opt_state")
 """The entries of a saved Flax `TrainState` (with a `batch_stats` field)."""
 
-_CAST_HINT = "; pass cast=True to convert"
-"""How `load_flax` ends a dtype mismatch: advice for it, not for `from_flax`."""
-
 
 def _is_named_tuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
@@ -67,9 +64,8 @@ class _Problems:
 
         self.missing += renamed(error.missing)
         self.unexpected += renamed(error.unexpected)
-        for item in renamed(error.mismatched):
-            self.dtypes |= item.endswith(_CAST_HINT)
-            self.mismatched.append(item.removesuffix(_CAST_HINT))
+        self.mismatched += renamed(error.mismatched)
+        self.dtypes |= error.castable
         self.extra += error.extra
         # A layer with no rule is reported once, not once per optimiser subtree.
         self.unsupported += [u for u in error.unsupported if u not in self.unsupported]

@@ -113,16 +113,24 @@ class AbstractBlock(eqx.Module):
         | Float[Array, "out_channels new_height new_width"],
         eqx.nn.State,
     ]:
-        """**Arguments:**
+        """One example through the block, under `jax.vmap(..., axis_name="batch")`
+        as in the whole network.
+
+        **Arguments:**
 
         - `x`: one example, `(height, width, in_channels)` if the block is
-            `channels_last`, else `(in_channels, height, width)`.
+            `channels_last` (torchvision's blocks always are), else
+            `(in_channels, height, width)`.
         - `state`: holds the running statistics of the block's BatchNorms.
-        - `inference`: use the running statistics (default: the layers' flags).
+        - `inference`: use the running statistics; `None` follows the layers' own
+            flags (set with `eqx.nn.inference_mode`).
 
         **Returns:**
 
-        `(y, state)`, `y` in the layout of `x`.
+        `(y, state)`: `y` in the layout of `x`, with the block's output channels
+        (`filters`; `planes * expansion` in torchvision's blocks) and the height
+        and width divided by the stride, rounded up; `state` with the new running
+        statistics (unchanged in inference).
         """
         last = self.channels_last
         y = x

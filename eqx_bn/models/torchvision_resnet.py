@@ -107,6 +107,21 @@ class Downsample(eqx.Module):
     def __call__(
         self, x: Float[Array, "h w c"], state: eqx.nn.State, *, inference: bool | None
     ) -> tuple[Float[Array, "h2 w2 c2"], eqx.nn.State]:
+        """The projected residual: the 1x1 convolution, then the BatchNorm.
+
+        **Arguments:**
+
+        - `x`: one example, channels last, `(height, width, in_channels)`.
+        - `state`: holds the BatchNorm's running statistics.
+        - `inference`: use the running statistics; `None` follows the layer's own
+            flag.
+
+        **Returns:**
+
+        `(y, state)`: `y` of shape `(ceil(height / stride), ceil(width / stride),
+        out_channels)`, with the convolution's stride and output channels; `state`
+        with the new running statistics.
+        """
         return self.bn(channels_last_conv(self.conv, x), state, inference=inference)
 
 
@@ -141,7 +156,15 @@ class _TorchBlock(AbstractBlock):
 
 class BasicBlock(_TorchBlock):
     """torchvision's `BasicBlock`: 3x3 conv (with the stride), BN, relu, 3x3 conv,
-    BN, plus the residual (through `downsample` where the shape changes), relu."""
+    BN, plus the residual (through `downsample` where the shape changes), relu.
+
+    It works channels last, as inside [`eqx_bn.models.TorchResNet`][]: one example
+    `(height, width, in_channels)` in, `(ceil(height / stride), ceil(width /
+    stride), planes)` out.
+
+    `BasicBlock.expansion = 1` (a class variable, as torchvision's): the block's
+    output has `planes * expansion` channels.
+    """
 
     conv1: eqx.nn.Conv2d
     bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
@@ -209,7 +232,15 @@ class BasicBlock(_TorchBlock):
 class Bottleneck(_TorchBlock):
     """torchvision's `Bottleneck` (ResNet v1.5): 1x1 conv, BN, relu, 3x3 conv (with
     the stride, in `groups` groups), BN, relu, 1x1 conv to `4 * planes`, BN, plus
-    the residual, relu."""
+    the residual, relu.
+
+    It works channels last, as inside [`eqx_bn.models.TorchResNet`][]: one example
+    `(height, width, in_channels)` in, `(ceil(height / stride), ceil(width /
+    stride), 4 * planes)` out.
+
+    `Bottleneck.expansion = 4` (a class variable, as torchvision's): the block's
+    output has `planes * expansion` channels.
+    """
 
     conv1: eqx.nn.Conv2d
     bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
