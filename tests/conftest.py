@@ -8,20 +8,45 @@ not marked `slow`. The slow tier is what starts Python interpreters, runs the
 documentation pages and the examples end to end, or trains full-size models;
 `pytest -m slow` runs it, and `.ci/run` runs both tiers, one after the other.
 Naming tests (paths, `-k`, `-m`) runs exactly those, slow or not.
+
+Compiled programs persist between runs: JAX's persistent compilation cache is on, in
+`.pytest_cache/jax-compilation-cache/` under the repository root, for every program
+however quick to compile (most of the suite's time is XLA compiling small programs).
+It is set through the environment before JAX is imported, so the interpreters that
+tests start use it too. A `JAX_COMPILATION_CACHE_DIR` of your own takes precedence
+(with JAX's own thresholds); `rm -rf .pytest_cache` empties it.
 """
 
+import os
 import pathlib
 import sys
 
-import jax
-import pytest
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _use_compilation_cache() -> None:
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    cache = ROOT / ".pytest_cache" / "jax-compilation-cache"
+    cache.mkdir(parents=True, exist_ok=True)  # also under `-p no:cacheprovider`
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
+_use_compilation_cache()
+
+import jax  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Examples import their shared `_common` module from their own folder, as Python
 # does when a script is run; tests that import an example need the same.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(ROOT / "examples"))
 
 # Kinds of test that are slow by nature: each puts its tests in the slow tier.
 SLOW_KINDS = ("subprocess", "multidevice", "docs", "examples")

@@ -91,3 +91,16 @@ def apply_channels_first(layer, x):
 def apply_tokens(layer, x):
     """A per-token Equinox layer (Embedding) over `(batch, tokens)`."""
     return jax.vmap(jax.vmap(layer))(x)
+
+
+# `python -W error`, for the interpreters that tests start, but for the compilation
+# cache they share with the test session (see `tests/conftest.py` and the
+# `filterwarnings` in pyproject.toml): an entry caught half-written is compiled anew.
+PYTHON_WARNINGS = [
+    "-W",
+    "error",
+    "-W",
+    "default:Error reading persistent compilation cache entry",
+    "-W",
+    "default:Error writing persistent compilation cache entry",
+]
