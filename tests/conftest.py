@@ -14,7 +14,8 @@ Compiled programs persist between runs: JAX's persistent compilation cache is on
 however quick to compile (most of the suite's time is XLA compiling small programs).
 It is set through the environment before JAX is imported, so the interpreters that
 tests start use it too. A `JAX_COMPILATION_CACHE_DIR` of your own takes precedence
-(with JAX's own thresholds); `rm -rf .pytest_cache` empties it.
+(with JAX's own thresholds); `rm -rf .pytest_cache` empties it, and
+`JAX_ENABLE_COMPILATION_CACHE=false` turns it off.
 """
 
 import os
@@ -24,22 +25,38 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _use_compilation_cache() -> None:
+def _compilation_cache() -> dict[str, str | float]:
+    """JAX's settings for the compilation cache; none if the user has chosen one."""
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
+        return {}
     cache = ROOT / ".pytest_cache" / "jax-compilation-cache"
     cache.mkdir(parents=True, exist_ok=True)  # also under `-p no:cacheprovider`
-    os.environ.update(
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    return {
+        "jax_compilation_cache_dir": str(cache),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
 
 
-_use_compilation_cache()
+COMPILATION_CACHE = _compilation_cache()
+# Through the environment for the interpreters that tests start...
+os.environ.update({name.upper(): str(v) for name, v in COMPILATION_CACHE.items()})
 
-import jax  # noqa: E402  (after the environment is set)
+import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# ...and in JAX's config for this one: a plugin (`pytest -p ...`) may have imported
+# JAX before this file (JAX reads the environment when it is imported).
+for name, value in COMPILATION_CACHE.items():
+    jax.config.update(name, value)
+
+# Hypothesis draws the same examples on every run, as its own "ci" profile does, so
+# that their programs come from the compilation cache and a failure comes back on
+# the next run; `pytest --hypothesis-profile=explore` draws new ones each run.
+settings.register_profile("eqx_bn", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
+settings.load_profile("eqx_bn")
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
