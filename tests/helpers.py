@@ -120,3 +120,16 @@ def assert_as_accurate(ours, refs, key, factor=4, library="the reference", terms
         f"{key}: off by {worst:.3g}; allowed {tol:.3g} ({library} float32 off by "
         f"{err:.3g}, rounding moves it by {spread:.3g}, terms of size {size:.3g})"
     )
+
+
+# `python -W error`, for the interpreters that tests start, but for the compilation
+# cache they share with the test session (see `tests/conftest.py` and the
+# `filterwarnings` in pyproject.toml): an entry caught half-written is compiled anew.
+PYTHON_WARNINGS = [
+    "-W",
+    "error",
+    "-W",
+    "default:Error reading persistent compilation cache entry",
+    "-W",
+    "default:Error writing persistent compilation cache entry",
+]

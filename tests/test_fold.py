@@ -194,7 +194,8 @@ def test_resnet_matches_unfolded(resnets, channels_last):
     x = jax.random.normal(jax.random.key(3), (3, 3, 16, 16))
     if channels_last:
         x = jnp.moveaxis(x, 1, -1)
-    ref = _per_example(model, x, state)
+    # Both jitted: eagerly, each operation of the network compiles on its own.
+    ref = eqx.filter_jit(_per_example)(model, x, state)
     y = eqx.filter_jit(_per_example)(folded, x, state)
     # Four convolutions deep, each within its own rounding (<= 64 ulps of the
     # output's scale); a missing statistic would be off by O(1).
@@ -211,7 +212,7 @@ def test_torchvision_resnet_folds_every_norm(block):
     folded = eqx_bn.fold_batch_norms(model, state)
     assert not any(_is_bn(v) for v in jax.tree.leaves(folded, is_leaf=_is_bn))
     x = jax.random.normal(jax.random.key(5), (2, 3, 32, 32))
-    ref = _per_example(model, x, state)
+    ref = eqx.filter_jit(_per_example)(model, x, state)
     y = eqx.filter_jit(_per_example)(folded, x, state)
     np.testing.assert_allclose(y, ref, rtol=0, atol=64 * EPS * jnp.max(jnp.abs(ref)))
 

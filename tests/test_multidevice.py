@@ -15,6 +15,7 @@ import sys
 
 import jax
 import pytest
+from helpers import PYTHON_WARNINGS
 
 TESTS = pathlib.Path(__file__).parent
 ROOT = TESTS.parent
@@ -73,7 +74,7 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
-        [sys.executable, "-W", "error", *args],
+        [sys.executable, *PYTHON_WARNINGS, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

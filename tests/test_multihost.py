@@ -21,6 +21,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
+from helpers import PYTHON_WARNINGS
 
 import eqx_bn
 
@@ -64,9 +65,10 @@ def child_env():
 
 @contextlib.contextmanager
 def children():
-    """Yields `start(args, name, cwd)`, which starts `python -W error args...` in a
-    new process group with its output in `cwd/name.out|.err`; at the end, every
-    group started is killed (with any process it started) and reaped."""
+    """Yields `start(args, name, cwd)`, which starts `python -W error args...`
+    (`PYTHON_WARNINGS`) in a new process group with its output in
+    `cwd/name.out|.err`; at the end, every group started is killed (with any
+    process it started) and reaped."""
     procs = []
 
     def start(args, name, cwd):
@@ -74,7 +76,7 @@ def children():
         out = open(cwd / f"{name}.out", "w")
         err = open(cwd / f"{name}.err", "w")
         proc = subprocess.Popen(
-            [sys.executable, "-W", "error", *map(str, args)],
+            [sys.executable, *PYTHON_WARNINGS, *map(str, args)],
             stdout=out,
             stderr=err,
             cwd=ROOT,

@@ -12,11 +12,10 @@ import eqx_bn
 from eqx_bn.interop import export_flax, load_flax
 from eqx_bn.models.mlp import SeedMLP
 
-shapes = st.tuples(
-    st.integers(2, 8),  # batch
-    st.integers(1, 4),  # channels
-    st.lists(st.integers(1, 3), max_size=2).map(tuple),
-).map(lambda t: (t[0], t[1], *t[2]))
+# (batch, channels, *spatial). A few fixed shapes, the values drawn: XLA compiles
+# each shape anew, and these cover what the layer tells apart (no spatial axis, one,
+# two; one channel; a size-1 axis, squeezed out; the smallest batch).
+shapes = st.sampled_from([(8, 3), (2, 1, 3), (5, 4, 1, 3), (3, 2, 3, 2)])
 
 
 def batch_of(shape, seed, offset, spread):
