@@ -140,6 +140,7 @@ def test_data_parallel_compiles_its_step_once(tmp_path, monkeypatch, capsys):
     assert "epoch 2/2: loss" in printed and "data_parallel: runtime" in printed
 
 
+@pytest.mark.examples
 def test_after_training_averages_recalibrates_and_freezes(tmp_path, capsys):
     example = load_example("after_training")
     out = example.main(["--smoke", "--out", str(tmp_path)])
