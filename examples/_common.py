@@ -102,6 +102,15 @@ def runtime(name: str) -> Iterator[dict[str, float]]:
         print(f"{name}: runtime {timing['seconds']:.1f} s", flush=True)
 
 
+def save_figure(fig: Any, path: pathlib.Path) -> None:
+    """Writes a Matplotlib figure to `path`, its folder made if needed; closes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt  # only the examples that plot need Matplotlib
+
+    plt.close(fig)
+
+
 def digits(
     train_limit: int | None = None, *, channels: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

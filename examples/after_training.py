@@ -35,7 +35,7 @@ import jax
 import matplotlib
 import numpy as np
 import optax
-from _common import Progress, batches, digits, parser, runtime
+from _common import Progress, batches, digits, parser, runtime, save_figure
 from digits_cnn import CNN, loss_fn
 
 import eqx_bn
@@ -109,9 +109,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     low = max(0.0, min(values) - 10)
     ax.set(xlim=(low, 100.5), xlabel="held-out accuracy (%)", title="After training")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-from _common import Progress, batches, digits, parser, runtime
+from _common import Progress, batches, digits, parser, runtime, save_figure
 
 import eqx_bn
 from eqx_bn.train import TrainState, make_eval_step, make_train_step
@@ -89,9 +89,7 @@ def plot(history, path: pathlib.Path):
     ax_acc.set(xlabel="step", ylabel="accuracy", title="Held-out accuracy")
     ax_acc.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
