@@ -7,8 +7,10 @@ Each error says what it got, what was expected and the likely fix
 (`"BatchNorm: ..."`).
 """
 
+import contextlib
 import math
 import operator
+from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
@@ -19,22 +21,20 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
 from ._describe import describe
 from ._numerics import (
+    Config,
     Moments,
     Renorm,
+    Update,
     align_mask,
     axis_names,
-    batch_moments,
-    cumulative_average,
     drop_unit_axes,
     isolates_passes,
-    merge_moments,
     normalize,
-    pool_virtual_batches,
     promote,
-    renorm_running_average,
-    running_average,
-    train_normalize,
+    train,
+    train_statistics,
     unbound_axes,
+    update_entry,
 )
 from ._typing import AxisIndexGroups, AxisName, Initializer, typecheck
 
@@ -925,15 +925,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if inference or self.frozen is not None:
             return self._normalize_with(running, x, channel_axis), state
         if pooling is not None:
-            y, stats = self._train(
+            y, pooled = self._train(
                 x,
                 mask,
                 channel_axis,
+                pooling.pooled,
                 normalize_with=pooling.normalize_with,
-                pooled=True,
+                pool=True,
             )
-            if stats is not None:
-                count, mean, m2 = merge_moments(pooling.pooled, stats)
+            if pooled is not None:
+                count, mean, m2 = pooled
                 entry = pooling._replace(pooled=(count, mean, m2))
                 try:
                     state = state.set(self.state_index, entry)
@@ -941,12 +942,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     new = RunningStats(mean, m2)  # the placement is what differs
                     raise _placement_error(running, new) from err
             return y, state
-        y, stats = self._train(
-            x, mask, channel_axis, renorm=self._renorm(running, state)
+        y, new = self._train(
+            x, mask, channel_axis, running, renorm=self._renorm(running, state)
         )
-        if stats is None:
+        if new is None:
             return y, state
-        new_running = self._updated(running, stats)
+        new_running = self.entry_kind(*new)
         try:
             state = state.set(self.state_index, new_running)
         except ValueError as err:
@@ -996,37 +997,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
         check_clipping(clipping, self.running_dtype)
         return Renorm(running.renorm_mean, running.renorm_stddev, *clipping)
 
-    def _train(
-        self,
-        x: Array,
-        mask: Array | None,
-        channel_axis: int,
-        *,
-        renorm: Renorm | None = None,
-        normalize_with: tuple[Array, Array] | None = None,
-        pooled: bool = False,
-    ) -> tuple[Array, Moments | None]:
-        """The training output for `x` (checked) and the batch's statistics (pooled
-        over the virtual batches, under Ghost BatchNorm); `None` for them when `x`
-        has no element.
+    def _prepared(
+        self, x: Array, mask: Array | None, channel_axis: int, *, pooled: bool
+    ) -> tuple[Array, Array | None, Array | None, Array | None, Config] | None:
+        """`x` (checked) and `mask` as the training path takes them, the scale and
+        bias, and the static settings of the call (`_numerics.Config`); None when
+        `x` has no element.
 
-        - `renorm`: Batch Renormalization's correction (`_renorm`), or None;
-        - `normalize_with`: the `(mean, var)` to normalise with instead of the
-            batch's (which are still returned);
-        - `pooled`: the statistics are pooled with others (a step accumulating
-            micro-batches), so one element per channel is no error here.
-
-        Every training path goes through here: the fused custom JVP of
-        `train_normalize` (with virtual batches and renorm), or with
-        `normalize_with`, the statistics alone (`batch_moments`) and `normalize`.
+        `pooled`: the statistics are pooled with others (a step accumulating
+        micro-batches), so one element per channel is no error here.
         """
         shape, out_dtype = x.shape, self.output_dtype(x.dtype)
         x, mask, channel_axis = drop_unit_axes(x, mask, channel_axis)
         self._check_axes_bound()
         if x.size == 0:
-            # Nothing to take statistics over: as under vmap with an empty batch,
-            # an empty output and the running averages as they are.
-            return jnp.zeros(shape, out_dtype), None
+            return None
         replicas = self._replicas()
         virtual = self._virtual_batches(shape[0], replicas)
         if self.unbiased_running_var and mask is None and not pooled:
@@ -1055,71 +1040,105 @@ class BatchNorm(eqx.nn.StatefulLayer):
             for i in range(x.ndim)
             if i != channel_axis and not (virtual and self.axis_name is None and i == 1)
         )
-        reduction = dict(
+        config = Config(
             axes=axes,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             replicas=replicas,
+            eps=self.eps,
             fast_variance=self.use_fast_variance,
             stat_dtype=self._stat_dtype(x),
+            out_dtype=out_dtype,
             isolate=isolates_passes(x.shape, channel_axis, replicas),
+            virtual_batches=virtual,
         )
-        try:
-            if normalize_with is None:
-                y, stats = train_normalize(
-                    x,
-                    mask,
-                    scale,
-                    bias,
-                    eps=self.eps,
-                    out_dtype=out_dtype,
-                    virtual_batches=virtual,
-                    renorm=renorm,
-                    **reduction,
-                )
-                if virtual is not None:
-                    stats = pool_virtual_batches(stats)
-            else:
-                # The whole batch's statistics, given: this micro-batch's are
-                # only pooled (no virtual batches or renorm: `start_pooling`
-                # refuses those layers).
-                stats = batch_moments(x, mask, **reduction)
-                y = normalize(
-                    x, *normalize_with, scale, bias, self.eps, out_dtype, axes
-                )
-        except (NotImplementedError, AssertionError, ValueError) as err:
-            ours = self._collective_error(err)
-            if ours is None:
-                raise
-            raise ours from err
-        return jnp.reshape(y, shape), stats
+        return x, mask, scale, bias, config
+
+    def _train(
+        self,
+        x: Array,
+        mask: Array | None,
+        channel_axis: int,
+        entry: tuple,
+        *,
+        renorm: Renorm | None = None,
+        normalize_with: tuple[Array, Array] | None = None,
+        pool: bool = False,
+    ) -> tuple[Array, tuple | None]:
+        """The training output for `x` (checked) and the arrays of the State entry
+        after it; `None` for those when `x` has no element (the entry stays).
+
+        - `entry`: the layer's State entry, or with `pool`, the `(count, mean, m2)`
+            that a step accumulating micro-batches has pooled so far;
+        - `renorm`: Batch Renormalization's correction (`_renorm`), or None;
+        - `normalize_with`: the `(mean, var)` to normalise with instead of the
+            batch's (which are still what the entry takes in).
+
+        `_numerics.train`, whose jitted functions the layers of one kind share:
+        the statistics, the fused custom JVP (with virtual batches and renorm),
+        and the entry's update.
+        """
+        shape, out_dtype = x.shape, self.output_dtype(x.dtype)
+        prepared = self._prepared(x, mask, channel_axis, pooled=pool)
+        if prepared is None:
+            # Nothing to take statistics over: as under vmap with an empty batch,
+            # an empty output and the running averages as they are.
+            return jnp.zeros(shape, out_dtype), None
+        x, mask, scale, bias, config = prepared
+        with self._collective_errors():
+            y, new = train(
+                x,
+                mask,
+                scale,
+                bias,
+                tuple(entry),
+                renorm,
+                normalize_with,
+                config=config,
+                update=self._update(pool),
+            )
+        return jnp.reshape(y, shape), new
+
+    def _update(self, pool: bool = False) -> Update:
+        """How the layer's State entry moves towards a batch's statistics (with
+        `pool`, the entry is a step's pooled moments instead)."""
+        return Update(
+            momentum=self.momentum,
+            renorm_momentum=self.renorm_momentum if self.renorm else None,
+            unbiased=self.unbiased_running_var,
+            pool=pool,
+        )
 
     def _updated(self, running: tuple, stats: Moments) -> tuple:
-        """The State entry after a training step whose batch had `stats`: the
-        update of the layer's kind of entry (`entry_kind`)."""
-        unbiased = self.unbiased_running_var
-        if self.renorm:
-            return RenormStats(
-                *renorm_running_average(
-                    running,
-                    stats,
-                    self.momentum,
-                    self.renorm_momentum,
-                    self.eps,
-                    unbiased,
-                )
-            )
-        if self.momentum is None:
-            return CumulativeStats(*cumulative_average(running, stats, unbiased))
-        return RunningStats(*running_average(running, stats, self.momentum, unbiased))
+        """The State entry after a step whose batch had `stats` (one that pooled
+        micro-batches: the other steps update it in `_train`)."""
+        update = self._update()
+        new = update_entry(
+            tuple(running),
+            stats,
+            momentum=update.momentum,
+            renorm_momentum=update.renorm_momentum,
+            eps=self.eps,
+            unbiased=update.unbiased,
+        )
+        return self.entry_kind(*new)
 
     def _train_with_moments(
         self, x: Array | np.ndarray, mask: Array | np.ndarray | None = None
     ) -> tuple[Array, Moments | None]:
         """A training call without the State: the output and the batch's statistics
         (`None` for an empty `x`), for `eqx_bn.recalibrate` to accumulate (which
-        refuses renorm layers: their output needs the State)."""
-        return self._train(*self._checked_input(x, mask))
+        refuses renorm layers: their output needs the State). No update, so the
+        count stays a Python number where it is one (`train_statistics`)."""
+        x, mask, channel_axis = self._checked_input(x, mask)
+        shape, out_dtype = x.shape, self.output_dtype(x.dtype)
+        prepared = self._prepared(x, mask, channel_axis, pooled=False)
+        if prepared is None:
+            return jnp.zeros(shape, out_dtype), None
+        x, mask, scale, bias, config = prepared
+        with self._collective_errors():
+            y, stats = train_statistics(x, mask, scale, bias, None, None, config)
+        return jnp.reshape(y, shape), stats
 
     def _finish_pooling(self, entry: Pooling) -> RunningStats | CumulativeStats:
         """The running statistics after a step that pooled micro-batches: one
@@ -1134,6 +1153,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return CumulativeStats(
             *(jnp.where(seen, a, b) for a, b in zip(new, entry.running))
         )
+
+    @contextlib.contextmanager
+    def _collective_errors(self) -> Iterator[None]:
+        """Our error (`_collective_error`) for a collective that JAX does not
+        support, raised from the error JAX raises in the block."""
+        try:
+            yield
+        except (NotImplementedError, AssertionError, ValueError) as err:
+            ours = self._collective_error(err)
+            if ours is None:
+                raise
+            raise ours from err
 
     def _virtual_batches(self, batch: int, replicas: int) -> int | None:
         """How many virtual batches this training call has (Ghost BatchNorm), or

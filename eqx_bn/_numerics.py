@@ -2,10 +2,15 @@
 averages, and the custom JVP of the training path.
 
 Pure functions of arrays and of static Python values (axes, axis names, dtypes); the
-layer's configuration is read in `_batch_norm.py`. Only what a call needs is traced:
-without a mask the element counts are Python numbers (no mask arithmetic, no sums of
-ones over the named axes), without named axes there is no `psum`, and the grouped
-`psum` appears only with `axis_index_groups`.
+layer's configuration is read in `_batch_norm.py`, which calls `train` (a training
+call: the output and the State entry after it) or `normalize` (inference, frozen).
+
+**What is traced** follows the call: without a mask the element counts are Python
+numbers (no mask arithmetic, no sums of ones over the named axes), without named axes
+there is no `psum`, and the grouped `psum` appears only with `axis_index_groups`.
+`train`'s work is done by jitted functions of the arrays (the custom JVP's primal and
+rule, the State entry's update), so that a network's BatchNorms of one kind are
+traced, batched, differentiated and lowered once.
 
 **Statistics.** Flax averages per-device means (`lax.pmean` of local means). Here every
 member of the reduction contributes *sums and counts*, so the result is the
@@ -35,6 +40,7 @@ promotion (`bfloat16 - float32 -> float32`). Promotion here is explicit (`promot
 so that the library also runs under `jax_numpy_dtype_promotion="strict"`.
 """
 
+import functools
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -46,6 +52,7 @@ from jaxtyping import Array
 
 AxisName = Hashable | tuple[Hashable, ...]
 Groups = tuple[tuple[int, ...], ...] | None
+"""`axis_index_groups` as the layer keeps them (hashable), or None."""
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -227,8 +234,9 @@ def unbound_axes(axis_name: AxisName | None) -> list[Hashable]:
     outside (`jax.grad(jax.jit(f))`, `f` vmapping a layer), JAX (0.10) traces the
     custom JVP rule that `vmap` batched without the vmap axis in its axis
     environment, so that a collective that looks a size up (`lax.all_gather`)
-    raises `NameError: unbound axis name`, while a `psum` of traced values still
-    works.
+    raises `NameError: unbound axis name`, and so does any collective in a function
+    jitted there (which is traced unbatched), while a `psum` of traced values
+    still works.
     """
     unbound = []
     for name in axis_names(axis_name):
@@ -461,7 +469,7 @@ def _moments(
     return Moments(mean, var, count)
 
 
-def batch_moments(
+def _batch_moments(
     x: Array,
     mask: Array | None,
     *,
@@ -473,7 +481,7 @@ def batch_moments(
     stat_dtype: np.dtype,
     isolate: bool,
 ) -> Moments:
-    """The statistics of `x` that `train_normalize` normalises with, without the
+    """The statistics of `x` that `_train_normalize` normalises with, without the
     normalisation (for a layer normalising with other statistics); arguments as
     there, and differentiable by JAX's own rules."""
     x_a, x_b = _copies(x, 2, isolate)
@@ -559,190 +567,239 @@ def normalize(
     return _apply(x, mean, _multiplier(var, scale, eps), bias, axes, out_dtype)
 
 
-def train_normalize(
+class Config(NamedTuple):
+    """The static settings of a training call, hashable (a `jax.jit` static
+    argument): see `train` for each."""
+
+    axes: tuple[int, ...]
+    axis_name: AxisName | None
+    axis_index_groups: Groups
+    replicas: int
+    eps: float
+    fast_variance: bool
+    stat_dtype: np.dtype
+    out_dtype: np.dtype
+    isolate: bool
+    virtual_batches: int | None
+
+
+def _moments_of(
+    x_a: Array, x_b: Array, mask: Array | None, row: Array | None, config: Config
+) -> Moments:
+    """`_moments` with `config`'s settings; `row`: this member's virtual batch."""
+    virtual = None if row is None else Virtual(config.virtual_batches, row)
+    return _moments(
+        x_a,
+        x_b,
+        mask,
+        axes=config.axes,
+        axis_name=config.axis_name,
+        groups=config.axis_index_groups,
+        replicas=config.replicas,
+        fast_variance=config.fast_variance,
+        dtype=config.stat_dtype,
+        isolate=config.isolate,
+        virtual=virtual,
+    )
+
+
+def _counted(stats: Moments, mask: Array | None) -> Array | None:
+    """The count as an output of the custom JVP: an array with a mask; None
+    without, where it is a Python number."""
+    return stats.count if mask is not None else None
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _fused_primal(
     x: Array,
     mask: Array | None,
     scale: Array | None,
     bias: Array | None,
+    renorm: Renorm | None,
+    row: Array | None,
     *,
-    axes: tuple[int, ...],
-    axis_name: AxisName | None,
-    axis_index_groups: Groups,
-    replicas: int,
-    eps: float,
-    fast_variance: bool,
-    stat_dtype: np.dtype,
-    out_dtype: np.dtype,
-    isolate: bool,
-    virtual_batches: int | None = None,
-    renorm: Renorm | None = None,
+    config: Config,
+) -> tuple[Array, Array, Array, Array | None]:
+    """`_fused` itself: the output, the statistics and the count."""
+    eps = config.eps
+    stats = _moments_of(*_copies(x, 2, config.isolate), mask, row, config)
+    if renorm is not None:
+        scale, bias = _renormalised(
+            stats, renorm, eps, config.virtual_batches, scale, bias
+        )
+    mul = _multiplier(stats.var, scale, eps)
+    y = _apply(x, stats.mean, mul, bias, config.axes, config.out_dtype, row)
+    return y, stats.mean, stats.var, _counted(stats, mask)
+
+
+def _closed_form(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    renorm: Renorm | None,
+    row: Array | None,
+    dx: Array,
+    dscale: Array | None,
+    dbias: Array | None,
+    *,
+    config: Config,
+) -> tuple[tuple, tuple]:
+    """`_fused`'s primal outputs and their closed-form tangent, shaped so that its
+    transpose is three fused passes.
+
+    With `c = x - mean`, `mul = rsqrt(var + eps) * scale` and the masked sums
+    `S1 = sum(dx)`, `S2 = sum(c * dx)`:
+
+        dy = dx * mul + (dbias - dmean * mul) + c * dmul
+        dmean = S1 / n,  dvar = 2 S2 / n,  dmul = d(rsqrt(var + eps)) * scale + ...
+
+    Reverse mode transposes this into `sum(g)`, `sum(g * c)` and one elementwise
+    pass for the input gradient. The per-channel broadcast term carries
+    `dbias - dmean * mul` together, so its transpose is a reduction of `g` alone,
+    and each use of `x` and `mean` has its own copy (`_copies`), so no
+    full-size intermediate is written between the passes.
+    """
+    axes, eps, isolate = config.axes, config.eps, config.isolate
+    stat_dtype = config.stat_dtype
+    x_a, x_b, x_sums, x_out = _copies(x, 4, isolate)
+    stats = _moments_of(x_a, x_b, mask, row, config)
+    if renorm is not None:
+        # r and d are constants: scale' = r scale and bias' = d scale + bias
+        # have the tangents r dscale and d dscale + dbias.
+        scale, bias, dscale, dbias = _renormalised(
+            stats, renorm, eps, config.virtual_batches, scale, bias, (dscale, dbias)
+        )
+    inv = lax.rsqrt(stats.var + eps)
+    mul = inv
+    if scale is not None:
+        inv_s, s = _promoted(inv, scale)
+        mul = inv_s * s
+    # The output and the tangent share what XLA would merge anyway: the
+    # broadcast multiplier, and without isolation `x - mean` where it is
+    # computed in the same dtype.
+    mul_b = _expand(mul, axes, row)
+    mean_sums, mean_out = _copies(stats.mean, 2, isolate)
+    centred = x_sums.astype(stat_dtype) - _expand(mean_sums, axes, row)
+    if not isolate and promote(x.dtype, stat_dtype) == stat_dtype:
+        centred_y = centred
+    else:
+        centred_y, mean_y = _promoted(x, _expand(stats.mean, axes, row))
+        centred_y = centred_y - mean_y
+    y = _scale_shift(centred_y, mul_b, bias, axes, config.out_dtype, row)
+
+    dxs = dx.astype(stat_dtype)
+    denom = stats.count if mask is None else jnp.maximum(stats.count, 1.0)
+    virtual = None if row is None else Virtual(config.virtual_batches, row)
+    sum_dx, sum_centred_dx = _sums(
+        (dxs, centred * dxs),
+        mask,
+        axes,
+        config.axis_name,
+        config.axis_index_groups,
+        isolate,
+        virtual,
+    )
+    dmean = sum_dx / denom
+    dvar = 2 * sum_centred_dx / denom
+
+    dinv = -0.5 * inv * inv * inv * dvar
+    if scale is None:
+        dmul = dinv
+    else:
+        dinv_s, ds = _promoted(dinv, dscale)
+        dmul = dinv_s * s + inv_s * ds
+    # `mul` is at least as wide as the statistics: neither is promoted.
+    offset = -dmean.astype(mul.dtype) * mul
+    if bias is not None:
+        offset, db = _promoted(offset, dbias)
+        offset = offset + db
+    dy, mul_b = _promoted(dxs, mul_b)
+    dy = dy * mul_b
+    dy, offset_b = _promoted(dy, _expand(offset, axes, row))
+    dy = dy + offset_b
+    dy, dmul_b = _promoted(dy, _expand(dmul, axes, row))
+    if isolate:
+        centred = x_out.astype(stat_dtype) - _expand(mean_out, axes, row)
+    dy = dy + centred.astype(dy.dtype) * dmul_b
+    count = _counted(stats, mask)
+    dcount = None if count is None else jnp.zeros_like(count)
+    return (y, stats.mean, stats.var, count), (
+        dy.astype(y.dtype),
+        dmean,
+        dvar,
+        dcount,
+    )
+
+
+_closed_form_jit = jax.jit(_closed_form, static_argnames="config")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _fused(
+    config: Config,
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    renorm: Renorm | None,
+    row: Array | None,
+) -> tuple[Array, Array, Array, Array | None]:
+    """The training path of one call: `(y, mean, var, count)`, `count` an array
+    with a mask and None without (see `_train_normalize`); its tangent is
+    `_closed_form`'s.
+
+    The custom JVP is called where the layer is, under the caller's `vmap`s;
+    what it runs, the primal and the rule, are jitted functions of the arrays
+    (`config` static), so that a network's BatchNorms of one kind trace,
+    batch, differentiate and lower them once. (A custom JVP *inside* a jitted
+    function would be traced unbatched there, and its rule later, where a
+    `jax.grad` of a jitted function differentiates: without the vmap axes that
+    its collectives need. Called here, the rule is batched as the caller's
+    `vmap`s batch it; see `_fused_jvp`.)
+    """
+    return _fused_primal(x, mask, scale, bias, renorm, row, config=config)
+
+
+@_fused.defjvp
+def _fused_jvp(config: Config, primals: tuple, tangents: tuple) -> tuple:
+    """`_closed_form`, jitted where the named axes are bound. Differentiating a
+    jitted function from outside (`jax.grad(jax.jit(f))`, `f` vmapping a layer),
+    JAX traces this rule under the layer's `vmap` without its axis in the axis
+    environment (`unbound_axes`): a jitted function, traced unbatched, could not
+    hold the collectives then, so the rule is traced as it is, its collectives
+    batched by that `vmap`."""
+    x, mask, scale, bias, renorm, row = primals
+    dx, _, dscale, dbias, _, _ = tangents
+    unbound = config.axis_name is not None and unbound_axes(config.axis_name)
+    rule = _closed_form if unbound else _closed_form_jit
+    return rule(x, mask, scale, bias, renorm, row, dx, dscale, dbias, config=config)
+
+
+def _train_normalize(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    renorm: Renorm | None,
+    config: Config,
 ) -> tuple[Array, Moments]:
     """Normalises `x` with its own batch statistics; returns the output and the
-    statistics (exact tangents for both, so that a loss reading the updated running
-    averages is differentiated correctly).
-
-    **Arguments:**
-
-    - `x`: the input; its channel axis is the one not in `axes`.
-    - `mask`: boolean, broadcastable to `x`: the elements that count; or None.
-    - `scale`, `bias`: per-channel parameters, or None.
-    - `axes`: every axis of `x` but the channel axis, reduced locally.
-    - `axis_name`, `axis_index_groups`: the named axes (and groups along them)
-        reduced afterwards, as `jax.lax.psum` takes them; `axis_name=None` for none.
-    - `replicas`: how many members the named axes reduce together into one
-        statistic (1 with none; the members of one virtual batch with
-        `virtual_batches` over named axes): `x.size / channels * replicas`
-        elements per channel without a mask.
-    - `eps`: added to the variance.
-    - `fast_variance`: one shifted pass (see `_moments`) instead of two.
-    - `stat_dtype`: the dtype in which the statistics are reduced.
-    - `out_dtype`: the dtype of the output.
-    - `isolate`: give each full-size pass its own copy of its inputs
-        (`isolates_passes`).
-    - `virtual_batches`: Ghost BatchNorm's virtual batches; the statistics are
-        then tables, one row per virtual batch, and `scale` and `bias` are given
-        as one row, `(1, channels)`. With `axis_name`, the members of the named
-        axes are split in that many strided virtual batches (`virtual_batch_row`);
-        without, `x` holds them along the axis before the channels (the layer
-        reshapes a whole batch to `(size, virtual_batches, ...)`, as tf_keras).
-    - `renorm`: Batch Renormalization's correction (`_renormalised`), or None.
-
-    **Returns:**
-
-    `(y, Moments(mean, var, count))`.
+    statistics, with exact tangents for both (a loss that reads the updated running
+    averages is differentiated correctly). Arguments as `train`'s; the statistics
+    are tables, one row per virtual batch, with virtual batches.
     """
     row = None
-    if axis_name is not None and virtual_batches is not None:
+    if config.axis_name is not None and config.virtual_batches is not None:
         # An argument of the custom JVP, not a value it closes over: its rule may
         # be traced where the vmap of this call has gone (see `unbound_axes`).
-        row = virtual_batch_row(axis_name, axis_index_groups, virtual_batches)
-
-    def virtual_of(row: Array | None) -> Virtual | None:
-        return None if row is None else Virtual(virtual_batches, row)
-
-    def moments(
-        x_a: Array, x_b: Array, mask: Array | None, row: Array | None
-    ) -> Moments:
-        return _moments(
-            x_a,
-            x_b,
-            mask,
-            axes=axes,
-            axis_name=axis_name,
-            groups=axis_index_groups,
-            replicas=replicas,
-            fast_variance=fast_variance,
-            dtype=stat_dtype,
-            isolate=isolate,
-            virtual=virtual_of(row),
+        row = virtual_batch_row(
+            config.axis_name, config.axis_index_groups, config.virtual_batches
         )
-
-    def counted(stats: Moments) -> Array | None:
-        # An array count is an output of the custom JVP; a Python one is not.
-        return stats.count if mask is not None else None
-
-    @jax.custom_jvp
-    def fused(x, mask, scale, bias, renorm, row):
-        stats = moments(*_copies(x, 2, isolate), mask, row)
-        if renorm is not None:
-            scale, bias = _renormalised(
-                stats, renorm, eps, virtual_batches, scale, bias
-            )
-        mul = _multiplier(stats.var, scale, eps)
-        y = _apply(x, stats.mean, mul, bias, axes, out_dtype, row)
-        return y, stats.mean, stats.var, counted(stats)
-
-    @fused.defjvp
-    def fused_jvp(primals, tangents):
-        """The closed-form tangent, shaped so that its transpose is three fused
-        passes.
-
-        With `c = x - mean`, `mul = rsqrt(var + eps) * scale` and the masked sums
-        `S1 = sum(dx)`, `S2 = sum(c * dx)`:
-
-            dy = dx * mul + (dbias - dmean * mul) + c * dmul
-            dmean = S1 / n,  dvar = 2 S2 / n,  dmul = d(rsqrt(var + eps)) * scale + ...
-
-        Reverse mode transposes this into `sum(g)`, `sum(g * c)` and one elementwise
-        pass for the input gradient. The per-channel broadcast term carries
-        `dbias - dmean * mul` together, so its transpose is a reduction of `g` alone,
-        and each use of `x` and `mean` has its own copy (`_copies`), so no
-        full-size intermediate is written between the passes.
-        """
-        x, mask, scale, bias, renorm, row = primals
-        dx, _, dscale, dbias, _, _ = tangents
-        x_a, x_b, x_sums, x_out = _copies(x, 4, isolate)
-        stats = moments(x_a, x_b, mask, row)
-        if renorm is not None:
-            # r and d are constants: scale' = r scale and bias' = d scale + bias
-            # have the tangents r dscale and d dscale + dbias.
-            scale, bias, dscale, dbias = _renormalised(
-                stats, renorm, eps, virtual_batches, scale, bias, (dscale, dbias)
-            )
-        inv = lax.rsqrt(stats.var + eps)
-        mul = inv
-        if scale is not None:
-            inv_s, s = _promoted(inv, scale)
-            mul = inv_s * s
-        # The output and the tangent share what XLA would merge anyway: the
-        # broadcast multiplier, and without isolation `x - mean` where it is
-        # computed in the same dtype.
-        mul_b = _expand(mul, axes, row)
-        mean_sums, mean_out = _copies(stats.mean, 2, isolate)
-        centred = x_sums.astype(stat_dtype) - _expand(mean_sums, axes, row)
-        if not isolate and promote(x.dtype, stat_dtype) == stat_dtype:
-            centred_y = centred
-        else:
-            centred_y, mean_y = _promoted(x, _expand(stats.mean, axes, row))
-            centred_y = centred_y - mean_y
-        y = _scale_shift(centred_y, mul_b, bias, axes, out_dtype, row)
-
-        dxs = dx.astype(stat_dtype)
-        denom = stats.count if mask is None else jnp.maximum(stats.count, 1.0)
-        sum_dx, sum_centred_dx = _sums(
-            (dxs, centred * dxs),
-            mask,
-            axes,
-            axis_name,
-            axis_index_groups,
-            isolate,
-            virtual_of(row),
-        )
-        dmean = sum_dx / denom
-        dvar = 2 * sum_centred_dx / denom
-
-        dinv = -0.5 * inv * inv * inv * dvar
-        if scale is None:
-            dmul = dinv
-        else:
-            dinv_s, ds = _promoted(dinv, dscale)
-            dmul = dinv_s * s + inv_s * ds
-        # `mul` is at least as wide as the statistics: neither is promoted.
-        offset = -dmean.astype(mul.dtype) * mul
-        if bias is not None:
-            offset, db = _promoted(offset, dbias)
-            offset = offset + db
-        dy, mul_b = _promoted(dxs, mul_b)
-        dy = dy * mul_b
-        dy, offset_b = _promoted(dy, _expand(offset, axes, row))
-        dy = dy + offset_b
-        dy, dmul_b = _promoted(dy, _expand(dmul, axes, row))
-        if isolate:
-            centred = x_out.astype(stat_dtype) - _expand(mean_out, axes, row)
-        dy = dy + centred.astype(dy.dtype) * dmul_b
-        count = counted(stats)
-        dcount = None if count is None else jnp.zeros_like(count)
-        return (y, stats.mean, stats.var, count), (
-            dy.astype(y.dtype),
-            dmean,
-            dvar,
-            dcount,
-        )
-
-    y, mean, var, count = fused(x, mask, scale, bias, renorm, row)
+    y, mean, var, count = _fused(config, x, mask, scale, bias, renorm, row)
     if count is None:
-        local = np.prod([x.shape[a] for a in axes])
-        count = float(replicas * local)
+        local = np.prod([x.shape[a] for a in config.axes])
+        count = float(config.replicas * local)
     return y, Moments(mean, var, count)
 
 
@@ -778,7 +835,7 @@ def _moving(previous: Array, batch: Array, keep: Array, momentum: float) -> Arra
     return lax.select(keep, avg, previous).astype(previous.dtype)
 
 
-def running_average(
+def _running_average(
     old: tuple[Array, Array], stats: Moments, momentum: float, unbiased: bool
 ) -> tuple[Array, Array]:
     """Flax's exponential moving average of `old = (mean, var)` towards `stats`,
@@ -801,7 +858,7 @@ def cumulative_average(
     num_batches)` towards `stats`: the batch is counted first, then each average
     moves by `1 / num_batches` of the way, `(1 - f) * old + f * batch` as PyTorch
     writes it (so the first batch, `f = 1`, replaces the initial values). Channels
-    without valid statistics keep theirs, as in `running_average`; the batch is
+    without valid statistics keep theirs, as in `_running_average`; the batch is
     counted anyway, as PyTorch counts every training call.
     """
     mean, ok, var, var_ok = _batch_values(stats, unbiased)
@@ -846,7 +903,7 @@ def merge_moments(
 # ------------------------------------------------------------ Ghost BatchNorm
 
 
-def pool_virtual_batches(stats: Moments) -> Moments:
+def _pool_virtual_batches(stats: Moments) -> Moments:
     """The batch's statistics from the tables of its virtual batches' (one row
     each), as tf_keras updates its moving statistics under `virtual_batch_size`.
 
@@ -909,7 +966,7 @@ def _renormalised(
     `bias`, also theirs: `r` and `d` have none, so `(r dscale, d dscale + dbias)`.
     """
     if virtual_batches is not None:
-        stats = pool_virtual_batches(stats)
+        stats = _pool_virtual_batches(stats)
     r, d = renorm_correction(stats.mean, stats.var, renorm, eps)
     if virtual_batches is not None:  # one row, as the parameters are given then
         r, d = r[None], d[None]
@@ -941,7 +998,7 @@ def _renormalised(
     return out + corrected(dscale, dbias)
 
 
-def renorm_running_average(
+def _renorm_running_average(
     old: tuple[Array, Array, Array, Array, Array],
     stats: Moments,
     momentum: float,
@@ -954,7 +1011,7 @@ def renorm_running_average(
     renorm ones follow `renorm_momentum`, the inference ones `momentum`, with
     `stddev = sqrt(var + eps)` averaged and `var = max(stddev^2 - eps, 0)`
     derived from it. Channels without valid statistics keep theirs, as in
-    `running_average`; with `unbiased` the inference statistics follow the unbiased
+    `_running_average`; with `unbiased` the inference statistics follow the unbiased
     variance (the renorm ones stay with the biased variance that normalises the
     batch).
     """
@@ -968,3 +1025,204 @@ def renorm_running_average(
         _moving(old[3], mean, ok, renorm_momentum),
         _moving(old[4], jnp.sqrt(stats.var + eps), ok, renorm_momentum),
     )
+
+
+# ------------------------------------------------------------- a training call
+
+
+def train_statistics(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    renorm: Renorm | None,
+    normalize_with: tuple[Array, Array] | None,
+    config: Config,
+) -> tuple[Array, Moments]:
+    """The output of a training call and the batch's statistics (pooled over the
+    virtual batches, under Ghost BatchNorm), as `train` computes them, without the
+    State entry's update: the count stays a Python number where it is one
+    (`eqx_bn.recalibrate` accumulates them). Arguments as `train`'s."""
+    if normalize_with is None:
+        y, stats = _train_normalize(x, mask, scale, bias, renorm, config)
+        if config.virtual_batches is not None:
+            stats = _pool_virtual_batches(stats)
+        return y, stats
+    # The whole batch's statistics, given: this batch's are only pooled (no
+    # virtual batches or renorm: accumulation refuses those layers).
+    stats = _batch_moments(
+        x,
+        mask,
+        axes=config.axes,
+        axis_name=config.axis_name,
+        axis_index_groups=config.axis_index_groups,
+        replicas=config.replicas,
+        fast_variance=config.fast_variance,
+        stat_dtype=config.stat_dtype,
+        isolate=config.isolate,
+    )
+    y = normalize(
+        x, *normalize_with, scale, bias, config.eps, config.out_dtype, config.axes
+    )
+    return y, stats
+
+
+def update_entry(
+    entry: tuple[Array, ...],
+    stats: Moments,
+    *,
+    momentum: float | None,
+    renorm_momentum: float | None,
+    eps: float,
+    unbiased: bool,
+) -> tuple[Array, ...]:
+    """The arrays of a State entry after a batch with `stats`, by the entry's kind:
+    Batch Renormalization's five (`_renorm_running_average`) with a
+    `renorm_momentum`, else the cumulative average's three
+    (`cumulative_average`) with `momentum=None`, else the exponential moving
+    average's two (`_running_average`)."""
+    if renorm_momentum is not None:
+        return _renorm_running_average(
+            entry, stats, momentum, renorm_momentum, eps, unbiased
+        )
+    if momentum is None:
+        return cumulative_average(entry, stats, unbiased)
+    return _running_average(entry, stats, momentum, unbiased)
+
+
+class Update(NamedTuple):
+    """How a training call moves the layer's State entry, hashable (a `jax.jit`
+    static argument): `momentum`, `renorm_momentum` (None but for Batch
+    Renormalization) and `unbiased` as `update_entry` takes them; `pool`: the
+    entry is the `(count, mean, m2)` that a step accumulating micro-batches has
+    pooled so far, merged with the batch's (`merge_moments`)."""
+
+    momentum: float | None
+    renorm_momentum: float | None
+    unbiased: bool
+    pool: bool
+
+
+def _new_entry(
+    entry: tuple[Array, ...], stats: Moments, update: Update, eps: float
+) -> tuple[Array, ...]:
+    if update.pool:
+        return merge_moments(entry, stats)
+    return update_entry(
+        entry,
+        stats,
+        momentum=update.momentum,
+        renorm_momentum=update.renorm_momentum,
+        eps=eps,
+        unbiased=update.unbiased,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("number", "config", "update"))
+def _entry_after(
+    entry: tuple[Array, ...],
+    mean: Array,
+    var: Array,
+    count: Array | None,
+    *,
+    number: float | None,
+    config: Config,
+    update: Update,
+) -> tuple[Array, ...]:
+    """The State entry after a batch with these statistics (tables over virtual
+    batches, pooled here): `count` an array, or None and `number` the count."""
+    stats = Moments(mean, var, number if count is None else count)
+    if config.virtual_batches is not None:
+        stats = _pool_virtual_batches(stats)
+    return _new_entry(entry, stats, update, config.eps)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "update"))
+def _train_given(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    entry: tuple[Array, ...],
+    normalize_with: tuple[Array, Array],
+    *,
+    config: Config,
+    update: Update,
+) -> tuple[Array, tuple[Array, ...]]:
+    """`train` with `normalize_with`: no custom JVP, one jitted call."""
+    y, stats = train_statistics(x, mask, scale, bias, None, normalize_with, config)
+    return y, _new_entry(entry, stats, update, config.eps)
+
+
+def train(
+    x: Array,
+    mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
+    entry: tuple[Array, ...],
+    renorm: Renorm | None,
+    normalize_with: tuple[Array, Array] | None,
+    *,
+    config: Config,
+    update: Update,
+) -> tuple[Array, tuple[Array, ...]]:
+    """One training call: `x` normalised with its own batch statistics, and the
+    layer's State entry moved towards them.
+
+    Its work is done by jitted functions of the arrays, everything else static
+    (`config`, `update`), for the time it takes to trace and compile a network:
+    its BatchNorms of equal shapes and settings are then traced, batched,
+    differentiated and lowered once instead of once each (a ResNet-18 has 20
+    BatchNorms of 5 kinds). XLA inlines the calls, so the compiled program is
+    the same. They are the custom JVP's primal and rule (`_fused`), and the
+    entry's update (`_entry_after`); with `normalize_with`, one (`_train_given`).
+
+    **Arguments:**
+
+    - `x`: the input; its channel axis is the one not in `config.axes`.
+    - `mask`: boolean, broadcastable to `x`: the elements that count; or None.
+    - `scale`, `bias`: per-channel parameters, or None; one row, `(1, channels)`,
+        with virtual batches.
+    - `entry`: the arrays of the layer's State entry (`update_entry`), or with
+        `update.pool`, the `(count, mean, m2)` pooled so far (`merge_moments`).
+    - `renorm`: Batch Renormalization's correction (`_renormalised`), or None.
+    - `normalize_with`: the `(mean, var)` to normalise with instead of the
+        batch's own (which are still what the entry takes in), or None.
+    - `config`: the reduction and normalisation (a `Config`):
+        - `axes`: every axis of `x` but the channel axis, reduced locally.
+        - `axis_name`, `axis_index_groups`: the named axes (and groups along
+            them) reduced afterwards, as `jax.lax.psum` takes them;
+            `axis_name=None` for none.
+        - `replicas`: how many members the named axes reduce together into one
+            statistic (1 with none; the members of one virtual batch with
+            virtual batches over named axes): `x.size / channels * replicas`
+            elements per channel without a mask.
+        - `eps`: added to the variance.
+        - `fast_variance`: one shifted pass (see `_moments`) instead of two.
+        - `stat_dtype`: the dtype in which the statistics are reduced.
+        - `out_dtype`: the dtype of the output.
+        - `isolate`: give each full-size pass its own copy of its inputs
+            (`isolates_passes`).
+        - `virtual_batches`: Ghost BatchNorm's virtual batches, or None. With
+            `axis_name`, the members of the named axes are split in that many
+            strided virtual batches (`virtual_batch_row`); without, `x` holds
+            them along the axis before the channels (the layer reshapes a whole
+            batch to `(size, virtual_batches, ...)`, as tf_keras). The entry
+            follows the statistics pooled over them (`_pool_virtual_batches`).
+    - `update`: how the entry moves (an `Update`).
+
+    **Returns:**
+
+    `(y, entry)`: the output and the entry's new arrays.
+    """
+    if normalize_with is not None:
+        return _train_given(
+            x, mask, scale, bias, entry, normalize_with, config=config, update=update
+        )
+    y, stats = _train_normalize(x, mask, scale, bias, renorm, config)
+    number = stats.count if isinstance(stats.count, float) else None
+    count = None if number is not None else stats.count
+    new = _entry_after(
+        entry, stats.mean, stats.var, count, number=number, config=config, update=update
+    )
+    return y, new

@@ -2,9 +2,9 @@
 
 No timing here: the traffic is read from the optimised HLO of the compiled program
 (`benchmarks/run.py:hlo_traffic`), which does not depend on the machine's load. It
-guards the fusion work in `eqx_bn/_stats.py` and `eqx_bn/_fused.py`: before it, the
-forward+backward program wrote `x - shift`, `x - mean` and `g * mul` out in full
-and read them back (14 input-sized transfers instead of 8).
+guards the fusion work in `eqx_bn/_numerics.py`: before it, the forward+backward
+program wrote `x - shift`, `x - mean` and `g * mul` out in full and read them back
+(14 input-sized transfers instead of 8).
 """
 
 import functools

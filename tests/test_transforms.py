@@ -251,3 +251,58 @@ def test_bfloat16_training_gradients_are_float32_accurate():
     np.testing.assert_allclose(
         g.astype(jnp.float32), g32, rtol=float(jnp.finfo(jnp.bfloat16).eps), atol=1e-2
     )
+
+
+def _vmapped(bn, state, x, nesting):
+    """`bn` (channels last) over a batch `x` `(4, 2, 3)`: under `vmap`
+    (`"vmap"`), under two named vmaps (`"two_axes"`), or per time step (axis 1)
+    under an unnamed vmap inside the named one (`"unnamed_inside"`; then no new
+    State, one per time step)."""
+    if nesting == "vmap":
+        return jax.vmap(
+            lambda xi: bn(xi, state), axis_name="batch", out_axes=(0, None)
+        )(x)
+    if nesting == "two_axes":
+        inner = jax.vmap(lambda xi: bn(xi, state), axis_name="b", out_axes=(0, None))
+        both = jax.vmap(inner, axis_name="a", out_axes=(0, None))
+        y, state = both(x.reshape((2, 2) + x.shape[1:]))
+        return y.reshape(x.shape), state
+    per_step = jax.vmap(lambda xt: bn(xt, state)[0])
+    return jax.vmap(per_step, axis_name="batch")(x), None
+
+
+@pytest.mark.parametrize("virtual_batch_size", [None, 2])
+@pytest.mark.parametrize("nesting", ["vmap", "two_axes", "unnamed_inside"])
+def test_grad_of_a_jitted_vmap(nesting, virtual_batch_size):
+    """`jax.grad(jax.jit(f))`, `f` vmapping the layer, as `jax.jit(jax.grad(f))`.
+
+    From outside the jit, JAX (0.10) traces the custom JVP's rule without the
+    vmap axes in its axis environment: a rule (or a function it calls) jitted
+    there, traced unbatched, could not hold the collectives over them."""
+    axis_name = {"two_axes": ("a", "b")}.get(nesting, "batch")
+    bn, state = eqx.nn.make_with_state(eqx_bn.BatchNorm)(
+        3,
+        axis_name,
+        momentum=0.9,
+        channels_last=True,
+        virtual_batch_size=virtual_batch_size,
+    )
+    x, ct = data(shape=(4, 2, 3))
+    params, static = eqx.partition(bn, eqx.is_inexact_array)
+
+    def loss(params, x, state):
+        y, state = _vmapped(eqx.combine(params, static), state, x, nesting)
+        return jnp.sum(y * ct), state
+
+    def fresh():  # a State is used once
+        return jax.tree.map(lambda a: a, state)
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    got, got_state = jax.grad(jax.jit(loss), argnums=(0, 1), has_aux=True)(
+        params, x, fresh()
+    )
+    want, want_state = jax.jit(grad)(params, x, fresh())
+    for a, b in zip(
+        jax.tree.leaves((got, got_state)), jax.tree.leaves((want, want_state))
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
