@@ -71,7 +71,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 sys.path.insert(0, str(ROOT / "examples"))
 
 # Kinds of test that are slow by nature: each puts its tests in the slow tier.
-SLOW_KINDS = ("subprocess", "multidevice", "docs", "examples")
+SLOW_KINDS = ("subprocess", "multidevice", "docs", "examples", "live")
 
 
 def _names_no_tests(config: pytest.Config) -> bool:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "data"))
 from make_after_training_reference import _freeze  # noqa: E402
 from test_interop_torch import FACTOR, _eval, _train_step  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.live
 
 NUM_CLASSES = 10
 

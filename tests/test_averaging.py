@@ -380,6 +380,7 @@ def test_a_decay_outside_0_1_is_refused(decay):
         ema(decay)
 
 
+@pytest.mark.live
 def test_ema_matches_live_torch_bitwise(skeleton, refs):
     """Live: torch's own `AveragedModel` on the recorded rows, in float32, and
     eqx_bn's EMA agree to the bit, parameters and running statistics."""

@@ -374,6 +374,7 @@ def test_torch_training_checkpoint_key_flag(models, torch_state_dict, tmp_path, 
     _assert_loaded(output, models[1], expected)
 
 
+@pytest.mark.live
 def test_torch_training_checkpoint_with_argparse_args(
     models, torch_state_dict, tmp_path, capsys
 ):

@@ -1129,6 +1129,7 @@ def test_read_checkpoint_goes_by_the_bytes_before_the_suffix(tmp_path):
     assert set(read_checkpoint(path)) == set(read_torch(DATA / "narrow_basic.pt"))
 
 
+@pytest.mark.live
 def test_a_training_checkpoint_holding_argparse_args_is_read_by_keys(tmp_path):
     """Issue 21.5: torchvision's reference scripts save `args`, an
     `argparse.Namespace`, beside the model. It is refused (reading it would import

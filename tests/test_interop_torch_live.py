@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "data"))
 import make_torch_reference as reference  # noqa: E402
 from test_interop_torch import _eval, _train_step, assert_as_accurate  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.live
 
 MODELS = {
     "resnet18": (torchvision.models.resnet18, TorchResNet18),

@@ -27,6 +27,8 @@ import numpy as np  # noqa: E402
 
 import eqx_bn  # noqa: E402
 
+pytestmark = pytest.mark.live
+
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 
@@ -39,7 +41,6 @@ def _reference_module():
     return module
 
 
-@pytest.mark.slow
 def test_the_recorded_reference_is_keras_as_installed():
     """Keras as installed gives the recorded `rmax_only` run bit for bit (the
     generator's claim), so the keras-free tier still tests against Keras."""

@@ -254,7 +254,7 @@ def _constant(values):
     return values.size > 0 and bool(np.all(values == values.flat[0]))
 
 
-@pytest.mark.slow  # importing torch alone takes seconds
+@pytest.mark.live  # importing torch alone takes seconds
 @pytest.mark.parametrize("case", ["resnet18", "resnext_zero_init"])
 def test_torchvision_named_weights_are_drawn_as_torchvision_draws_them(case):
     """Every array of a TorchResNet against the same one of torchvision's model,
