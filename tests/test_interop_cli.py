@@ -341,6 +341,7 @@ def _assert_loaded(output, module, expected):
     np.testing.assert_array_equal(model.dense_1.bias, expected.dense_1.bias)
 
 
+@pytest.mark.live  # writes its checkpoints with torch
 def test_torch_prefix_flag(models, torch_state_dict, tmp_path, capsys):
     state_dict, expected = torch_state_dict
     wrapped = {f"module.{k}": v for k, v in state_dict.items()}
@@ -356,6 +357,7 @@ def test_torch_prefix_flag(models, torch_state_dict, tmp_path, capsys):
     _assert_loaded(output, models[1], expected)
 
 
+@pytest.mark.live  # writes its checkpoints with torch
 def test_torch_training_checkpoint_key_flag(models, torch_state_dict, tmp_path, capsys):
     state_dict, expected = torch_state_dict
     path = _torch_save(tmp_path, {"state_dict": state_dict, "epoch": np.array(3)})
@@ -411,6 +413,7 @@ def test_key_flag_for_flax(models, flax_model, tmp_path, capsys):
     assert_matches_flax(output, flax_model, models[1])
 
 
+@pytest.mark.live  # writes its checkpoint with torch
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -439,6 +442,7 @@ def test_torch_only_flag_refused_for_flax(models, msgpack_file, tmp_path, capsys
     assert status == 2 and "no such checkpoint file" in err, err
 
 
+@pytest.mark.live  # writes its checkpoints with torch
 def test_no_progress_bar_for_readers_without_progress(
     models, torch_state_dict, tmp_path, capsys, monkeypatch
 ):
