@@ -814,8 +814,15 @@ def make_train_step(
     jitted = jax.jit(step, donate_argnums=(0,))
 
     def donating_step(ts: TrainState, batch: Any) -> tuple[TrainState, Array, Any]:
-        _check_not_donated(ts, "train_step")
-        return jitted(ts, batch)
+        # XLA refuses a deleted buffer before it runs (and donates nothing of a
+        # call it refuses): a donated holder is looked for only then, not before
+        # every step (a microsecond of the seed MLP's 30 per step).
+        try:
+            return jitted(ts, batch)
+        except (RuntimeError, ValueError) as error:
+            failure = error
+        _check_not_donated(ts, "train_step")  # the clear error, where it applies
+        raise failure
 
     donating_step.lower = jitted.lower  # type: ignore[attr-defined]
     return donating_step

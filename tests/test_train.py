@@ -701,6 +701,7 @@ def test_a_donated_holder_is_refused_everywhere():
         ts.to_flax()
     with pytest.raises(ValueError, match="train_step: this TrainState was donated"):
         donating(kept, (xs[1], ys[1]))
+    assert not kept.step.is_deleted()  # the refused call donated none of its own
     with pytest.raises(
         ValueError, match="the model given holds arrays deleted by a donating"
     ):
