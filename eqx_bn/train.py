@@ -813,19 +813,7 @@ def make_train_step(
         return jax.jit(step)
     jitted = jax.jit(step, donate_argnums=(0,))
 
-    def donating_step(ts: TrainState, batch: Any) -> tuple[TrainState, Array, Any]:
-        # XLA refuses a deleted buffer before it runs (and donates nothing of a
-        # call it refuses): a donated holder is looked for only then, not before
-        # every step (a microsecond of the seed MLP's 30 per step).
-        try:
-            return jitted(ts, batch)
-        except (RuntimeError, ValueError) as error:
-            failure = error
-        _check_not_donated(ts, "train_step")  # the clear error, where it applies
-        raise failure
-
-    donating_step.lower = jitted.lower  # type: ignore[attr-defined]
-    return donating_step
+    return _refusing_donated(jitted, "train_step")
 
 
 @typecheck
@@ -938,7 +926,8 @@ def _check_not_donated(ts: Any, where: str) -> None:
     # donates all the holder's buffers, and `replace` copies each part it is given
     # whole, sharing the others: the step and the first array of each part tell
     # for all (a holder made by `replace` from a donated one is refused there).
-    # This runs before every step: the fields are read through `vars` (an Equinox
+    # It runs before `replace` and `to_flax`, and after a jitted call failed
+    # (`_refusing_donated`): the fields are read through `vars` (an Equinox
     # module's attribute access costs about a microsecond each).
     if not isinstance(ts, TrainState):
         return
@@ -960,6 +949,27 @@ def _check_not_donated(ts: Any, where: str) -> None:
                 "(`ts, loss, aux = train_step(ts, batch)`), or build the step "
                 "without `donate=True` to keep old ones usable."
             )
+
+
+def _refusing_donated(jitted: Callable, where: str, argnum: int = 0) -> Callable:
+    """`jitted`, with XLA's error for a `TrainState` (argument `argnum`) that a
+    donating step consumed replaced by `_check_not_donated`'s.
+
+    XLA refuses a deleted buffer before it runs, and donates nothing of a call it
+    refuses: the holder is looked at only then, not before every call (about a
+    microsecond, of the seed MLP's 30 per step). `.lower` is `jitted`'s.
+    """
+
+    def call(*args: Any) -> Any:
+        try:
+            return jitted(*args)
+        except (RuntimeError, ValueError) as error:
+            failure = error
+        _check_not_donated(args[argnum], where)  # the clear error, where it applies
+        raise failure
+
+    call.lower = jitted.lower  # type: ignore[attr-defined]
+    return call
 
 
 @typecheck
@@ -996,12 +1006,7 @@ def make_eval_step(fn: Callable[..., Any]) -> Callable[[TrainState, Any], Any]:
 
     jitted = jax.jit(step)
 
-    def eval_step(ts: TrainState, batch: Any) -> Any:
-        _check_not_donated(ts, "eval_step")
-        return jitted(ts, batch)
-
-    eval_step.lower = jitted.lower  # type: ignore[attr-defined]
-    return eval_step
+    return _refusing_donated(jitted, "eval_step")
 
 
 # ---------------------------------------------------------------- weight averaging
@@ -1146,12 +1151,7 @@ def _averaging(
 
     jitted = jax.jit(update)
 
-    def checked_update(averaged: Averaged, train_state: TrainState) -> Averaged:
-        _check_not_donated(train_state, f"{where}.update")
-        return jitted(averaged, train_state)
-
-    checked_update.lower = jitted.lower  # type: ignore[attr-defined]
-    return WeightAveraging(init, checked_update)
+    return WeightAveraging(init, _refusing_donated(jitted, f"{where}.update", 1))
 
 
 @typecheck

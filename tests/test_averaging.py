@@ -358,9 +358,13 @@ def test_update_compiles_once_and_survives_donation(skeleton, refs):
                 avg = averaging.update(avg, ts)
             assert (len(compiled) > 0) == (i == 0), (i, compiled)
         assert isinstance(avg, Averaged) and int(avg.count) == 4
+        consumed = ts
         ts, _, _ = train_step(ts, (x[0], labels[0]))  # consumes the last holder
         jax.block_until_ready(avg)  # every buffer of the average is alive
         assert np.isfinite(np.asarray(avg.model.conv1.weight)).all()
+        with pytest.raises(ValueError, match=r"update: this TrainState was donated"):
+            averaging.update(avg, consumed)
+        assert int(averaging.update(avg, ts).count) == 5  # the refusal took nothing
 
 
 def test_average_is_a_pytree_that_serialises(ema_run, tmp_path, skeleton, refs):
