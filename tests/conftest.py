@@ -5,8 +5,10 @@ Flax are wrapped in `flax_promotion()` from `tests/helpers.py`.
 
 Two tiers. A bare `pytest` (the README's command) runs the quick tier: every test
 not marked `slow`. The slow tier is what starts Python interpreters, runs the
-documentation pages and the examples end to end, or trains full-size models;
-`pytest -m slow` runs it, and `.ci/run` runs both tiers, one after the other.
+documentation pages and the examples end to end, trains full-size models, or
+compares with torch or keras as installed (`live`: the `test` extra installs
+neither); `pytest -m slow` runs it, and `.ci/run` runs both tiers, one after the
+other, the slow one in an environment with every extra.
 Naming tests (paths, `-k`, `-m`) runs exactly those, slow or not.
 
 Compiled programs persist between runs: JAX's persistent compilation cache is on, in
