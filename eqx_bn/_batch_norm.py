@@ -1112,15 +1112,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     def _updated(self, running: tuple, stats: Moments) -> tuple:
         """The State entry after a step whose batch had `stats` (one that pooled
         micro-batches: the other steps update it in `_train`)."""
-        update = self._update()
-        new = update_entry(
-            tuple(running),
-            stats,
-            momentum=update.momentum,
-            renorm_momentum=update.renorm_momentum,
-            eps=self.eps,
-            unbiased=update.unbiased,
-        )
+        new = update_entry(tuple(running), stats, self._update(), self.eps)
         return self.entry_kind(*new)
 
     def _train_with_moments(

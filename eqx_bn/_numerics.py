@@ -469,36 +469,6 @@ def _moments(
     return Moments(mean, var, count)
 
 
-def _batch_moments(
-    x: Array,
-    mask: Array | None,
-    *,
-    axes: tuple[int, ...],
-    axis_name: AxisName | None,
-    axis_index_groups: Groups,
-    replicas: int,
-    fast_variance: bool,
-    stat_dtype: np.dtype,
-    isolate: bool,
-) -> Moments:
-    """The statistics of `x` that `_train_normalize` normalises with, without the
-    normalisation (for a layer normalising with other statistics); arguments as
-    there, and differentiable by JAX's own rules."""
-    x_a, x_b = _copies(x, 2, isolate)
-    return _moments(
-        x_a,
-        x_b,
-        mask,
-        axes=axes,
-        axis_name=axis_name,
-        groups=axis_index_groups,
-        replicas=replicas,
-        fast_variance=fast_variance,
-        dtype=stat_dtype,
-        isolate=isolate,
-    )
-
-
 # ---------------------------------------------------------------- normalisation
 
 
@@ -1049,53 +1019,22 @@ def train_statistics(
             stats = _pool_virtual_batches(stats)
         return y, stats
     # The whole batch's statistics, given: this batch's are only pooled (no
-    # virtual batches or renorm: accumulation refuses those layers).
-    stats = _batch_moments(
-        x,
-        mask,
-        axes=config.axes,
-        axis_name=config.axis_name,
-        axis_index_groups=config.axis_index_groups,
-        replicas=config.replicas,
-        fast_variance=config.fast_variance,
-        stat_dtype=config.stat_dtype,
-        isolate=config.isolate,
-    )
+    # virtual batches or renorm: accumulation refuses those layers), and JAX's own
+    # rules differentiate them (the output does not read them).
+    stats = _moments_of(*_copies(x, 2, config.isolate), mask, None, config)
     y = normalize(
         x, *normalize_with, scale, bias, config.eps, config.out_dtype, config.axes
     )
     return y, stats
 
 
-def update_entry(
-    entry: tuple[Array, ...],
-    stats: Moments,
-    *,
-    momentum: float | None,
-    renorm_momentum: float | None,
-    eps: float,
-    unbiased: bool,
-) -> tuple[Array, ...]:
-    """The arrays of a State entry after a batch with `stats`, by the entry's kind:
-    Batch Renormalization's five (`_renorm_running_average`) with a
-    `renorm_momentum`, else the cumulative average's three
-    (`cumulative_average`) with `momentum=None`, else the exponential moving
-    average's two (`_running_average`)."""
-    if renorm_momentum is not None:
-        return _renorm_running_average(
-            entry, stats, momentum, renorm_momentum, eps, unbiased
-        )
-    if momentum is None:
-        return cumulative_average(entry, stats, unbiased)
-    return _running_average(entry, stats, momentum, unbiased)
-
-
 class Update(NamedTuple):
     """How a training call moves the layer's State entry, hashable (a `jax.jit`
     static argument): `momentum`, `renorm_momentum` (None but for Batch
-    Renormalization) and `unbiased` as `update_entry` takes them; `pool`: the
-    entry is the `(count, mean, m2)` that a step accumulating micro-batches has
-    pooled so far, merged with the batch's (`merge_moments`)."""
+    Renormalization) and `unbiased` as the entry's kind takes them (see
+    `update_entry`); `pool`: the entry is the `(count, mean, m2)` that a step
+    accumulating micro-batches has pooled so far, merged with the batch's
+    (`merge_moments`)."""
 
     momentum: float | None
     renorm_momentum: float | None
@@ -1103,19 +1042,25 @@ class Update(NamedTuple):
     pool: bool
 
 
-def _new_entry(
+def update_entry(
     entry: tuple[Array, ...], stats: Moments, update: Update, eps: float
 ) -> tuple[Array, ...]:
+    """The arrays of a State entry after a batch with `stats`, by the entry's kind:
+    the pooled moments (`merge_moments`) with `update.pool`, else Batch
+    Renormalization's five (`_renorm_running_average`) with a `renorm_momentum`,
+    else the cumulative average's three (`cumulative_average`) with
+    `momentum=None`, else the exponential moving average's two
+    (`_running_average`)."""
     if update.pool:
         return merge_moments(entry, stats)
-    return update_entry(
-        entry,
-        stats,
-        momentum=update.momentum,
-        renorm_momentum=update.renorm_momentum,
-        eps=eps,
-        unbiased=update.unbiased,
-    )
+    momentum, unbiased = update.momentum, update.unbiased
+    if update.renorm_momentum is not None:
+        return _renorm_running_average(
+            entry, stats, momentum, update.renorm_momentum, eps, unbiased
+        )
+    if momentum is None:
+        return cumulative_average(entry, stats, unbiased)
+    return _running_average(entry, stats, momentum, unbiased)
 
 
 @functools.partial(jax.jit, static_argnames=("number", "config", "update"))
@@ -1134,7 +1079,7 @@ def _entry_after(
     stats = Moments(mean, var, number if count is None else count)
     if config.virtual_batches is not None:
         stats = _pool_virtual_batches(stats)
-    return _new_entry(entry, stats, update, config.eps)
+    return update_entry(entry, stats, update, config.eps)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "update"))
@@ -1151,7 +1096,7 @@ def _train_given(
 ) -> tuple[Array, tuple[Array, ...]]:
     """`train` with `normalize_with`: no custom JVP, one jitted call."""
     y, stats = train_statistics(x, mask, scale, bias, None, normalize_with, config)
-    return y, _new_entry(entry, stats, update, config.eps)
+    return y, update_entry(entry, stats, update, config.eps)
 
 
 def train(
