@@ -68,6 +68,18 @@ settings.load_profile("eqx_bn")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# The tests draw their data, and Equinox's and Flax's layers their weights, with
+# jax.random, eagerly and in hundreds of shapes: one XLA compile per shape. XLA:CPU
+# compiles a draw with JAX's default "partitionable" threefry counters in about
+# 1 s for a 4-d shape (`jax.random.normal(key, (16, 3, 8, 8))`), and with the
+# original counters in 0.2 s, whatever the shape; in the quick tier that is about
+# 30 s of the two workers' time. eqx_bn's own programs draw nothing with
+# jax.random (its models draw their weights with NumPy), so only the drawn values
+# change, not the programs under test. Set here only: the interpreters that tests
+# start (the documentation pages, the examples) keep JAX's default, as users run
+# them.
+jax.config.update("jax_threefry_partitionable", False)
+
 # Examples import their shared `_common` module from their own folder, as Python
 # does when a script is run; tests that import an example need the same.
 sys.path.insert(0, str(ROOT / "examples"))
