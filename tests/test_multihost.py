@@ -60,6 +60,9 @@ def child_env():
     env.pop("EQX_BN_MULTIHOST_PARENT", None)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     env["JAX_PLATFORMS"] = "cpu"
+    # The children draw the model's weights with jax.random as this process does,
+    # which is compared with them (the test session sets the counters: conftest.py).
+    env["JAX_THREEFRY_PARTITIONABLE"] = str(jax.config.jax_threefry_partitionable)
     return env
 
 
