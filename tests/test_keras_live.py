@@ -42,12 +42,31 @@ def _reference_module():
 
 
 def test_the_recorded_reference_is_keras_as_installed():
-    """Keras as installed gives the recorded `rmax_only` run bit for bit (the
-    generator's claim), so the keras-free tier still tests against Keras."""
+    """Keras as installed gives the recorded `rmax_only` run, so the keras-free
+    tier still tests against Keras: the data bit for bit, every computed array to
+    float32 rounding of its scale.
+
+    Not bit for bit: the reference is Keras's float64 run rounded to float32, and
+    that run is not float64 throughout (its values move with the machine's float32
+    kernels, within 1.4-3.4 float32 epsilons of each array's largest value on a
+    second machine, against the recording machine's file; the float32 run's own
+    error, `err/<key>`, is of the same size). A Keras that computed otherwise (a
+    changed formula, a clipping bound applied elsewhere) moves them by far more.
+    """
     recorded = np.load(DATA / "keras" / "renorm.npz")
     fresh = _reference_module().config_arrays("rmax_only")
+    eps = float(np.finfo(np.float32).eps)
     for key, value in fresh.items():
-        np.testing.assert_array_equal(value, recorded[f"rmax_only/{key}"], err_msg=key)
+        if key.startswith("err/"):  # this machine's float32 run: its own rounding
+            continue
+        want = recorded[f"rmax_only/{key}"]
+        if f"err/{key}" not in fresh:  # data and settings: exact
+            np.testing.assert_array_equal(value, want, err_msg=key)
+            continue
+        scale = float(np.max(np.abs(want)))
+        np.testing.assert_allclose(
+            value, want, rtol=0, atol=8 * eps * scale, err_msg=key
+        )
 
 
 STATS = ("mean", "var", "stddev", "renorm_mean", "renorm_stddev")
