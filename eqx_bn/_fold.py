@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree, Shaped
 
 from ._batch_norm import BatchNorm, check_running, get_running
+from ._conv import ChannelsLastConv
 from ._numerics import promote
 from ._typing import typecheck
 
@@ -37,7 +38,7 @@ FOLD_INTO = "fold_into"
 """The `eqx.field` metadata key with which a BatchNorm field names the Conv or Linear
 field whose output it normalises."""
 
-_Affine = eqx.nn.Conv | eqx.nn.Linear
+_Affine = eqx.nn.Conv | ChannelsLastConv | eqx.nn.Linear
 
 
 class FoldedBatchNorm(eqx.nn.StatefulLayer):
@@ -109,7 +110,7 @@ def _bn_channel_axis(bn: BatchNorm) -> int:
 
 
 def _out_features(layer: _Affine) -> int | None:
-    if isinstance(layer, eqx.nn.Conv):
+    if isinstance(layer, eqx.nn.Conv | ChannelsLastConv):
         return layer.out_channels
     return None if layer.out_features == "scalar" else int(layer.out_features)
 
@@ -121,9 +122,10 @@ def _fold_pair(
     if not isinstance(layer, _Affine):
         raise TypeError(
             f"fold_batch_norms: {where}: the BatchNorm follows a "
-            f"{type(layer).__name__}, but only eqx.nn.Conv (1-3d) and eqx.nn.Linear "
-            "can take a BatchNorm in. Remove the declaration, or put the BatchNorm "
-            "right after a Conv or Linear."
+            f"{type(layer).__name__}, but only eqx.nn.Conv (1-3d), "
+            "eqx_bn.models.ChannelsLastConv and eqx.nn.Linear can take a BatchNorm "
+            "in. Remove the declaration, or put the BatchNorm right after a Conv or "
+            "Linear."
         )
     features = _out_features(layer)
     if features != bn.input_size:
@@ -157,8 +159,15 @@ def _fold_pair(
         shift = shift + jnp.reshape(layer.bias, (-1,)).astype(dtype) * mul
     if bn.bias is not None:
         shift = shift + bn.bias.astype(dtype)
-    per_row = (-1,) + (1,) * (layer.weight.ndim - 1)
-    weight = (layer.weight.astype(dtype) * jnp.reshape(mul, per_row)).astype(
+    # Output channels: the first axis of an Equinox weight (and of a Conv's bias,
+    # `(out, 1, ..., 1)`), the last of a ChannelsLastConv kernel.
+    last = isinstance(layer, ChannelsLastConv)
+    per_out = (
+        (1,) * (layer.weight.ndim - 1) + (-1,)
+        if last
+        else (-1,) + (1,) * (layer.weight.ndim - 1)
+    )
+    weight = (layer.weight.astype(dtype) * jnp.reshape(mul, per_out)).astype(
         weight_dtype
     )
     bias_shape = (features,) + (
@@ -183,16 +192,22 @@ def _fold_sequential(seq: eqx.nn.Sequential, state, where: str) -> eqx.nn.Sequen
         if not (isinstance(layer, _Affine) and isinstance(bn, BatchNorm)):
             continue
         here = f"{where}.layers[{i}:{i + 2}]"
-        # Per example, a Conv gives (C, *spatial) and a Linear (C,).
+        # Per example, a Conv gives (C, *spatial), a ChannelsLastConv (*spatial,
+        # C) and a Linear (C,).
         per_example = bn.axis_name is not None
+        last = isinstance(layer, ChannelsLastConv)
         fits = per_example and (
-            isinstance(layer, eqx.nn.Linear) or not bn.channels_last
+            isinstance(layer, eqx.nn.Linear) or bn.channels_last == last
         )
         if not fits:
-            built = "channels last" if per_example else "whole batches (axis_name=None)"
+            gives = "channels last" if last else "channels first"
+            if not per_example:
+                built = "whole batches (axis_name=None)"
+            else:
+                built = "channels last" if bn.channels_last else "channels first"
             raise ValueError(
                 f"fold_batch_norms: {here}: a {type(layer).__name__} gives one "
-                "example, channels first, but the BatchNorm after it is built for "
+                f"example, {gives}, but the BatchNorm after it is built for "
                 f"{built}, so the two do not run one after the other as they stand."
             )
         layers[i], layers[i + 1] = _fold_pair(layer, bn, state, here)
@@ -277,7 +292,8 @@ def _training_norms(model) -> list[str]:
 
 def fold_batch_norms(model, state: eqx.nn.State):
     """An inference model in which every `eqx_bn.BatchNorm` that directly follows an
-    `eqx.nn.Conv` or `eqx.nn.Linear` is folded into that layer's weights and bias.
+    `eqx.nn.Conv`, `eqx_bn.models.ChannelsLastConv` or `eqx.nn.Linear` is folded into
+    that layer's weights and bias.
 
     With `mul = scale / sqrt(var + eps)` from the running statistics in `state`, the
     layer's weight rows are multiplied by `mul` and its bias becomes

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 import eqx_bn
-from eqx_bn.models import ResNet, SeedMLP, TorchResNet
+from eqx_bn.models import (
+    ChannelsLastConv,
+    ChannelsLastConv2d,
+    ResNet,
+    SeedMLP,
+    TorchResNet,
+)
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 
@@ -69,21 +75,25 @@ def _pair(kind: str, dims: int, use_bias: bool, key):
     if kind == "linear":
         return eqx.nn.Linear(6, 5, use_bias=use_bias, key=key), (6,), 6
     groups = 2 if dims == 2 else 1
-    conv = eqx.nn.Conv(
+    cls = ChannelsLastConv if kind == "channels_last_conv" else eqx.nn.Conv
+    conv = cls(
         dims, 4, 6, 3, stride=2 if dims == 2 else 1, padding=1, groups=groups,
         use_bias=use_bias, key=key,
     )  # fmt: skip
-    return conv, (4,) + (7,) * dims, 4 // groups * 3**dims
+    example = (7,) * dims + (4,) if cls is ChannelsLastConv else (4,) + (7,) * dims
+    return conv, example, 4 // groups * 3**dims
 
 
 @pytest.mark.parametrize(
     "kind, dims, use_bias",
     [("linear", 0, True), ("linear", 0, False)]
-    + [("conv", d, b) for d in (1, 2, 3) for b in (True, False)],
+    + [("conv", d, b) for d in (1, 2, 3) for b in (True, False)]
+    + [("channels_last_conv", d, b) for d in (1, 2) for b in (True, False)],
 )
 def test_sequential_pair_matches_unfolded(kind, dims, use_bias, key):
     layer, shape, fan_in = _pair(kind, dims, use_bias, key)
-    bn = eqx_bn.BatchNorm(5 if kind == "linear" else 6)
+    last = kind == "channels_last_conv"
+    bn = eqx_bn.BatchNorm(5 if kind == "linear" else 6, channels_last=last)
     relu = eqx.nn.Lambda(jax.nn.relu)
     model, state = eqx.nn.make_with_state(eqx.nn.Sequential)([layer, bn, relu])
     model, state = _randomise(model, state)
@@ -99,7 +109,7 @@ def test_sequential_pair_matches_unfolded(kind, dims, use_bias, key):
     stats = state.get(norm.state_index)
     mul = np.abs(norm.scale) / np.sqrt(stats.var + norm.eps)
     absolute = np.asarray(jax.vmap(_abs_layer(model.layers[0]))(jnp.abs(x)))
-    chan = (1, -1) + (1,) * dims
+    chan = (1,) * (dims + 1) + (-1,) if last else (1, -1) + (1,) * dims
     magnitude = (absolute + np.abs(stats.mean).reshape(chan)) * mul.reshape(chan)
     magnitude = magnitude + np.abs(norm.bias).reshape(chan)
     _within_rounding(y, ref, magnitude, fan_in)
@@ -369,15 +379,19 @@ def test_declaration_errors(key):
         eqx_bn.fold_batch_norms(eqx.nn.inference_mode(model), state)
 
 
+_LAST, _FIRST = eqx_bn.BatchNorm(4, channels_last=True), eqx_bn.BatchNorm(4)
+
+
 @pytest.mark.parametrize(
-    "norm, match",
+    "conv, norm, match",
     [
-        (eqx_bn.BatchNorm(4, channels_last=True), "built for channels last"),
-        (eqx_bn.BatchNorm(4, axis_name=None), r"whole batches \(axis_name=None\)"),
+        (eqx.nn.Conv2d, _LAST, "first, but .* for channels last"),
+        (eqx.nn.Conv2d, eqx_bn.BatchNorm(4, axis_name=None), r"\(axis_name=None\)"),
+        (ChannelsLastConv2d, _FIRST, "last, but .* for channels first"),
     ],
 )
-def test_sequential_layout_mismatch(norm, match, key):
-    seq = [eqx.nn.Conv2d(3, 4, 1, key=key), norm]
+def test_sequential_layout_mismatch(conv, norm, match, key):
+    seq = [conv(3, 4, 1, key=key), norm]
     model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(seq)
     with pytest.raises(ValueError, match=match):
         eqx_bn.fold_batch_norms(eqx.nn.inference_mode(model), state)

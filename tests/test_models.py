@@ -15,6 +15,8 @@ from helpers import channels_first, channels_last, flax_promotion
 import eqx_bn
 from eqx_bn.interop import export_flax, flax_paths, load_flax
 from eqx_bn.models import (
+    ChannelsLastConv,
+    ChannelsLastConv2d,
     ResNet,
     ResNet18,
     ResNet34,
@@ -233,6 +235,61 @@ def test_channels_last_conv_rejects_what_it_cannot_run():
     )
     with pytest.raises(ValueError, match="padding_mode='REFLECT'"):
         channels_last_conv(reflect, jnp.ones((8, 8, 3)))
+
+
+_CONV_CASES = [
+    (1, dict(kernel_size=3, stride=2, padding="SAME", use_bias=True)),
+    (2, dict(kernel_size=(3, 2), stride=(1, 2), padding=((2, 0), (1, 1)))),
+    (2, dict(kernel_size=3, dilation=2, groups=2, padding="VALID")),
+    (3, dict(kernel_size=2, padding=1, use_bias=True)),
+]
+
+
+@pytest.mark.parametrize("dims, kwargs", _CONV_CASES)
+def test_channels_last_conv_layer_is_equinox_conv_laid_out_as_flax(dims, kwargs):
+    """`ChannelsLastConv` is `eqx.nn.Conv` (same arguments, same key: the same
+    initial weights) with the kernel `(*kernel, in, out)` and the bias `(out,)`,
+    and gives its outputs on the channels-last example."""
+    conv = eqx.nn.Conv(dims, 4, 6, key=jax.random.key(0), **kwargs)
+    ours = ChannelsLastConv(dims, 4, 6, key=jax.random.key(0), **kwargs)
+    np.testing.assert_array_equal(
+        ours.weight, np.moveaxis(conv.weight, (0, 1), (-1, -2))
+    )
+    if conv.bias is not None:  # a non-zero bias, so that its layout is checked
+        bias = jnp.arange(6.0)
+        conv = eqx.tree_at(lambda c: c.bias, conv, bias.reshape((6,) + (1,) * dims))
+        ours = eqx.tree_at(lambda c: c.bias, ours, bias)
+    else:
+        assert ours.bias is None
+    x = jnp.asarray(
+        np.random.default_rng(0).normal(size=(4,) + (7,) * dims), jnp.float32
+    )
+    expected = jnp.moveaxis(conv(x), 0, -1)
+    actual = ours(jnp.moveaxis(x, 0, -1))
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_conv_layer_matches_flax_conv():
+    """Flax's `nn.Conv` kernel and bias, as they are, give Flax's output."""
+    flax_conv = nn.Conv(6, (3, 3), strides=2, padding="SAME")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(9, 9, 4)), jnp.float32)
+    params = flax_conv.init(jax.random.key(1), x[None])["params"]
+    params = {**params, "bias": params["bias"] + jnp.arange(6.0)}
+    ours = ChannelsLastConv2d(4, 6, 3, 2, padding="SAME", key=jax.random.key(0))
+    ours = eqx.tree_at(
+        lambda c: (c.weight, c.bias), ours, (params["kernel"], params["bias"])
+    )
+    expected = flax_conv.apply({"params": params}, x[None])[0]
+    np.testing.assert_allclose(ours(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_conv_layer_rejects_what_it_cannot_run():
+    conv = ChannelsLastConv2d(3, 2, 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"in_channels=3 last, got shape \(3, 8, 8\)"):
+        conv(jnp.ones((3, 8, 8)))
+    with pytest.raises(TypeError, match="padding_mode"):  # zero padding only
+        ChannelsLastConv2d(3, 2, 3, padding_mode="REFLECT", key=jax.random.key(0))
 
 
 # ------------------------------------------- construction (issue 22) and input

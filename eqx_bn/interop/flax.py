@@ -78,7 +78,8 @@ def load_flax(
     The model gives the structure, shapes and dtypes; the Flax variables give the
     values. Layers pair up by Flax's automatic names (see `flax_paths`): `Dense` <->
     `eqx.nn.Linear` (kernel transposed), `Conv` <-> `eqx.nn.Conv*` (`HWIO` -> `OIHW`,
-    bias `(out,)` -> `(out, 1, 1)`), `BatchNorm` <-> `eqx_bn.BatchNorm` (the running
+    bias `(out,)` -> `(out, 1, 1)`) or `eqx_bn.models.ChannelsLastConv` (as they
+    are), `BatchNorm` <-> `eqx_bn.BatchNorm` (the running
     `mean`/`var` go into the State), `LayerNorm`, `GroupNorm`, `RMSNorm` (scale
     <-> weight), `Embed` <-> `eqx.nn.Embedding`, and a plain array field of a
     custom module <-> `self.param(field_name)`. Other Equinox layers with

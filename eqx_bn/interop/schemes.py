@@ -18,6 +18,7 @@ import equinox as eqx
 import numpy as np
 
 from .._batch_norm import BatchNorm
+from .._conv import ChannelsLastConv
 
 Shape = tuple[int, ...]
 
@@ -87,6 +88,15 @@ CONV_KERNEL = Layout(
     to_external=lambda a: np.transpose(a, _conv_to_flax_perm(a.ndim)),
 )
 """Flax's convolution kernels are channels last, Equinox's channels first."""
+
+TORCH_CONV_WEIGHT = Layout(
+    "Conv weight (out, in, *spatial) <-> ChannelsLastConv kernel (*spatial, in, out)",
+    external_shape=lambda shape: tuple(shape[i] for i in _conv_to_eqx_perm(len(shape))),
+    to_eqx=lambda a, shape: np.transpose(a, _conv_to_flax_perm(a.ndim)),
+    to_external=lambda a: np.transpose(a, _conv_to_eqx_perm(a.ndim)),
+)
+"""PyTorch's convolution weights are channels first, `ChannelsLastConv`'s kernels
+channels last (Flax's layout)."""
 
 LINEAR_WEIGHT = Layout(
     "Linear weight (out, in) <-> Equinox (out, in), or (in,) for a scalar output",
@@ -285,6 +295,14 @@ LINEN = Naming(
                 PARAMS, (("kernel", "weight", CONV_KERNEL), ("bias", "bias", VECTOR))
             ),
         ),
+        # Flax's own layout: the kernel as it is, the bias (out,).
+        Rule(
+            ChannelsLastConv,
+            "Conv",
+            _slots(
+                PARAMS, (("kernel", "weight", IDENTITY), ("bias", "bias", IDENTITY))
+            ),
+        ),
         Rule(eqx.nn.LayerNorm, "LayerNorm", _slots(PARAMS, _SCALE_BIAS)),
         Rule(eqx.nn.GroupNorm, "GroupNorm", _slots(PARAMS, _SCALE_BIAS)),
         # Flax's RMSNorm has no bias: build Equinox's with use_bias=False.
@@ -385,6 +403,14 @@ TORCH = Naming(
             eqx.nn.Conv,
             "Conv2d",
             _slots(None, (("weight", "weight", IDENTITY), ("bias", "bias", VECTOR))),
+        ),
+        Rule(
+            ChannelsLastConv,
+            "Conv2d",
+            _slots(
+                None,
+                (("weight", "weight", TORCH_CONV_WEIGHT), ("bias", "bias", IDENTITY)),
+            ),
         ),
         Rule(eqx.nn.LayerNorm, "LayerNorm", _slots(None, _WEIGHT_BIAS)),
         Rule(eqx.nn.GroupNorm, "GroupNorm", _slots(None, _WEIGHT_BIAS)),

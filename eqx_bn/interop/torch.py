@@ -8,6 +8,9 @@ rules say what each layer kind holds in PyTorch:
 
 - `nn.Conv*d` <-> `eqx.nn.Conv*`: the weight is `(out, in / groups, *kernel)` on
   both sides; the bias `(out,)` is `(out, 1, ..., 1)` in Equinox;
+- `nn.Conv*d` <-> `eqx_bn.models.ChannelsLastConv` (the convolutions of
+  `eqx_bn.models`): the weight is transposed to the kernel `(*kernel, in / groups,
+  out)`; the bias is `(out,)` on both sides;
 - `nn.Linear` <-> `eqx.nn.Linear`: identical (`(out, in)`, `(out,)`);
 - `nn.BatchNorm*d` <-> `eqx_bn.BatchNorm`: `weight`/`bias` <-> `scale`/`bias`,
   `running_mean`/`running_var` <-> the State; `num_batches_tracked` is accepted on

@@ -1,6 +1,10 @@
 """Equinox models that mirror common Flax and torchvision models, for conversion
 and examples."""
 
+from .._conv import (
+    ChannelsLastConv as ChannelsLastConv,
+    ChannelsLastConv2d as ChannelsLastConv2d,
+)
 from ._layout import channels_last_conv as channels_last_conv
 from .mlp import SeedMLP as SeedMLP
 from .resnet import (
@@ -24,6 +28,8 @@ from .torchvision_resnet import (
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "ChannelsLastConv",
+    "ChannelsLastConv2d",
     "Downsample",
     "ResNet",
     "ResNet18",
