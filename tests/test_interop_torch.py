@@ -998,8 +998,10 @@ def test_cli_converts_a_torch_checkpoint(tmp_path, file):
         *_narrow("basic"), {k: np.zeros_like(v) for k, v in sd.items()}
     )
     model, state = eqx.tree_deserialise_leaves(out, template)
+    # PyTorch's (out, in, kh, kw) weight is the model's (kh, kw, in, out) kernel.
     np.testing.assert_array_equal(
-        model.layer4[0].conv2.weight, sd["layer4.0.conv2.weight"]
+        model.layer4[0].conv2.weight,
+        np.transpose(sd["layer4.0.conv2.weight"], (2, 3, 1, 0)),
     )
     np.testing.assert_array_equal(
         state.get(model.bn1.state_index).var, sd["bn1.running_var"]
@@ -1044,8 +1046,9 @@ def test_torch_to_equinox_example_without_torch(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
     # The backbone came from the checkpoint and was fine-tuned from there.
     original = read_torch(DATA / "narrow_basic.pt")
-    assert not np.array_equal(saved.conv1.weight, original["conv1.weight"])
-    np.testing.assert_allclose(saved.conv1.weight, original["conv1.weight"], atol=0.05)
+    start = np.transpose(original["conv1.weight"], (2, 3, 1, 0))  # (kh, kw, in, out)
+    assert not np.array_equal(saved.conv1.weight, start)
+    np.testing.assert_allclose(saved.conv1.weight, start, atol=0.05)
 
 
 # ------------------------------------------------- files given to the wrong reader

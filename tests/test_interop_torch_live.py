@@ -226,8 +226,10 @@ def test_load_torch_takes_torch_tensors(case):
         for k, v in net.state_dict().items()
     }
     loaded, _ = load_torch(model, state, half, cast=True)
-    want = half["layer1.0.conv1.weight"].float().numpy()
-    np.testing.assert_array_equal(loaded.layer1[0].conv1.weight, want)
+    want = half["layer1.0.conv1.weight"].float().numpy()  # (out, in, kh, kw)
+    np.testing.assert_array_equal(
+        loaded.layer1[0].conv1.weight, np.transpose(want, (2, 3, 1, 0))
+    )
 
 
 # (groups, width_per_group) of a narrow ResNeXt and a narrow wide ResNet: 8 stem

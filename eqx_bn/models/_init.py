@@ -15,7 +15,7 @@ an ensemble, `eqx.filter_eval_shape`): the same NumPy draw then runs as one
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -25,6 +25,7 @@ from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 from jaxtyping import PRNGKeyArray
 
 from .._batch_norm import BatchNorm
+from .._conv import ChannelsLastConv
 
 _T = TypeVar("_T")
 
@@ -102,16 +103,19 @@ def _draw(
     return values.astype(dtype, copy=False).reshape(shape)
 
 
-def fan_in(shape: Sequence[int]) -> int:
-    """Inputs per output of an Equinox weight, `(out, in, *kernel)` or `(out, in)`
-    (per group for a grouped convolution)."""
-    return math.prod(shape[1:])
+def fans(layer: Any) -> tuple[int, int]:
+    """`(fan_in, fan_out)` of a layer's weight as PyTorch and Flax count them:
+    inputs per output (per group for a grouped convolution), and outputs per
+    input (PyTorch's `fan_out`, which does not divide by the groups).
 
-
-def fan_out(shape: Sequence[int]) -> int:
-    """Outputs per input of an Equinox weight, `(out, in, *kernel)`: PyTorch's
-    `fan_out`, which does not divide by the groups."""
-    return shape[0] * math.prod(shape[2:])
+    The layouts: `eqx.nn.Linear` `(out, in)`, `eqx.nn.Conv` `(out, in, *kernel)`,
+    `ChannelsLastConv` `(*kernel, in, out)`.
+    """
+    shape = layer.weight.shape
+    if isinstance(layer, ChannelsLastConv):
+        receptive = math.prod(shape[:-2])
+        return receptive * shape[-2], receptive * shape[-1]
+    return math.prod(shape[1:]), shape[0] * math.prod(shape[2:])
 
 
 def batch_norm_init(

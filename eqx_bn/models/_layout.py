@@ -4,7 +4,9 @@
 convolutions work channels last, so a channels-first network pays a transpose of the
 activations in and out of every convolution. `channels_last_conv` runs the same
 module, with its weights as they are (`(out, in, *kernel)`), on `(*spatial, C)`: the
-kernel layout is only a dimension-number choice, and the activations never move.
+kernel layout is only a dimension-number choice, and the activations never move
+(XLA still transposes the weight in every step: `eqx_bn.models.ChannelsLastConv`
+keeps it in the layout XLA reads).
 """
 
 import equinox as eqx

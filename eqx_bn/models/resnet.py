@@ -21,12 +21,13 @@ import equinox as eqx
 from jaxtyping import PRNGKeyArray
 
 from .._batch_norm import BatchNorm
+from .._conv import ChannelsLastConv, ChannelsLastConv2d
 from ._init import (
     Constant,
     Distribution,
     TruncatedNormal,
     batch_norm_init,
-    fan_in,
+    fans,
     initialise,
 )
 from ._resnet import AbstractBlock, AbstractResNet, split_keys, stage_plan
@@ -37,10 +38,10 @@ def _flax_init(names: tuple[str, ...], owners: tuple) -> Distribution:
     `nn.Dense` bias zeros, `nn.BatchNorm` scale ones (zeros for `norm_1`, as the
     example's `scale_init=zeros_init()`) and bias zeros."""
     layer = owners[-1]
-    if isinstance(layer, eqx.nn.Conv | eqx.nn.Linear):
+    if isinstance(layer, ChannelsLastConv | eqx.nn.Linear):
         if names[-1] == "bias":
             return Constant(0.0)
-        return TruncatedNormal(1 / math.sqrt(fan_in(layer.weight.shape)))
+        return TruncatedNormal(1 / math.sqrt(fans(layer)[0]))
     return batch_norm_init(names, owners, zero=ResNetBlock._last_norm)
 
 
@@ -51,9 +52,9 @@ def _norm(features: int, axis_name: str | None, channels_last: bool) -> BatchNor
     )
 
 
-def _conv(in_channels, out_channels, kernel, stride=1, *, key) -> eqx.nn.Conv2d:
+def _conv(in_channels, out_channels, kernel, stride=1, *, key) -> ChannelsLastConv2d:
     """`nn.Conv(out, (kernel, kernel), stride, use_bias=False)`, "SAME" padded."""
-    return eqx.nn.Conv2d(
+    return ChannelsLastConv2d(
         in_channels,
         out_channels,
         kernel,
@@ -71,12 +72,14 @@ class ResNetBlock(AbstractBlock):
     1x1 convolution and a BatchNorm, named `conv_proj` and `norm_proj` as in Flax.
     """
 
-    conv_0: eqx.nn.Conv2d
+    conv_0: ChannelsLastConv2d
     # `fold_into`: the convolution whose output each norm takes (fold_batch_norms).
     norm_0: BatchNorm = eqx.field(metadata={"fold_into": "conv_0"})
-    conv_1: eqx.nn.Conv2d
+    conv_1: ChannelsLastConv2d
     norm_1: BatchNorm = eqx.field(metadata={"fold_into": "conv_1"})
-    conv_proj: eqx.nn.Conv2d | None = eqx.field(metadata={"flax_name": "conv_proj"})
+    conv_proj: ChannelsLastConv2d | None = eqx.field(
+        metadata={"flax_name": "conv_proj"}
+    )
     norm_proj: BatchNorm | None = eqx.field(
         metadata={"flax_name": "norm_proj", "fold_into": "conv_proj"}
     )
@@ -147,7 +150,7 @@ class ResNet(AbstractResNet):
         ```
     """
 
-    conv_init: eqx.nn.Conv2d = eqx.field(metadata={"flax_name": "conv_init"})
+    conv_init: ChannelsLastConv2d = eqx.field(metadata={"flax_name": "conv_init"})
     bn_init: BatchNorm = eqx.field(
         metadata={"flax_name": "bn_init", "fold_into": "conv_init"}
     )
@@ -194,7 +197,7 @@ class ResNet(AbstractResNet):
 
         def build(key):
             keys = iter(split_keys(key, 2 + sum(stage_sizes)))
-            conv = eqx.nn.Conv2d(
+            conv = ChannelsLastConv2d(
                 in_channels,
                 num_filters,
                 7,

@@ -32,16 +32,16 @@ import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._batch_norm import BatchNorm
+from .._conv import ChannelsLastConv, ChannelsLastConv2d
 from ._init import (
     Distribution,
     Normal,
     Rule,
     Uniform,
     batch_norm_init,
-    fan_out,
+    fans,
     initialise,
 )
-from ._layout import channels_last_conv
 from ._resnet import AbstractBlock, AbstractResNet, split_keys, stage_plan
 
 
@@ -51,8 +51,8 @@ def _torchvision_init(zero: str | None) -> Rule:
 
     def rule(names: tuple[str, ...], owners: tuple) -> Distribution:
         layer = owners[-1]
-        if isinstance(layer, eqx.nn.Conv):
-            return Normal(math.sqrt(2.0 / fan_out(layer.weight.shape)))
+        if isinstance(layer, ChannelsLastConv):
+            return Normal(math.sqrt(2.0 / fans(layer)[1]))
         if isinstance(layer, eqx.nn.Linear):
             return Uniform(1 / math.sqrt(layer.in_features))
         return batch_norm_init(names, owners, zero=zero)
@@ -68,10 +68,10 @@ def _conv(
     groups: int = 1,
     *,
     key: PRNGKeyArray,
-) -> eqx.nn.Conv2d:
+) -> ChannelsLastConv2d:
     """`nn.Conv2d(in, out, kernel, stride, padding=kernel // 2, groups=groups,
     bias=False)`."""
-    return eqx.nn.Conv2d(
+    return ChannelsLastConv2d(
         in_channels,
         out_channels,
         kernel,
@@ -101,7 +101,7 @@ class Downsample(eqx.Module):
     residual's projection where a block changes the shape. Its fields are named
     `0` and `1` in PyTorch."""
 
-    conv: eqx.nn.Conv2d = eqx.field(metadata={"torch_name": "0"})
+    conv: ChannelsLastConv2d = eqx.field(metadata={"torch_name": "0"})
     bn: BatchNorm = eqx.field(metadata={"torch_name": "1", "fold_into": "conv"})
 
     def __call__(
@@ -122,7 +122,7 @@ class Downsample(eqx.Module):
         out_channels)`, with the convolution's stride and output channels; `state`
         with the new running statistics.
         """
-        return self.bn(channels_last_conv(self.conv, x), state, inference=inference)
+        return self.bn(self.conv(x), state, inference=inference)
 
 
 def _downsample(
@@ -166,9 +166,9 @@ class BasicBlock(_TorchBlock):
     output has `planes * expansion` channels.
     """
 
-    conv1: eqx.nn.Conv2d
+    conv1: ChannelsLastConv2d
     bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
-    conv2: eqx.nn.Conv2d
+    conv2: ChannelsLastConv2d
     bn2: BatchNorm = eqx.field(metadata={"fold_into": "conv2"})
     downsample: Downsample | None
 
@@ -242,11 +242,11 @@ class Bottleneck(_TorchBlock):
     output has `planes * expansion` channels.
     """
 
-    conv1: eqx.nn.Conv2d
+    conv1: ChannelsLastConv2d
     bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
-    conv2: eqx.nn.Conv2d
+    conv2: ChannelsLastConv2d
     bn2: BatchNorm = eqx.field(metadata={"fold_into": "conv2"})
-    conv3: eqx.nn.Conv2d
+    conv3: ChannelsLastConv2d
     bn3: BatchNorm = eqx.field(metadata={"fold_into": "conv3"})
     downsample: Downsample | None
 
@@ -327,7 +327,7 @@ class TorchResNet(AbstractResNet):
         ```
     """
 
-    conv1: eqx.nn.Conv2d
+    conv1: ChannelsLastConv2d
     bn1: BatchNorm = eqx.field(metadata={"fold_into": "conv1"})
     layer1: tuple[BasicBlock | Bottleneck, ...]
     layer2: tuple[BasicBlock | Bottleneck, ...]
