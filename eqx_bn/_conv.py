@@ -21,15 +21,55 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._typing import typecheck
 
 
-def _dimension_numbers(spatial: int) -> lax.ConvDimensionNumbers:
-    # One example with a batch axis of one in front: (1, *spatial, C), the kernel
-    # (*kernel, in, out).
+def _dimension_numbers(spatial: int, kernel_last: bool) -> lax.ConvDimensionNumbers:
+    # One example with a batch axis of one in front: (1, *spatial, C); the kernel
+    # (*kernel, in, out) with `kernel_last`, else Equinox's (out, in, *kernel).
     channels_last = (0, spatial + 1, *range(1, spatial + 1))
+    if kernel_last:
+        kernel = (spatial + 1, spatial, *range(spatial))
+    else:
+        kernel = tuple(range(spatial + 2))
     return lax.ConvDimensionNumbers(
-        lhs_spec=channels_last,
-        rhs_spec=(spatial + 1, spatial, *range(spatial)),
-        out_spec=channels_last,
+        lhs_spec=channels_last, rhs_spec=kernel, out_spec=channels_last
     )
+
+
+def convolve_example(
+    who: str,
+    layer: "ChannelsLastConv | eqx.nn.Conv",
+    x: Array,
+) -> Array:
+    """`layer`'s convolution of one channels-last example `(*spatial, in_channels)`,
+    whichever of the two kernel layouts it keeps (`ChannelsLastConv`'s, or
+    `eqx.nn.Conv`'s read through the dimension numbers, without moving `x`).
+
+    **Raises:**
+
+    - `ValueError`: naming `who`, if `x` is not of rank `num_spatial_dims + 1`
+        with `in_channels` last.
+    """
+    spatial = layer.num_spatial_dims
+    if x.ndim != spatial + 1 or x.shape[-1] != layer.in_channels:
+        raise ValueError(
+            f"{who}: expected one example (*spatial, in_channels) with {spatial} "
+            f"spatial axes and in_channels={layer.in_channels} last, got shape "
+            f"{x.shape}. A batch goes through jax.vmap; a channels-first example "
+            "through jnp.moveaxis(x, 0, -1)."
+        )
+    y = lax.conv_general_dilated(
+        x[None],
+        layer.weight,
+        window_strides=layer.stride,
+        padding=layer.padding,
+        rhs_dilation=layer.dilation,
+        feature_group_count=layer.groups,
+        dimension_numbers=_dimension_numbers(
+            spatial, isinstance(layer, ChannelsLastConv)
+        ),
+    )[0]
+    if layer.bias is not None:
+        y = y + jnp.reshape(layer.bias, (1,) * spatial + (-1,))
+    return y
 
 
 class ChannelsLastConv(eqx.Module):
@@ -135,26 +175,7 @@ class ChannelsLastConv(eqx.Module):
             `in_channels` last.
         """
         del key
-        spatial = self.num_spatial_dims
-        if x.ndim != spatial + 1 or x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"ChannelsLastConv: expected one example (*spatial, in_channels) "
-                f"with {spatial} spatial axes and in_channels={self.in_channels} "
-                f"last, got shape {x.shape}. A batch goes through jax.vmap; a "
-                "channels-first example through jnp.moveaxis(x, 0, -1)."
-            )
-        y = lax.conv_general_dilated(
-            x[None],
-            self.weight,
-            window_strides=self.stride,
-            padding=self.padding,
-            rhs_dilation=self.dilation,
-            feature_group_count=self.groups,
-            dimension_numbers=_dimension_numbers(spatial),
-        )[0]
-        if self.bias is not None:
-            y = y + jnp.reshape(self.bias, (1,) * spatial + (-1,))
-        return y
+        return convolve_example("ChannelsLastConv", self, x)
 
 
 class ChannelsLastConv2d(ChannelsLastConv):

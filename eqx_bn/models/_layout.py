@@ -10,20 +10,10 @@ keeps it in the layout XLA reads).
 """
 
 import equinox as eqx
-import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, Float
 
+from .._conv import convolve_example
 from .._typing import typecheck
-
-
-def _dimension_numbers(spatial: int) -> lax.ConvDimensionNumbers:
-    channels_last = (0, spatial + 1, *range(1, spatial + 1))
-    return lax.ConvDimensionNumbers(
-        lhs_spec=channels_last,
-        rhs_spec=tuple(range(spatial + 2)),
-        out_spec=channels_last,
-    )
 
 
 @typecheck
@@ -49,27 +39,9 @@ def channels_last_conv(
     - `ValueError`: if `x` is not of rank `num_spatial_dims + 1` with `in_channels`
         last, or the module pads with anything but zeros.
     """
-    spatial = conv.num_spatial_dims
-    if x.ndim != spatial + 1 or x.shape[-1] != conv.in_channels:
-        raise ValueError(
-            f"channels_last_conv: expected one example (*spatial, in_channels) with "
-            f"{spatial} spatial axes and in_channels={conv.in_channels} last, got "
-            f"shape {x.shape}."
-        )
     if conv.padding_mode != "ZEROS":
         raise ValueError(
             "channels_last_conv: only zero padding is supported, got "
             f"padding_mode={conv.padding_mode!r}."
         )
-    y = lax.conv_general_dilated(
-        x[None],
-        conv.weight,
-        window_strides=conv.stride,
-        padding=conv.padding,
-        rhs_dilation=conv.dilation,
-        feature_group_count=conv.groups,
-        dimension_numbers=_dimension_numbers(spatial),
-    )[0]
-    if conv.bias is not None:
-        y = y + jnp.reshape(conv.bias, (1,) * spatial + (-1,))
-    return y
+    return convolve_example("channels_last_conv", conv, x)
